@@ -1,0 +1,3 @@
+"""cosyapp: a streaming text-to-speech appliance."""
+
+__version__ = "0.1.0"

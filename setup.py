@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cosyapp",
+    version="0.1.0",
+    description="Streaming text-to-speech appliance (CosyVoice2 and Fish backends)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cosyapp", "cosyapp.*"]),
+    package_data={"cosyapp": ["py.typed"]},
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "numpy",
+        "soundfile",
+        "onnxruntime",
+        "tokenizers",
+        "pyyaml",
+        "inflect",
+        "regex",
+        "starlette",
+        "uvicorn",
+        "python-multipart",
+        "httpx",
+        "click",
+        "tomli; python_version < '3.11'",
+    ],
+    extras_require={
+        "client": ["pyaudio"],
+        "hub": ["huggingface_hub", "modelscope"],
+        "tensorrt": ["tensorrt", "onnx"],
+        "dev": ["pytest", "pytest-timeout", "onnx"],
+    },
+    entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
+)
