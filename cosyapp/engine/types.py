@@ -13,6 +13,8 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+from cosyapp.engine.stats import StageTimes
+
 
 class InputError(ValueError):
     """Bad input from a user (text, audio, parameters). The message is safe to show to the client."""
@@ -65,7 +67,11 @@ class SynthesisRequest:
     seed: int | None = None
     # Benchmarks on random weights: ignore the stop token and generate exactly this many LM tokens per sentence.
     fixed_length: int | None = None
+    # Backend-specific sampling options (Fish: temperature, top_p, repetition_penalty, ...).
+    options: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Benchmarks set this to collect per-stage wall times; None on the serving path.
+    stats: StageTimes | None = None
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
@@ -82,6 +88,14 @@ class Backend(Protocol):
 
     def prepare_voice(self, audio: np.ndarray, sample_rate: int, text: str | None = None) -> Voice:
         """Compute prompt features from a mono float32 recording. Raises InputError for unusable audio."""
+        ...
+
+    def voice_state(self, voice: Voice) -> dict[str, Any]:
+        """The voice's features as a dict of tensors/plain values that `torch.save` can store on disk."""
+        ...
+
+    def voice_from_state(self, state: dict[str, Any], text: str | None) -> Voice:
+        """Rebuild a voice from `voice_state` output (the speaker registry keeps features precomputed)."""
         ...
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:

@@ -1,0 +1,45 @@
+"""Per-request stage timing for benchmarks (`cosyapp bench`, scripts/bench_engine.py).
+
+Timing is off unless a request carries a `StageTimes`; when on, CUDA work is synchronised at stage
+boundaries so the numbers are wall time of that stage, which is why the serving path leaves it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+
+class StageTimes:
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[name].append(time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name].append(seconds)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"count": len(v), "total_s": sum(v), "mean_ms": 1000.0 * sum(v) / len(v), "max_ms": 1000.0 * max(v)}
+            for name, v in self.seconds.items() if v
+        }
+
+
+def timed(stats: StageTimes | None, name: str) -> contextlib.AbstractContextManager[None]:
+    """`with timed(request.stats, "flow"):` times the block when stats are on and costs nothing otherwise."""
+    return stats.stage(name) if stats is not None else contextlib.nullcontext()
