@@ -1,0 +1,148 @@
+"""CosyVoice2 flow: speech tokens (+ prompt tokens, prompt mel, speaker vector) -> 50 Hz mel.
+
+Token embeddings go through the up-sampling conformer encoder and a projection to `mu` (one 80-d frame per
+mel frame); conditional flow matching then integrates the estimator's velocity field from fixed noise to
+mel in 10 Euler steps with classifier-free guidance. Parameter names are those of the official `flow.pt`
+(upstream `CausalMaskedDiffWithXvec`). Outputs match upstream's `flow.inference` for the same flags.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, FlowConfig
+from cosyapp.backends.cosyvoice2.estimator import CausalConditionalDecoder
+from cosyapp.backends.cosyvoice2.flow_encoder import UpsampleConformerEncoder
+from cosyapp.backends.weights import check_keys, load_state_dict
+
+# Upstream draws its noise once, right after seeding torch with 0: 15000 frames = 300 s of mel at 50 Hz.
+NOISE_SEED = 0
+NOISE_FRAMES = 15000
+
+
+def fixed_noise(n_mels: int, frames: int = NOISE_FRAMES) -> torch.Tensor:
+    """The noise every flow call starts from: `torch.randn([1, n_mels, frames])` after seeding with 0.
+    A private CPU generator gives the same values without touching the global RNG."""
+    generator = torch.Generator().manual_seed(NOISE_SEED)
+    return torch.randn([1, n_mels, frames], generator=generator)
+
+
+class CausalFlowMatching(nn.Module):
+    """Euler solver of the flow ODE with classifier-free guidance (upstream `CausalConditionalCFM`).
+
+    The noise for frame i is always noise[:, :, i], so recomputing a longer sequence keeps earlier frames
+    consistent. `estimator` is any module with the `CausalConditionalDecoder.forward` signature.
+    """
+
+    def __init__(self, estimator: nn.Module, n_mels: int, n_timesteps: int, cfg_rate: float,
+                 t_scheduler: str = "cosine") -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.n_timesteps = n_timesteps
+        self.cfg_rate = cfg_rate
+        t_span = torch.linspace(0, 1, n_timesteps + 1)
+        if t_scheduler == "cosine":
+            t_span = 1 - torch.cos(t_span * 0.5 * math.pi)
+        # Buffers (not in flow.pt): built once, moved with the module, no host->device copy per call.
+        self.register_buffer("t_span", t_span, persistent=False)
+        self.register_buffer("noise", fixed_noise(n_mels), persistent=False)
+
+    def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                streaming: bool = False) -> torch.Tensor:
+        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T] (float32)."""
+        b, _, frames = mu.shape
+        if frames > self.noise.size(2):
+            raise ValueError(f"flow input of {frames} mel frames exceeds the {self.noise.size(2)}-frame noise buffer")
+        x = self.noise[:, :, :frames].to(mu.dtype).expand(b, -1, -1)
+        # One estimator batch per step: rows [0, B) conditional, rows [B, 2B) with mu/spks/cond zeroed.
+        mask_in = torch.cat([mask, mask])
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])
+        spks_in = torch.cat([spks, torch.zeros_like(spks)])
+        cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        t_span = self.t_span.to(mu.dtype)
+        # t advances by dt and the next dt is measured from that t, exactly as upstream accumulates it.
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, self.n_timesteps + 1):
+            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in, streaming)
+            v_cond, v_uncond = v[:b], v[b:]
+            x = x + dt * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
+            t = t + dt
+            if step < self.n_timesteps:
+                dt = t_span[step + 1] - t
+        return x.float()
+
+
+class CosyVoice2Flow(nn.Module):
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
+        self.encoder = UpsampleConformerEncoder(config.encoder, config.pre_lookahead_len, config.token_mel_ratio)
+        self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
+        self.decoder = CausalFlowMatching(CausalConditionalDecoder(config.estimator), config.output_size,
+                                          config.n_timesteps, config.inference_cfg_rate, config.t_scheduler)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: CosyVoice2Config | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "CosyVoice2Flow":
+        """Build from `<model_dir>/flow.pt`; a missing file or key/shape mismatch raises ModelFileError."""
+        config = config or CosyVoice2Config.from_model_dir(model_dir)
+        path = Path(model_dir) / "flow.pt"
+        # Big tensors in flow.pt can be strided views into one shared storage: give each its own memory.
+        state = {key: value.contiguous() for key, value in load_state_dict(path).items()}
+        model = cls(config.flow)
+        check_keys(model, state, str(path))
+        return model.to(device=device, dtype=dtype).eval()
+
+    def encode(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+               embedding: torch.Tensor, streaming: bool, finalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder inputs: mu [1, 80, T], spks [1, 80], cond [1, 80, T] with T = 2 * (P + N').
+
+        N' = N when `finalize`, else N - pre_lookahead_len: the last tokens then only serve as look-ahead.
+        """
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        x = self.input_embedding(torch.cat([prompt_token, token], dim=1).clamp(min=0))
+        if finalize:
+            h = self.encoder(x, None, streaming)
+        else:
+            lookahead = self.config.pre_lookahead_len
+            h = self.encoder(x[:, :-lookahead], x[:, -lookahead:], streaming)
+        mu = self.encoder_proj(h).transpose(1, 2).contiguous()
+        cond = torch.zeros_like(mu)
+        cond[:, :, :prompt_feat.size(1)] = prompt_feat.transpose(1, 2)
+        return mu, spks, cond
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True) -> torch.Tensor:
+        """token [1, N], prompt_token [1, P] (int), prompt_feat [1, 2P, 80], embedding [1, 192]
+        -> mel [1, 80, 2N'] of the non-prompt frames (float32), N' as in `encode`.
+
+        `streaming` selects chunk-masked attention (encoder and estimator); `finalize=False` holds back the
+        last pre_lookahead_len tokens as look-ahead context.
+        """
+        self._check_shapes(token, prompt_token, prompt_feat, embedding, finalize)
+        mu, spks, cond = self.encode(token, prompt_token, prompt_feat, embedding, streaming, finalize)
+        mask = torch.ones_like(mu[:, :1])
+        mel = self.decoder(mu, mask, spks, cond, streaming)
+        return mel[:, :, prompt_feat.size(1):]
+
+    def _check_shapes(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                      embedding: torch.Tensor, finalize: bool) -> None:
+        cfg = self.config
+        if token.dim() != 2 or token.size(0) != 1 or prompt_token.dim() != 2 or prompt_token.size(0) != 1:
+            raise ValueError(f"token {tuple(token.shape)} and prompt_token {tuple(prompt_token.shape)} must be [1, n]")
+        if prompt_feat.shape != (1, cfg.token_mel_ratio * prompt_token.size(1), cfg.output_size):
+            raise ValueError(f"prompt_feat {tuple(prompt_feat.shape)} must be "
+                             f"[1, {cfg.token_mel_ratio} * {prompt_token.size(1)}, {cfg.output_size}]")
+        if embedding.shape != (1, cfg.spk_embed_dim):
+            raise ValueError(f"embedding {tuple(embedding.shape)} must be [1, {cfg.spk_embed_dim}]")
+        if not finalize and token.size(1) <= cfg.pre_lookahead_len:
+            raise ValueError(f"a non-final call needs more than {cfg.pre_lookahead_len} tokens, got {token.size(1)}")

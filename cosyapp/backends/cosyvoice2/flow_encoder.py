@@ -1,0 +1,191 @@
+"""The flow's token encoder: a conformer over 25 Hz token embeddings, up-sampled to 50 Hz mel rate,
+then more conformer layers (upstream `UpsampleConformerEncoder`).
+
+Module and parameter names follow the `encoder.*` keys of the official `flow.pt`.
+Streaming uses block-causal chunk masks: a position sees its own chunk and every chunk to its left.
+The chunk grid starts at absolute position 0 of the sequence, prompt included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyapp.backends.cosyvoice2.config import EncoderConfig
+
+
+def chunk_attention_mask(length: int, chunk_size: int, device: torch.device) -> torch.Tensor:
+    """Bool [length, length], True where query i may attend key j: j lies in i's chunk or an earlier one."""
+    position = torch.arange(length, device=device)
+    chunk_end = (torch.div(position, chunk_size, rounding_mode="floor") + 1) * chunk_size
+    return position.unsqueeze(0) < chunk_end.unsqueeze(1)
+
+
+def relative_position_table(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """ESPnet relative position embeddings, [1, 2*length-1, dim], for relative offsets +(length-1) .. -(length-1).
+
+    Even channels hold sin(offset * freq), odd channels cos(offset * freq), freq = 10000^(-2i/dim), computed
+    in float32 like upstream so the table does not depend on the model dtype.
+    """
+    offsets = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32).unsqueeze(1)
+    freqs = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    angles = offsets * freqs
+    table = torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(1)
+    return table.unsqueeze(0).to(dtype)
+
+
+def relative_shift(scores: torch.Tensor) -> torch.Tensor:
+    """[..., T, 2T-1] scores against relative offsets -> [..., T, T] scores against key positions.
+
+    Column k of the input is offset (T-1-k); key j of query i has offset i-j, i.e. column T-1-i+j.
+    Prepending a zero column and re-reading the buffer with rows of length T shifts row i left by i.
+    """
+    *batch, t, width = scores.shape
+    padded = F.pad(scores, (1, 0)).view(*batch, width + 1, t)
+    return padded[..., 1:, :].reshape(*batch, t, width)[..., :t]
+
+
+class LinearEmbed(nn.Module):
+    """Linear -> LayerNorm -> x sqrt(dim) (upstream `LinearNoSubsampling` with rel-pos scaling)."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.out = nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim, eps=1e-5))
+        self.scale = math.sqrt(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x) * self.scale
+
+
+class RelPositionAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL style relative positions (`pos_bias_u/v`)."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.linear_q = nn.Linear(dim, dim)
+        self.linear_k = nn.Linear(dim, dim)
+        self.linear_v = nn.Linear(dim, dim)
+        self.linear_out = nn.Linear(dim, dim)
+        self.linear_pos = nn.Linear(dim, dim, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, pos_table: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, D], pos_table [1, 2T-1, D], mask bool [T, T] (True = visible) or None for full attention."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.linear_k(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.linear_v(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
+        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)
+        position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
+        scores = (content + position) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.linear_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(dim, hidden_dim)
+        self.w_2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(F.silu(self.w_1(x)))
+
+
+class ConformerLayer(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + FFN(LN(x)). No convolution module, no macaron FFN."""
+
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.self_attn = RelPositionAttention(dim, n_heads)
+        self.feed_forward = FeedForward(dim, hidden_dim)
+        self.norm_mha = nn.LayerNorm(dim, eps=1e-12)
+        self.norm_ff = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, pos_table: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_mha(x), pos_table, mask)
+        return x + self.feed_forward(self.norm_ff(x))
+
+
+class PreLookaheadLayer(nn.Module):
+    """Lets each token see the next `lookahead` tokens: conv k=lookahead+1 over x ++ lookahead context (or zeros),
+    leaky ReLU, causal conv k=3, plus the residual. Output has the length of x."""
+
+    def __init__(self, dim: int, lookahead: int) -> None:
+        super().__init__()
+        self.lookahead = lookahead
+        self.conv1 = nn.Conv1d(dim, dim, kernel_size=lookahead + 1)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, D]; context [B, <=lookahead, D] holds the embedded tokens after x, None at the end of speech."""
+        h = x.transpose(1, 2)
+        if context is not None:
+            h = torch.cat([h, context.transpose(1, 2)], dim=2)
+        h = F.pad(h, (0, self.lookahead + x.size(1) - h.size(2)))
+        h = F.leaky_relu(self.conv1(h), negative_slope=0.01)
+        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
+        return h.transpose(1, 2) + x
+
+
+class UpsampleConv(nn.Module):
+    """Nearest-neighbour up-sampling by `factor`, then a causal conv (kernel 2*factor+1, left pad 2*factor)."""
+
+    def __init__(self, dim: int, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.conv = nn.Conv1d(dim, dim, kernel_size=2 * factor + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, D, T] -> [B, D, factor*T]."""
+        h = torch.repeat_interleave(x, self.factor, dim=2)
+        return self.conv(F.pad(h, (2 * self.factor, 0)))
+
+
+class UpsampleConformerEncoder(nn.Module):
+    def __init__(self, config: EncoderConfig, pre_lookahead_len: int, upsample_factor: int) -> None:
+        super().__init__()
+        dim = config.output_size
+        self.static_chunk_size = config.static_chunk_size
+        self.upsample_factor = upsample_factor
+        self.embed = LinearEmbed(config.input_size, dim)
+        self.pre_lookahead_layer = PreLookaheadLayer(dim, pre_lookahead_len)
+        self.encoders = nn.ModuleList(
+            ConformerLayer(dim, config.attention_heads, config.linear_units) for _ in range(config.num_blocks))
+        self.up_layer = UpsampleConv(dim, upsample_factor)
+        self.up_embed = LinearEmbed(dim, dim)
+        self.up_encoders = nn.ModuleList(
+            ConformerLayer(dim, config.attention_heads, config.linear_units) for _ in range(config.num_up_blocks))
+        self.after_norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, streaming: bool = False) -> torch.Tensor:
+        """x [B, T, input_size] token embeddings; context [B, L, input_size] look-ahead tokens (not encoded
+        themselves) or None. Returns [B, upsample_factor*T, output_size]."""
+        h = self.embed(x)
+        if context is not None:
+            context = self.embed(context)
+        h = self.pre_lookahead_layer(h, context)
+        h = self._run_layers(self.encoders, h, self.static_chunk_size if streaming else 0)
+
+        h = self.up_layer(h.transpose(1, 2)).transpose(1, 2)
+        h = self.up_embed(h)
+        h = self._run_layers(self.up_encoders, h, self.static_chunk_size * self.upsample_factor if streaming else 0)
+        return self.after_norm(h)
+
+    @staticmethod
+    def _run_layers(layers: nn.ModuleList, h: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        t = h.size(1)
+        pos_table = relative_position_table(t, h.size(2), h.device, h.dtype)
+        mask = chunk_attention_mask(t, chunk_size, h.device) if chunk_size > 0 else None
+        for layer in layers:
+            h = layer(h, pos_table, mask)
+        return h
