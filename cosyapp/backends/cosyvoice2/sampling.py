@@ -1,0 +1,117 @@
+"""Upstream CosyVoice2's repetition-aware sampling (RAS), on the device, with upstream's exact RNG stream.
+
+Upstream (`ras_sampling`) per step, on log-probs `scores` [V]:
+1. nucleus: `p = softmax(scores)`, stable descending sort, keep candidates while the cumulative prob
+   *before* adding is < top_p and fewer than top_k are kept; `torch.multinomial(kept_probs, 1,
+   replacement=True)` on the un-renormalised kept probs;
+2. if that pick occurs >= win_size * tau_r times among the last win_size decoded tokens, set its score to
+   -inf and draw `softmax(scores).multinomial(1, replacement=True)` over the full vocabulary.
+
+How we reproduce its random numbers without a host sync per draw: for one sample, torch.multinomial is an
+exponential race, `argmax(p / q)` with `q = empty_like(p).exponential_()`, and the generator hands out one
+Exp(1) value per element, in order. The number of values a step consumes (k candidates, plus V on a
+fallback) is data dependent, so instead of asking the device for k before drawing, we draw Exp(1) values
+ahead of time into a pool and consume it with an offset: the values each race sees are exactly the ones
+upstream's multinomial calls would have drawn. The step's single host sync returns the token together
+with k and the fallback flag, which advances the offset. (tests/unit/test_cosyvoice2_sampling.py checks
+the equivalence against a literal re-statement of upstream's loop.)
+
+Known deviation: upstream sums the candidate probs in a Python loop in float32; torch.cumsum may
+accumulate in higher precision, so a partial sum within a few float32 ulps of top_p could end the
+candidate list one token earlier or later. We accept that (it has probability ~1e-6 per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cosyapp.backends.cosyvoice2.config import LLMConfig
+
+
+@dataclass
+class SampleResult:
+    """One sampling step. Host values came with the step's single sync; tensors stay on the device."""
+
+    token_id: int
+    num_candidates: int
+    fallback: bool
+    token: torch.Tensor  # [1] long, the sampled id (feed it back without a host round trip)
+    nucleus_pick: torch.Tensor  # [] long, the first draw of the step
+    sorted_ids: torch.Tensor  # [top_k] long, ids by descending prob; the first num_candidates are the nucleus
+    sorted_probs: torch.Tensor  # [top_k] float32, their (un-renormalised) probabilities
+
+
+class RasSampler:
+    """Stateful RAS sampler for ONE stream: the recent-token window and the pre-drawn Exp(1) pool.
+
+    `generator=None` uses the default generator of the scores' device (upstream behaviour: with
+    `torch.manual_seed(s)` right before the first step, CPU sampling reproduces upstream token for
+    token). A generator may live on another device than the scores (e.g. a seeded CPU generator for a
+    CUDA model): its draws are copied over. The pool is drawn ahead of use, so other users of the same
+    generator see a different stream than they would upstream; give each stream its own generator.
+    """
+
+    def __init__(self, top_p: float, top_k: int, win_size: int, tau_r: float,
+                 generator: torch.Generator | None = None) -> None:
+        self.top_p = top_p
+        self.top_k = top_k
+        self.win_size = win_size
+        self.repeat_threshold = win_size * tau_r
+        self.generator = generator
+        self._window: torch.Tensor | None = None  # [win_size] last decoded ids (circular), -1 = empty
+        self._num_decoded = 0
+        self._pool: torch.Tensor | None = None
+        self._offset = 0  # host copy of how much of the pool is consumed (known after each step's sync)
+
+    @classmethod
+    def from_config(cls, config: LLMConfig, generator: torch.Generator | None = None) -> "RasSampler":
+        return cls(config.top_p, config.top_k, config.win_size, config.tau_r, generator)
+
+    def _ensure_pool(self, need: int, device: torch.device) -> None:
+        """Keep at least `need` unconsumed Exp(1) values (a step's worst case: top_k + V)."""
+        available = 0 if self._pool is None else self._pool.numel() - self._offset
+        if available >= need:
+            return
+        draw_device = self.generator.device if self.generator is not None else device
+        # Several steps' worth at once: a nucleus draw uses <= top_k values, a fallback V more.
+        fresh = torch.empty(4 * need, dtype=torch.float32, device=draw_device).exponential_(generator=self.generator)
+        fresh = fresh.to(device)
+        self._pool = fresh if self._pool is None else torch.cat([self._pool[self._offset:], fresh])
+        self._offset = 0
+
+    def __call__(self, scores: torch.Tensor) -> SampleResult:
+        """Sample one id from log-probs `scores` [V] (already masked, e.g. EOS = -inf before min_len)."""
+        scores = scores.float()
+        vocab = scores.numel()
+        top_k = min(self.top_k, vocab)
+        device = scores.device
+        if self._window is None:
+            self._window = torch.full((self.win_size,), -1, dtype=torch.long, device=device)
+        self._ensure_pool(top_k + vocab, device)
+        pool = self._pool
+
+        # Nucleus: candidates are a prefix of the stable sort (the cumulative sum only grows).
+        sorted_probs, sorted_ids = scores.softmax(dim=0).sort(descending=True, stable=True)
+        sorted_probs, sorted_ids = sorted_probs[:top_k], sorted_ids[:top_k]
+        cum_before = F.pad(sorted_probs.cumsum(0)[:-1], (1, 0))
+        keep = cum_before < self.top_p
+        num_candidates = keep.sum()
+        race = sorted_probs / pool[self._offset:self._offset + top_k]
+        nucleus_pick = sorted_ids[torch.where(keep, race, -1.0).argmax()]
+
+        # RAS fallback, computed every step (cheap) and used only when the pick repeats; its race reads
+        # the pool right after the values the nucleus race consumed.
+        fallback = (self._window == nucleus_pick).sum() >= self.repeat_threshold
+        fallback_probs = scores.index_fill(0, nucleus_pick.view(1), float("-inf")).softmax(dim=0)
+        fallback_noise = pool[self._offset + num_candidates + torch.arange(vocab, device=device)]
+        fallback_pick = (fallback_probs / fallback_noise).argmax()
+        token = torch.where(fallback, fallback_pick, nucleus_pick).view(1)
+
+        token_id, k, fell_back = torch.stack([token[0], num_candidates, fallback.long()]).tolist()  # the one sync
+        self._offset += k + fell_back * vocab
+        self._window[self._num_decoded % self.win_size] = token[0]
+        self._num_decoded += 1
+        return SampleResult(token_id, k, bool(fell_back), token, nucleus_pick, sorted_ids, sorted_probs)
