@@ -9,6 +9,7 @@ the same inputs and outputs as CAM++ and the S3 speech tokenizer v2.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def _write_campplus_standin(path: Path, rng: np.random.Generator) -> None:
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", 192])],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
 def _write_speech_tokenizer_standin(path: Path, rng: np.random.Generator) -> None:
@@ -333,9 +334,7 @@ def _write_speech_tokenizer_standin(path: Path, rng: np.random.Generator) -> Non
         numpy_helper.from_array((3.0 ** np.arange(8)).astype(np.float32).reshape(1, 8, 1), "powers"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         numpy_helper.from_array(np.array([0], np.int64), "zero"),
-        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
         numpy_helper.from_array(np.array(4, np.int32), "four"),
-        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
     ]
     nodes = [
         helper.make_node("Conv", ["feats", "c1_w", "c1_b"], ["h0"], kernel_shape=[4], strides=[4]),
@@ -359,4 +358,79 @@ def _write_speech_tokenizer_standin(path: Path, rng: np.random.Generator) -> Non
         [helper.make_tensor_value_info("indices", TensorProto.INT64, ["B", "N"])],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+# hift.pt stores these convolutions weight-normalised (torch parametrization keys), the rest plainly.
+_HIFT_WEIGHT_NORMED = re.compile(
+    r"^(conv_pre|conv_post|ups\.\d+|f0_predictor\.condnet\.\d+|(source_)?resblocks\.\d+\.convs[12]\.\d+)\.weight$"
+)
+# A random speech head gives EOS a 1/6564 chance per step, so every utterance would run to the 20x-text cap.
+# Raising the EOS logit to about 5% per step ends random utterances shortly after the minimum length,
+# like a trained model, which keeps tests and demos short.
+_EOS_LOGIT_BIAS = 5.85
+
+
+def _split_weight_norm(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight -> (g, v) with g = ||v|| over every dim but 0, so that g * v / ||v|| == weight."""
+    g = weight.norm(dim=tuple(range(1, weight.dim())), keepdim=True)
+    return g, weight.clone()
+
+
+def _llm_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
+    from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+
+    model = CosyVoice2LM(config.llm)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        state["llm_decoder.bias"][config.llm.eos_token] += _EOS_LOGIT_BIAS
+    # The release ties Qwen's unused lm_head to the text embedding; torch.save stores the storage once.
+    state["llm.model.lm_head.weight"] = state["llm.model.model.embed_tokens.weight"]
+    return state
+
+
+def _flow_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
+    from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+
+    return {k: v.detach().clone() for k, v in CosyVoice2Flow(config.flow).state_dict().items()}
+
+
+def _hift_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
+    from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
+
+    state: dict[str, torch.Tensor] = {}
+    for key, value in HiFTGenerator(config.hift).state_dict().items():
+        if _HIFT_WEIGHT_NORMED.match(key):
+            base = key[: -len(".weight")]
+            g, v = _split_weight_norm(value.detach())
+            state[base + ".parametrizations.weight.original0"] = g
+            state[base + ".parametrizations.weight.original1"] = v
+        else:
+            state[key] = value.detach().clone()
+    return state
+
+
+def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random CosyVoice2 model directory in the official layout; returns its path."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    dims = SIZES[size]
+    out = Path(out_dir)
+    blank_en = out / "CosyVoice-BlankEN"
+    blank_en.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    (out / "cosyvoice2.yaml").write_text(_YAML_TEMPLATE.format(size=size, **dims.__dict__), encoding="utf-8")
+    _write_tokenizer(blank_en, dims.qwen_vocab)
+    eos_id = json.loads((blank_en / "generation_config.json").read_text())["eos_token_id"]
+    _write_qwen_config(blank_en, dims, eos_id)
+    config = CosyVoice2Config.from_dicts(
+        read_hyperpyyaml(out / "cosyvoice2.yaml"), json.loads((blank_en / "config.json").read_text())
+    )
+    torch.save(_llm_state(config), out / "llm.pt")
+    torch.save(_flow_state(config), out / "flow.pt")
+    torch.save(_hift_state(config), out / "hift.pt")
+    _write_campplus_standin(out / "campplus.onnx", rng)
+    _write_speech_tokenizer_standin(out / "speech_tokenizer_v2.onnx", rng)
+    return out

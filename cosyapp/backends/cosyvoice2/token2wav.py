@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
+from cosyapp.engine.stats import StageTimes, timed
 
 MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of every chunk after the first
 MAX_HOP_CHUNKS = 4  # the hop grows up to 4 x chunk_size tokens
@@ -116,6 +117,7 @@ class Token2WavStream:
         self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
         self.cache: tuple[Tensor, Tensor, Tensor] | None = None  # (mel [1,80,8], source [1,1,S], speech [1,S])
         self.finished = False
+        self.stats: StageTimes | None = None  # benchmarks: per-chunk flow and vocoder times
 
     def next_hop(self) -> int:
         return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
@@ -153,15 +155,17 @@ class Token2WavStream:
     def vocode(self, num_tokens: int, streaming: bool, finalize: bool) -> Tensor:
         """Upstream `token2wav`: flow on tokens[:num_tokens], HiFT on the new frames, cross-fade, cache."""
         owner = self.owner
-        mel = owner.flow.inference(token=self.all_tokens()[None, :num_tokens], prompt_token=self.prompt_token,
-                                   prompt_feat=self.prompt_feat, embedding=self.embedding,
-                                   streaming=streaming, finalize=finalize)
+        with timed(self.stats, "flow_chunk"):
+            mel = owner.flow.inference(token=self.all_tokens()[None, :num_tokens], prompt_token=self.prompt_token,
+                                       prompt_feat=self.prompt_feat, embedding=self.embedding,
+                                       streaming=streaming, finalize=finalize)
         mel = mel[:, :, self.offset * owner.token_mel_ratio:]
         cache_source = None
         if self.cache is not None:
             cache_mel, cache_source, _ = self.cache
             mel = torch.cat([cache_mel, mel], dim=2)
-        speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=self.generator)
+        with timed(self.stats, "vocoder_chunk"):
+            speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=self.generator)
         if self.cache is not None:
             speech = self.cross_fade(speech, self.cache[2])
         if finalize:

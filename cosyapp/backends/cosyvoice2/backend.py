@@ -1,0 +1,207 @@
+"""The CosyVoice2 backend: frontend -> LM -> flow -> HiFT behind the engine's `Backend` interface.
+
+One object per loaded model, shared by every request. Request state (LM cache row, sampling generator,
+streaming schedule, HiFT caches) lives in the call to `synthesize`, never on the shared object, so
+concurrent streams cannot disturb each other (upstream's shared `token_hop_len` bug cannot happen here).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
+from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
+from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
+from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
+from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
+from cosyapp.engine.stats import timed
+from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
+
+MODEL_TYPE = "CosyVoice2"
+END_OF_PROMPT = "<|endofprompt|>"
+REQUIRED_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx",
+                  "CosyVoice-BlankEN/config.json", "CosyVoice-BlankEN/vocab.json", "CosyVoice-BlankEN/merges.txt",
+                  "CosyVoice-BlankEN/tokenizer_config.json")
+# LM positions per stream: prompt text + text + prompt speech tokens (<= 30 s = 750) + 20x a sentence's tokens.
+DEFAULT_LM_CONTEXT = 4096
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_lm_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": float32 on the CPU (exact parity), bfloat16 for the LM on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+class CosyVoice2Backend:
+    name = "cosyvoice2"
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
+                 lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
+                 random_source: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.config = CosyVoice2Config.from_model_dir(self.model_dir)
+        self.frontend = CosyVoice2Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
+        self.llm = CosyVoice2LM.from_pretrained(self.model_dir, self.config, self.device,
+                                                resolve_lm_dtype(dtype, self.device))
+        self.llm.setup_cache(max_streams, lm_context)
+        self.flow = CosyVoice2Flow.from_pretrained(self.model_dir, self.config, self.device)
+        self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
+        self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source)
+        self.lm_context = lm_context
+        # Each stream owns one row of the LM's KV cache for the whole request.
+        self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for row in range(max_streams):
+            self._free_rows.put(row)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
+                           modes=tuple(m.value for m in Mode))
+
+    # ---- voices -----------------------------------------------------------------------------------
+
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int, text: str | None = None) -> Voice:
+        features = self.frontend.extract_voice(audio, sample_rate)
+        return Voice(backend=self.name, features=features, text=text or None,
+                     duration_s=float(np.asarray(audio).shape[-1]) / sample_rate)
+
+    def voice_state(self, voice: Voice) -> dict[str, Any]:
+        f = self._features(voice)
+        return {"speech_token": f.speech_token.cpu(), "speech_feat": f.speech_feat.cpu(),
+                "embedding": f.embedding.cpu(), "duration_s": voice.duration_s}
+
+    def voice_from_state(self, state: dict[str, Any], text: str | None) -> Voice:
+        try:
+            features = VoiceFeatures(state["speech_token"], state["speech_feat"], state["embedding"]).to(self.device)
+        except KeyError as exc:
+            raise ModelFileError(f"stored voice features lack {exc.args[0]!r}") from exc
+        return Voice(backend=self.name, features=features, text=text, duration_s=float(state.get("duration_s", 0.0)))
+
+    def _features(self, voice: Voice) -> VoiceFeatures:
+        if voice.backend != self.name or not isinstance(voice.features, VoiceFeatures):
+            raise InputError(f"voice was prepared by the {voice.backend} backend, not {self.name}")
+        return voice.features
+
+    # ---- synthesis --------------------------------------------------------------------------------
+
+    def _prompt_ids(self, request: SynthesisRequest) -> list[int] | None:
+        if request.mode is Mode.ZERO_SHOT:
+            prompt_text = request.prompt_text or request.voice.text
+            if not prompt_text or not prompt_text.strip():
+                raise InputError("zero_shot mode needs prompt_text (the transcript of the prompt recording)")
+            return self.frontend.prompt_text_ids(prompt_text)
+        if request.mode is Mode.INSTRUCT2:
+            instruction = (request.instruction or "").strip()
+            if not instruction:
+                raise InputError("instruct2 mode needs an instruction")
+            # The model was trained with the marker closing the instruction; users often leave it off.
+            if not instruction.endswith(END_OF_PROMPT):
+                instruction += END_OF_PROMPT
+            return self.frontend.instruction_ids(instruction)
+        return None
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise."""
+        stats = request.stats
+        with timed(stats, "frontend"):
+            voice = self._features(request.voice)
+            sentences = self.frontend.text_sentences(request.text)
+            prompt_ids = self._prompt_ids(request)
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        try:
+            row = self._free_rows.get_nowait()
+        except queue.Empty:
+            raise RuntimeError("more concurrent streams than the backend's max_streams") from None
+        try:
+            pieces: list[np.ndarray] = []
+            for text_ids in sentences:
+                for chunk in self._sentence(request, voice, text_ids, prompt_ids, row, generator):
+                    if request.stream:
+                        yield chunk
+                    else:
+                        pieces.append(chunk)
+            if not request.stream:
+                yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        finally:
+            self._free_rows.put(row)
+
+    def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
+                  prompt_ids: list[int] | None, row: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+        stats = request.stats
+        with timed(stats, "frontend"):
+            model_input = self.frontend.build_model_input(request.mode, text_ids, voice, prompt_ids)
+            lm_input = self.llm.build_lm_input(model_input.text, model_input.prompt_text,
+                                               model_input.llm_prompt_speech_token)
+        min_len, max_len = length_limits(model_input.text_len)
+        room = self.lm_context - lm_input.shape[1]
+        if request.fixed_length is not None and request.fixed_length > room:
+            raise InputError(f"fixed_length {request.fixed_length} exceeds the LM context left ({room} tokens)")
+        max_len = min(max_len, room)
+        if max_len <= min_len:
+            raise InputError("prompt and sentence are too long for the LM context; use a shorter prompt or text")
+        session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
+                                            model_input.flow_embedding, stream=request.stream, seed=request.seed)
+        session.stats = stats
+        tokens = self.llm.generate(lm_input, min_len, max_len, generator=generator,
+                                   fixed_length=request.fixed_length, cache_row=row)
+        while True:
+            request.check_cancelled()
+            step_start = time.perf_counter() if stats is not None else 0.0
+            token = next(tokens, None)
+            if token is None:
+                break
+            if stats is not None:
+                stats.add("lm_token", time.perf_counter() - step_start)
+            for chunk in session.push([token]):
+                yield chunk.float().cpu().numpy()
+        request.check_cancelled()
+        yield session.finish().float().cpu().numpy()
+
+
+def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice2Backend:
+    return CosyVoice2Backend(model_dir, device=device, dtype=dtype, **options)
+
+
+def verify(model_dir: Path) -> list[str]:
+    """Check the official layout file by file, then load every stage on the CPU. Raises ModelFileError."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFileError(f"{model_dir}: not a directory")
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
+    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in REQUIRED_FILES]
+    backend = CosyVoice2Backend(model_dir, device="cpu", dtype="float32", max_streams=1, lm_context=256)
+    qwen = backend.config.llm.qwen
+    report.append(f"llm.pt: loaded (Qwen2 {qwen.num_layers} layers x {qwen.hidden_size}, vocab {qwen.vocab_size})")
+    report.append(f"flow.pt: loaded ({sum(p.numel() for p in backend.flow.parameters()):,} parameters)")
+    report.append(f"hift.pt: loaded ({sum(p.numel() for p in backend.hift.parameters()):,} parameters)")
+    report.append("campplus.onnx, speech_tokenizer_v2.onnx: loaded with onnxruntime")
+    return report
+
+
+def make_tiny(out_dir: Path, size: str = "tiny") -> None:
+    _make_tiny(out_dir, size=size)
