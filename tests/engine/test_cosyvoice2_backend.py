@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -142,13 +143,9 @@ def test_verify_reports_and_names_bad_files(tiny_cosyvoice2_dir: Path, tmp_path:
         verify(broken)
 
 
-def test_each_split_segment_is_synthesised(backend, voice) -> None:
-    long_text = (
-        "Streaming speech synthesis needs careful chunking of the token sequence. Each chunk of speech tokens is "
-        "converted into a mel spectrogram by the flow model. The vocoder then turns the mel spectrogram into a "
-        "waveform at twenty four kilohertz. Finally, overlapping parts are faded together so that no clicks are "
-        "audible. The little robot walked slowly across the kitchen floor, and two cats watched it."
-    )
+def test_each_split_segment_is_synthesised(backend, voice, tiny_cosyvoice2_dir: Path) -> None:
+    settings = json.loads((tiny_cosyvoice2_dir.parent / "settings.json").read_text(encoding="utf-8"))
+    long_text = settings["texts_raw"]["tts_long_en"]  # a paragraph the frontend splits in two
     segments = backend.frontend.text_sentences(long_text)
     assert len(segments) == 2
     request = SynthesisRequest(text=long_text, voice=voice, stream=False, fixed_length=30)
