@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Benchmark one backend in-process: time to first chunk, real-time factor, per-stage times.
+
+    .venv/bin/python scripts/bench_engine.py --size tiny          # random tiny model, made on the fly
+    .venv/bin/python scripts/bench_engine.py --size full          # random model at CosyVoice2-0.5B sizes
+    .venv/bin/python scripts/bench_engine.py --model-dir pretrained_models/CosyVoice2-0.5B --prompt-wav asset/zero_shot_prompt.wav
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from cosyapp.bench import format_engine_report, run_engine_bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="model directory (default: make a random one)")
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny", help="size of the random model")
+    parser.add_argument("--backend", default="cosyvoice2")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompt-wav", type=Path)
+    parser.add_argument("--tokens", type=int, default=100, help="LM tokens per request (fixed length)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args()
+    report = run_engine_bench(args.model_dir, size=args.size, backend_name=args.backend, device=args.device,
+                              dtype=args.dtype, prompt_wav=args.prompt_wav, tokens=args.tokens, runs=args.runs)
+    print(format_engine_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
