@@ -14,6 +14,7 @@ setup(
         "soundfile",
         "onnxruntime",
         "tokenizers",
+        "tiktoken",
         "pyyaml",
         "inflect",
         "regex",

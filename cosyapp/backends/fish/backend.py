@@ -1,0 +1,303 @@
+"""The Fish (OpenAudio S1-mini) backend: tokenizer + prompt -> dual-AR frames -> causal codec, behind the
+engine's `Backend` interface.
+
+Faithful to S1 (`d3df505`) where the goldens pin it: one prompt for the whole text (`chunk_length` accepted
+and ignored), S1 sampler and penalty windows, the last generated frame dropped, codes decoded untrimmed.
+Deviations, each harmless to parity:
+* streaming decodes incrementally while frames arrive (the codec is causal: same samples within float noise)
+  instead of one segment after generation; `stream=False` decodes once at the end like upstream;
+* the stop token is checked every `check_every` frames (frames past it are discarded: same output);
+* code 0 is clamped to the codebook (upstream would crash on a sampled vocabulary-padding id);
+* `max_new_tokens=1` is an InputError (upstream raises UnboundLocalError);
+* `penalty_main_history=True` (load option) penalises the main token with its own history instead of S1's
+  one-frame slice; off by default.
+
+Request options (`request.options`): temperature, top_p, repetition_penalty, max_new_tokens, chunk_length.
+Modes: zero_shot (reference codes + transcripts) and cross_lingual (reference codes, empty transcripts).
+A voice holds zero or more references; zero references = the model's own random voice.
+"""
+
+from __future__ import annotations
+
+import queue
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from cosyapp.backends.fish.codec import DecodeStream, FishCodec, load_codec
+from cosyapp.backends.fish.config import CODEC_FILE, LLM_FILE, MODEL_FILES, SAMPLE_RATE, CodecConfig, DualARConfig
+from cosyapp.backends.fish.dual_ar import DualARTransformer, load_dual_ar
+from cosyapp.backends.fish.generate import FrameGenerator, SamplingParams, frame_budget, request_generator
+from cosyapp.backends.fish.make_tiny import make_tiny as _make_tiny
+from cosyapp.backends.fish.prompt import Reference, build_prompt
+from cosyapp.backends.fish.tokenizer import FishTokenizer
+from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict
+from cosyapp.engine.stats import timed
+from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
+
+MODEL_TYPE = "OpenAudio-S1-mini"
+MODES = (Mode.ZERO_SHOT.value, Mode.CROSS_LINGUAL.value)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTION_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "chunk_length")
+MAX_REFERENCE_SECONDS = 90.0  # upstream's maintainers' advice; longer references crowd out the text
+# Streaming schedule: the first audio chunk after this many frames (~186 ms), then every `STREAM_FRAMES`.
+STREAM_FIRST_FRAMES = 4
+STREAM_FRAMES = 16
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": float32 on the CPU (exact parity), bfloat16 for the transformer on a GPU (as the S1 server)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def sampling_params(options: dict[str, Any] | None, penalty_main_history: bool = False) -> SamplingParams:
+    """Validate `request.options` into SamplingParams (ranges of S1's `generate_long` asserts)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise InputError(f"unknown Fish options {unknown}; known: {', '.join(OPTION_KEYS)}")
+    defaults = SamplingParams()
+    try:
+        temperature = float(options.get("temperature", defaults.temperature))
+        top_p = float(options.get("top_p", defaults.top_p))
+        repetition_penalty = float(options.get("repetition_penalty", defaults.repetition_penalty))
+        max_new_tokens = options.get("max_new_tokens", defaults.max_new_tokens)
+        chunk_length = options.get("chunk_length", 200)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad Fish option value: {exc}") from None
+    if not 0 < temperature < 2:
+        raise InputError(f"temperature must be in (0, 2), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 < repetition_penalty < 2:
+        raise InputError(f"repetition_penalty must be in (0, 2), got {repetition_penalty}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0 \
+            or max_new_tokens == 1:
+        raise InputError(f"max_new_tokens must be 0 (up to the context) or an integer >= 2, got {max_new_tokens!r}")
+    if not isinstance(chunk_length, int) or isinstance(chunk_length, bool) or chunk_length < 0:
+        raise InputError(f"chunk_length must be a non-negative integer, got {chunk_length!r}")
+    return SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                          max_new_tokens=max_new_tokens, penalty_main_history=penalty_main_history)
+
+
+def resample_to_codec_rate(audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+    """Mono float32 -> 44.1 kHz tensor (torchaudio's default sinc resampler, as S1's reference loader)."""
+    wav = torch.as_tensor(np.ascontiguousarray(audio, dtype=np.float32))
+    if sample_rate != SAMPLE_RATE:
+        wav = AF.resample(wav, sample_rate, SAMPLE_RATE)
+    return wav
+
+
+class FishBackend:
+    name = "fish"
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 2,
+                 check_every: int = 4, penalty_main_history: bool = False) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.tokenizer = FishTokenizer.from_model_dir(self.model_dir)
+        self.model: DualARTransformer = load_dual_ar(self.model_dir, self.tokenizer.semantic_begin_id,
+                                                     self.tokenizer.semantic_end_id, self.device,
+                                                     resolve_dtype(dtype, self.device))
+        if self.model.config.vocab_size < self.tokenizer.vocab_size:
+            raise ModelFileError(f"{self.model_dir / 'config.json'}: vocab_size {self.model.config.vocab_size} is "
+                                 f"smaller than the tokenizer's {self.tokenizer.vocab_size} ids")
+        self.model.setup_caches(max_streams)
+        self.codec: FishCodec = load_codec(self.model_dir / CODEC_FILE, self.device)
+        self.check_every = check_every
+        self.penalty_main_history = penalty_main_history
+        # Each stream owns one row of the transformer's KV caches for its whole request.
+        self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for row in range(max_streams):
+            self._free_rows.put(row)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=SAMPLE_RATE, modes=MODES)
+
+    # ---- voices -----------------------------------------------------------------------------------
+
+    def encode_reference(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Mono float32 recording -> codec codes `[10, ceil(n / 2048)]` (int64, CPU)."""
+        audio = np.asarray(audio)
+        if audio.ndim != 1 or audio.size == 0:
+            raise InputError("the reference recording must be non-empty mono audio")
+        if audio.size / sample_rate > MAX_REFERENCE_SECONDS:
+            raise InputError(f"the reference recording is longer than {MAX_REFERENCE_SECONDS:.0f} s")
+        if not np.isfinite(audio).all():
+            raise InputError("the reference recording contains NaN or infinite samples")
+        wav = resample_to_codec_rate(audio, sample_rate).to(self.device)
+        return self.codec.encode(wav[None, None])[0].cpu()
+
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int, text: str | None = None) -> Voice:
+        codes = self.encode_reference(audio, sample_rate)
+        return Voice(backend=self.name, features=[Reference(codes, text or "")], text=text,
+                     duration_s=len(audio) / sample_rate)
+
+    def no_reference_voice(self) -> Voice:
+        """A voice without references: S1 then speaks in a voice of its own choosing (seed-dependent)."""
+        return Voice(backend=self.name, features=[], text=None)
+
+    def voice_state(self, voice: Voice) -> dict[str, Any]:
+        return {"codes": [ref.codes for ref in voice.features], "texts": [ref.text for ref in voice.features]}
+
+    def voice_from_state(self, state: dict[str, Any], text: str | None) -> Voice:
+        codes, texts = list(state["codes"]), list(state["texts"])
+        if text is not None and len(codes) == 1:
+            texts = [text]
+        n_codebooks = self.model.config.num_codebooks
+        references = []
+        for c, t in zip(codes, texts):
+            c = torch.as_tensor(c, dtype=torch.long)
+            if c.dim() != 2 or c.shape[0] != n_codebooks:
+                raise InputError(f"stored Fish voice codes must be [{n_codebooks}, T], got {tuple(c.shape)}")
+            references.append(Reference(c, t))
+        frames = sum(ref.codes.shape[1] for ref in references)
+        return Voice(backend=self.name, features=references, text=texts[0] if len(texts) == 1 else None,
+                     duration_s=frames * self.codec.cfg.frame_length / SAMPLE_RATE)
+
+    # ---- synthesis --------------------------------------------------------------------------------
+
+    def prompt_for(self, request: SynthesisRequest) -> torch.Tensor:
+        """The S1 prompt grid for a request; InputError for what Fish cannot do."""
+        if request.instruction:
+            raise InputError("Fish (OpenAudio S1) does not support instructions; send a reference voice instead")
+        if request.mode not in (Mode.ZERO_SHOT, Mode.CROSS_LINGUAL):
+            raise InputError(f"Fish supports the modes {', '.join(MODES)}, not {request.mode.value}")
+        if not request.text.strip():
+            raise InputError("the text is empty")
+        references: list[Reference] = list(request.voice.features or [])
+        if request.mode == Mode.CROSS_LINGUAL:
+            references = [Reference(ref.codes, "") for ref in references]
+        elif request.prompt_text is not None and len(references) == 1:
+            references = [Reference(references[0].codes, request.prompt_text)]
+        return build_prompt(self.tokenizer, request.text, references, self.model.config.num_codebooks)
+
+    def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
+        """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included.
+
+        With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
+        prompt = self.prompt_for(request)
+        params = sampling_params(getattr(request, "options", None), self.penalty_main_history)
+        if request.fixed_length is not None and request.fixed_length < 1:
+            raise InputError(f"fixed_length must be >= 1, got {request.fixed_length}")
+        max_new = request.fixed_length if request.fixed_length is not None else params.max_new_tokens
+        try:
+            budget = frame_budget(prompt.shape[-1], max_new, self.model.config.max_seq_len)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if request.fixed_length is not None and budget < request.fixed_length:
+            raise InputError(f"fixed_length {request.fixed_length} does not fit the context ({budget} frames left)")
+        row = self._free_rows.get()  # waits while every cache row is streaming
+        try:
+            generator = request_generator(request.seed, self.device)
+            frames = FrameGenerator(self.model, params, generator, fast_width=self.codec.cfg.residual_codebook_size,
+                                    row=row)
+            im_end = None if request.fixed_length is not None else self.tokenizer.im_end_id
+            blocks = frames.frames(prompt, budget, im_end, self.check_every, request.cancel)
+            while True:
+                with timed(request.stats, "fish_lm"):
+                    block = next(blocks, None)
+                if block is None:
+                    break
+                yield block
+        finally:
+            self._free_rows.put(row)
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """Yield float32 mono chunks at 44.1 kHz: incrementally while generating when `request.stream`, else
+        one chunk decoded at the end (upstream's single segment)."""
+        drop_last = request.fixed_length is None  # S1 always drops the last generated frame
+        stream = DecodeStream(self.codec) if request.stream else None
+        held: list[torch.Tensor] = []  # frames not yet decoded
+        held_frames = 0
+        decoded_frames = 0
+        for block in self.generate_frames(request):
+            request.check_cancelled()
+            held.append(block)
+            held_frames += block.shape[1]
+            ready = held_frames - 1 if drop_last else held_frames  # the newest frame may turn out to be the last
+            want = STREAM_FIRST_FRAMES if decoded_frames == 0 else STREAM_FRAMES
+            if stream is not None and ready >= want:
+                frames = torch.cat(held, dim=1)
+                held, held_frames = [frames[:, ready:]], held_frames - ready
+                decoded_frames += ready
+                with timed(request.stats, "fish_codec"):
+                    audio = stream.push(frames[None, 1:, :ready])
+                yield audio[0, 0].float().cpu().numpy()
+        request.check_cancelled()
+        frames = torch.cat(held, dim=1)
+        codes = frames[1:, : frames.shape[1] - 1] if drop_last else frames[1:]
+        if codes.shape[1] == 0:
+            return
+        with timed(request.stats, "fish_codec"):
+            audio = stream.push(codes[None]) if stream is not None else self.codec.decode(codes[None])
+        yield audio[0, 0].float().cpu().numpy()
+
+
+def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> FishBackend:
+    return FishBackend(model_dir, device=device, dtype=dtype, **options)
+
+
+def _check_keys_on_meta(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Names and shapes only: loading into meta parameters copies nothing (torch warns about that; expected)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        check_keys(module, state, source)
+
+
+def verify(model_dir: Path) -> list[str]:
+    """Check the release layout file by file and that every checkpoint matches its config (on the meta device,
+    so it costs no weight memory). Raises ModelFileError naming the bad file."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFileError(f"{model_dir}: not a directory")
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
+    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in MODEL_FILES]
+    config = DualARConfig.from_model_dir(model_dir)
+    report.append(f"config.json: dual_ar, {config.n_layer} slow + {config.n_fast_layer} fast layers, dim {config.dim}, "
+                  f"vocab {config.vocab_size}, context {config.max_seq_len}")
+    tokenizer = FishTokenizer.from_model_dir(model_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelFileError(f"{model_dir / 'special_tokens.json'}: {tokenizer.vocab_size} ids do not fit "
+                             f"vocab_size {config.vocab_size}")
+    report.append(f"tokenizer: {tokenizer.n_ranks} BPE ranks + {len(tokenizer.special_ids)} special tokens "
+                  f"(semantic ids {tokenizer.semantic_begin_id}..{tokenizer.semantic_end_id}, "
+                  f"<|im_end|> {tokenizer.im_end_id})")
+    llm_state = load_state_dict(model_dir / LLM_FILE)
+    with torch.device("meta"):
+        model = DualARTransformer(config, tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
+    _check_keys_on_meta(model, llm_state, str(model_dir / LLM_FILE))
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in llm_state.values()})
+    report.append(f"model.pth: all {len(llm_state)} keys match "
+                  f"({sum(v.numel() for v in llm_state.values()) / 1e6:.1f}M parameters, {'/'.join(dtypes)})")
+    codec_state = load_state_dict(model_dir / CODEC_FILE)
+    codec_cfg = CodecConfig.from_state_dict(codec_state, str(model_dir / CODEC_FILE))
+    folded = fold_weight_norm({k: v for k, v in codec_state.items() if not k.endswith((".freqs_cis", ".causal_mask"))})
+    with torch.device("meta"):
+        codec = FishCodec(codec_cfg)
+    _check_keys_on_meta(codec, folded, str(model_dir / CODEC_FILE))
+    report.append(f"codec.pth: all keys match ({sum(v.numel() for v in folded.values()) / 1e6:.1f}M parameters; "
+                  f"latent {codec_cfg.latent_dim}, decoder {codec_cfg.decoder_dim}, "
+                  f"{codec_cfg.frame_length} samples per frame)")
+    return report
+
+
+def make_tiny(out_dir: Path, size: str = "tiny") -> None:
+    _make_tiny(out_dir, size=size)
