@@ -151,3 +151,32 @@ def test_each_split_segment_is_synthesised(backend, voice, tiny_cosyvoice2_dir: 
     request = SynthesisRequest(text=long_text, voice=voice, stream=False, fixed_length=30)
     (wav,) = backend.synthesize(request)
     assert wav.shape[0] == len(segments) * 30 * SAMPLES_PER_TOKEN
+
+
+def test_concurrent_streams_share_lm_forwards(backend, voice) -> None:
+    """Four identical seeded requests at once: their LM steps run in shared forwards, and each stream's
+    audio is what the same request produces alone."""
+    import threading
+
+    def request() -> SynthesisRequest:
+        return SynthesisRequest(text="Good evening, everyone.", voice=voice, mode=Mode.ZERO_SHOT, seed=5,
+                                fixed_length=80, stream=False)
+
+    alone = next(backend.synthesize(request()))
+    backend.lm_batcher.batch_sizes.clear()
+    results: list[np.ndarray] = [None] * 4  # type: ignore[list-item]
+    # Two cache rows in this fixture: two streams run while the other two wait for a free row.
+    lock = threading.Semaphore(2)
+
+    def run(i: int) -> None:
+        with lock:
+            results[i] = next(backend.synthesize(request()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(backend.lm_batcher.batch_sizes) == 2
+    for wav in results:
+        np.testing.assert_allclose(wav, alone, atol=1e-5)

@@ -20,6 +20,7 @@ from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
+from cosyapp.backends.cosyvoice2.lm_batcher import LMBatcher
 from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
 from cosyapp.engine.stats import timed
@@ -56,7 +57,7 @@ class CosyVoice2Backend:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
-                 random_source: bool = True) -> None:
+                 random_source: bool = True, batching: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
@@ -68,6 +69,8 @@ class CosyVoice2Backend:
         self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source)
         self.lm_context = lm_context
+        # Concurrent streams share LM forwards through the batcher; without it each runs its own.
+        self.lm_batcher = LMBatcher(self.llm, max_streams) if batching else None
         # Each stream owns one row of the LM's KV cache for the whole request.
         self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
         for row in range(max_streams):
@@ -135,6 +138,8 @@ class CosyVoice2Backend:
             row = self._free_rows.get_nowait()
         except queue.Empty:
             raise RuntimeError("more concurrent streams than the backend's max_streams") from None
+        if self.lm_batcher is not None:
+            self.lm_batcher.open(row)
         try:
             pieces: list[np.ndarray] = []
             for text_ids in sentences:
@@ -146,6 +151,8 @@ class CosyVoice2Backend:
             if not request.stream:
                 yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         finally:
+            if self.lm_batcher is not None:
+                self.lm_batcher.close(row)
             self._free_rows.put(row)
 
     def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
@@ -166,7 +173,7 @@ class CosyVoice2Backend:
                                             model_input.flow_embedding, stream=request.stream, seed=request.seed)
         session.stats = stats
         tokens = self.llm.generate(lm_input, min_len, max_len, generator=generator,
-                                   fixed_length=request.fixed_length, cache_row=row)
+                                   fixed_length=request.fixed_length, cache_row=row, step=self.lm_batcher)
         while True:
             request.check_cancelled()
             step_start = time.perf_counter() if stats is not None else 0.0

@@ -10,7 +10,7 @@ decoded together in one forward, each at its own position.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -252,36 +252,47 @@ class CosyVoice2LM(nn.Module):
         """Hidden states [..., hidden] -> float32 log-probs over the speech ids [..., speech_token_size + 3]."""
         return self.llm_decoder(hidden).float().log_softmax(dim=-1)
 
+    def step_logp(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor:
+        """Run embeddings x [1, T, hidden] at positions position.. of one cache row -> log-probs [V] after the
+        last of them. The default `LMStepRunner`; batching runners share many rows in one forward."""
+        length = x.shape[1]
+        input_pos = torch.arange(position, position + length, device=x.device)[None]
+        hidden = self(x, input_pos, cache_row, position + length)
+        return self.speech_logp(hidden[0, -1])
+
     @torch.inference_mode()
     def generate(self, lm_input: torch.Tensor, min_len: int, max_len: int,
                  generator: torch.Generator | None = None, fixed_length: int | None = None,
-                 cache_row: int = 0) -> Iterator[int]:
+                 cache_row: int = 0, step: "LMStepRunner | None" = None) -> Iterator[int]:
         """Upstream's decoding loop: yield speech token ids until a stop id (>= speech_token_size) or max_len.
 
         EOS is masked while fewer than min_len tokens were produced. `fixed_length` (benchmarks) masks
         every stop id and yields exactly that many tokens. Uses cache row `cache_row`; one generation
-        per row at a time. The one host sync per step is the sampled id.
+        per row at a time. `step` runs the transformer (default: `self.step_logp`, one row alone; the
+        backend's batcher decodes all active rows in one forward). The one host sync per step is the
+        sampled id.
         """
+        step = step or self.step_logp
         eos = self.config.speech_token_size
         length = lm_input.shape[1]
         num_steps = max_len if fixed_length is None else fixed_length
         self._ensure_cache(length + num_steps)
         sampler = RasSampler.from_config(self.config, generator)
-        hidden = self(lm_input, torch.arange(length, device=lm_input.device)[None], cache_row, length)
-        logp = self.speech_logp(hidden[:, -1])
-        input_pos = torch.full((1, 1), length, dtype=torch.long, device=lm_input.device)
-        for step in range(num_steps):
-            scores = logp[0]
+        logp = step(lm_input, 0, cache_row)
+        for i in range(num_steps):
+            scores = logp  # a fresh tensor from `step`: masked in place
             if fixed_length is not None:
                 scores[eos:] = float("-inf")
-            elif step < min_len:
+            elif i < min_len:
                 scores[eos] = float("-inf")
             sample = sampler(scores)
             if fixed_length is None and sample.token_id >= eos:
                 return
             yield sample.token_id
-            if step + 1 == num_steps:
+            if i + 1 == num_steps:
                 return
-            hidden = self(self.speech_embedding(sample.token)[None], input_pos, cache_row, length + step + 1)
-            logp = self.speech_logp(hidden[:, -1])
-            input_pos += 1
+            logp = step(self.speech_embedding(sample.token).reshape(1, 1, -1), length + i, cache_row)
+
+
+class LMStepRunner(Protocol):
+    def __call__(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor: ...

@@ -1,0 +1,123 @@
+"""Continuous batching of LM decode steps across concurrent streams.
+
+Every stream keeps its own sampling loop (`CosyVoice2LM.generate`, its own generator and repetition
+window) and its own KV-cache row; only the transformer forward is shared. Streams hand their step to
+the batcher thread, which runs one forward for every waiting stream and hands each its log-probs back.
+Streams join (prefill into their row) and leave between steps.
+
+The decode batch is the contiguous row range 0..highest waiting row, so the cache is read through views
+and not gathered. A row in that range that is not waiting (its stream is busy vocoding, or the row is
+free) gets a dummy input at the position its next real step writes, so the dummy key/value is
+overwritten before anyone reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+
+# How long the batcher waits for streams that were in the last batch before running without them. Streams
+# in step submit within microseconds of each other; one that went off to vocode a chunk misses a few
+# batches and rejoins when it submits again, without holding the others up.
+GATHER_WINDOW_S = 0.002
+
+
+@dataclass
+class _Step:
+    x: torch.Tensor  # [1, T, hidden]
+    position: int
+    done: threading.Event = field(default_factory=threading.Event)
+    logp: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class LMBatcher:
+    """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward."""
+
+    def __init__(self, llm: CosyVoice2LM, max_rows: int) -> None:
+        self.llm = llm
+        self.max_rows = max_rows
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Step] = {}
+        self._active: set[int] = set()
+        self._expected: set[int] = set()  # rows of the last batch that are still open
+        self._next_position = [0] * max_rows
+        self.batch_sizes: list[int] = []  # decode batch size per forward, for tests and benchmarks
+        self._thread = threading.Thread(target=self._run, name="cosyvoice2-lm-batcher", daemon=True)
+        self._thread.start()
+
+    def open(self, row: int) -> None:
+        """A stream starts using `row`."""
+        with self._cond:
+            self._active.add(row)
+
+    def close(self, row: int) -> None:
+        """The stream using `row` is done: the batcher stops waiting for it."""
+        with self._cond:
+            self._active.discard(row)
+            self._expected.discard(row)
+            self._cond.notify()
+
+    def __call__(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor:
+        step = _Step(x, position)
+        with self._cond:
+            self._pending[cache_row] = step
+            self._cond.notify()
+        step.done.wait()
+        if step.error is not None:
+            raise step.error
+        return step.logp
+
+    def _take_batch(self) -> dict[int, _Step]:
+        with self._cond:
+            while not self._pending:
+                self._cond.wait()
+            deadline = time.monotonic() + GATHER_WINDOW_S
+            while not self._expected <= self._pending.keys():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, self._pending = self._pending, {}
+            self._expected = set(batch) & self._active
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            try:
+                with torch.inference_mode():
+                    self._forward(batch)
+            except BaseException as exc:  # hand the failure to every waiting stream, keep serving
+                for step in batch.values():
+                    step.error = exc
+            for step in batch.values():
+                step.done.set()
+
+    def _forward(self, batch: dict[int, _Step]) -> None:
+        decodes = {row: step for row, step in batch.items() if step.x.shape[1] == 1}
+        for row, step in batch.items():
+            if row not in decodes:  # prefills have their own lengths: one forward each
+                step.logp = self.llm.step_logp(step.x, step.position, row)
+                self._next_position[row] = step.position + step.x.shape[1]
+        if not decodes:
+            return
+        rows = max(decodes) + 1
+        hidden_size = next(iter(decodes.values())).x.shape[-1]
+        x = torch.zeros(rows, 1, hidden_size, dtype=next(iter(decodes.values())).x.dtype, device=self.llm.device)
+        positions = list(self._next_position[:rows])
+        for row, step in decodes.items():
+            x[row] = step.x[0]
+            positions[row] = step.position
+        input_pos = torch.tensor(positions, device=self.llm.device).view(rows, 1)
+        hidden = self.llm(x, input_pos, 0, max(positions) + 1)
+        logp = self.llm.speech_logp(hidden[:, -1])
+        for row, step in decodes.items():
+            step.logp = logp[row]
+            self._next_position[row] = step.position + 1
+        self.batch_sizes.append(len(decodes))
