@@ -1,0 +1,483 @@
+"""The `cosyapp` command line: serve, models, speakers, prompts, synth, play.
+
+Heavy imports (torch, the model stacks, uvicorn) happen inside the commands so `cosyapp --help` is instant.
+Errors a user can fix (bad config, bad file, unknown speaker, unreachable service) exit with status 1 and
+one clear message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from cosyapp import __version__
+from cosyapp.config import PROJECT_ROOT, ConfigError, Settings, load_settings
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """Where a backend's official model directory is published, and which files of the repo it needs."""
+
+    huggingface: str
+    modelscope: str | None
+    folder: str  # default folder name under pretrained_models/
+    files: tuple[str, ...]  # download patterns: exactly the official layout, nothing else
+    note: str = ""
+
+
+HUB_MODELS = {
+    "cosyvoice2": HubModel(
+        "FunAudioLLM/CosyVoice2-0.5B", "iic/CosyVoice2-0.5B", "CosyVoice2-0.5B",
+        ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx",
+         "CosyVoice-BlankEN/*"),
+    ),
+    "fish": HubModel(
+        "fishaudio/openaudio-s1-mini", None, "openaudio-s1-mini",
+        ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"),
+        note="gated: accept the licence on the Hugging Face model page, then set HF_TOKEN",
+    ),
+}
+# A file that marks a folder as a backend's layout (for `models list`).
+LAYOUT_MARKERS = {"cosyvoice2": "cosyvoice2.yaml", "fish": "codec.pth"}
+PRETRAINED_DIR = PROJECT_ROOT / "pretrained_models"
+
+
+def _fail(message: str) -> click.ClickException:
+    return click.ClickException(message)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into a one-line `Error: ...` and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cosyapp.client.http import ServiceError
+        from cosyapp.client.player import PlayerUnavailable
+        from cosyapp.engine.types import InputError, ModelFileError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, InputError, ModelFileError, ServiceError, PlayerUnavailable) as e:
+            raise _fail(str(e)) from None
+
+    return wrapper
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="config file (default: $COSYAPP_CONFIG, else the project's config.toml)")
+
+
+def _load_backend(settings: Settings):
+    from cosyapp.engine.registry import load_backend
+
+    model = settings.model
+    click.echo(f"loading {model.backend} model from {model.model_dir} ...", err=True)
+    return load_backend(model.backend, model.model_dir, model.device, model.dtype)
+
+
+def _read_prompt(settings: Settings, wav: Path):
+    from cosyapp.audio import check_duration, read_audio_file
+
+    samples, sample_rate = read_audio_file(wav)
+    check_duration(samples, sample_rate, settings.limits.min_prompt_s, settings.limits.max_prompt_s, str(wav))
+    return samples, sample_rate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cosyapp")
+def main() -> None:
+    """cosyapp: a streaming text-to-speech service (CosyVoice2) and its tools."""
+
+
+# ----------------------------------------------------------------------------------------------- serve
+
+
+@main.command()
+@config_option
+@click.option("--host", help="address to listen on (config: [server] host)")
+@click.option("--port", type=click.IntRange(1, 65535), help="port (config: [server] port)")
+@click.option("--backend", help="backend name (config: [model] backend)")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="model directory (config: [model] model_dir)")
+@user_errors
+def serve(config_file: Path | None, host: str | None, port: int | None, backend: str | None,
+          model_dir: Path | None) -> None:
+    """Run the HTTP service (POST /synthesize, GET /health, GET /model_info) with uvicorn."""
+    import uvicorn
+
+    from cosyapp.engine.registry import backend_names
+    from cosyapp.server import configure_logging, create_app
+
+    settings = load_settings(config_file)
+    if backend is not None and backend not in backend_names():
+        raise _fail(f"--backend: unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
+    server, model = settings.server, settings.model
+    if host:
+        server = dataclasses.replace(server, host=host)
+    if port:
+        server = dataclasses.replace(server, port=port)
+    if backend:
+        model = dataclasses.replace(model, backend=backend)
+    if model_dir:
+        model = dataclasses.replace(model, model_dir=model_dir.resolve())
+    settings = dataclasses.replace(settings, server=server, model=model)
+    configure_logging(settings.server.log_level)
+    click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
+               f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'})")
+    uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
+                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@main.group()
+def models() -> None:
+    """Download, list, verify and fabricate model directories."""
+
+
+@models.command("pull")
+@click.argument("backend", type=click.Choice(sorted(HUB_MODELS)))
+@click.option("--source", type=click.Choice(["hf", "modelscope"]), default="hf", show_default=True,
+              help="hub to download from")
+@click.option("--dir", "target", type=click.Path(file_okay=False, path_type=Path),
+              help="where to put it (default: the configured model_dir for this backend, else "
+                   "pretrained_models/<name>)")
+@config_option
+@user_errors
+def models_pull(backend: str, source: str, target: Path | None, config_file: Path | None) -> None:
+    """Download a model in its official layout (resumable), then verify it."""
+    from cosyapp.engine.registry import verify_model_dir
+
+    hub = HUB_MODELS[backend]
+    if target is None:
+        settings = load_settings(config_file)
+        target = settings.model.model_dir if settings.model.backend == backend else PRETRAINED_DIR / hub.folder
+    target = target.resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    if source == "hf":
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+        note = f" ({hub.note})" if hub.note else ""
+        click.echo(f"downloading {hub.huggingface} from Hugging Face into {target}{note}")
+        try:
+            snapshot_download(hub.huggingface, local_dir=target, allow_patterns=list(hub.files))
+        except GatedRepoError as e:
+            raise _fail(f"{hub.huggingface} is gated ({hub.note}): {e}") from None
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            raise _fail(f"download of {hub.huggingface} failed (run the command again to resume): {e}") from None
+    else:
+        if hub.modelscope is None:
+            raise _fail(f"{backend} is published on Hugging Face only; use --source hf")
+        from modelscope import snapshot_download as modelscope_download
+
+        click.echo(f"downloading {hub.modelscope} from ModelScope into {target}")
+        try:
+            modelscope_download(hub.modelscope, local_dir=str(target), allow_patterns=list(hub.files))
+        except Exception as e:  # modelscope raises assorted request/IO errors
+            raise _fail(f"download of {hub.modelscope} failed (run the command again to resume): {e}") from None
+    click.echo("verifying ...")
+    for line in verify_model_dir(backend, target):
+        click.echo(f"  {line}")
+    click.echo(f"ok: {target}")
+
+
+@models.command("list")
+@config_option
+@user_errors
+def models_list(config_file: Path | None) -> None:
+    """Show where each model is published and which model directories are present."""
+    settings = load_settings(config_file)
+    click.echo("Published models (cosyapp models pull BACKEND [--source hf|modelscope]):")
+    for backend, hub in sorted(HUB_MODELS.items()):
+        where = f"hf: {hub.huggingface}" + (f", modelscope: {hub.modelscope}" if hub.modelscope else "")
+        click.echo(f"  {backend:<11} {where}" + (f"  [{hub.note}]" if hub.note else ""))
+    click.echo(f"Local model directories in {PRETRAINED_DIR}:")
+    found = False
+    for folder in sorted(PRETRAINED_DIR.iterdir()) if PRETRAINED_DIR.is_dir() else []:
+        layout = [name for name, marker in LAYOUT_MARKERS.items() if (folder / marker).is_file()]
+        if layout:
+            found = True
+            click.echo(f"  {folder.name:<24} {layout[0]} layout")
+    if not found:
+        click.echo("  (none)")
+    model = settings.model
+    present = "present" if (model.model_dir / LAYOUT_MARKERS.get(model.backend, "")).is_file() else "MISSING"
+    click.echo(f"Configured: backend={model.backend} model_dir={model.model_dir} ({present})")
+
+
+@models.command("verify")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(sorted(HUB_MODELS)))
+@user_errors
+def models_verify(model_dir: Path, backend: str) -> None:
+    """Check a model directory's official layout and that every file loads."""
+    from cosyapp.engine.registry import verify_model_dir
+
+    for line in verify_model_dir(backend, model_dir):
+        click.echo(line)
+    click.echo(f"ok: {model_dir} is a valid {backend} model directory")
+
+
+@models.command("make-tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(sorted(HUB_MODELS)))
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="tiny: a few MB for tests and demos; full: the real model's shapes for benchmarks")
+@user_errors
+def models_make_tiny(out_dir: Path, backend: str, size: str) -> None:
+    """Write a RANDOM-weight model in the official layout (it speaks noise; for tests and benchmarks)."""
+    from cosyapp.engine.registry import make_tiny
+
+    make_tiny(backend, out_dir, size)
+    click.echo(f"wrote a random {size} {backend} model to {out_dir} (not a trained model: output is noise)")
+
+
+# -------------------------------------------------------------------------------------------- speakers
+
+
+@main.group()
+def speakers() -> None:
+    """Manage registered voices (used with the `speaker` field of /synthesize)."""
+
+
+def _registry(settings: Settings):
+    from cosyapp.voices import SpeakerRegistry
+
+    return SpeakerRegistry(settings.storage.speakers_dir)
+
+
+@speakers.command("add")
+@click.argument("speaker_id")
+@click.option("--wav", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a clear 3-10 s recording of the voice (WAV, FLAC, OGG or MP3)")
+@click.option("--text", help="transcript of the recording (enables zero-shot mode, the best cloning)")
+@config_option
+@user_errors
+def speakers_add(speaker_id: str, wav: Path, text: str | None, config_file: Path | None) -> None:
+    """Register a voice with its features precomputed."""
+    from cosyapp.voices import make_voice_files, validate_speaker_id
+
+    settings = load_settings(config_file)
+    registry = _registry(settings)
+    validate_speaker_id(speaker_id)
+    if speaker_id in registry.ids():
+        raise _fail(f"speaker {speaker_id!r} already exists; remove it first")
+    samples, sample_rate = _read_prompt(settings, wav)
+    files = make_voice_files(_load_backend(settings), samples, sample_rate, text.strip() if text else None,
+                                {"source_file": wav.name})
+    stored = registry.add(speaker_id, files)
+    click.echo(f"added speaker {stored.id} ({files.meta['duration_s']:.1f} s"
+               + (", with transcript" if files.text else ", no transcript: cross-lingual mode") + f") in {stored.path}")
+
+
+@speakers.command("list")
+@config_option
+@user_errors
+def speakers_list(config_file: Path | None) -> None:
+    """List registered speakers."""
+    registry = _registry(load_settings(config_file))
+    ids = registry.ids()
+    if not ids:
+        click.echo(f"no speakers registered in {registry.root}")
+        return
+    for speaker_id in ids:
+        stored = registry.get(speaker_id)
+        text = stored.text or ""
+        click.echo(f"{speaker_id:<24} {stored.meta.get('duration_s', 0):5.1f} s  "
+                   f"{text[:40] + ('...' if len(text) > 40 else '')}")
+
+
+@speakers.command("show")
+@click.argument("speaker_id")
+@config_option
+@user_errors
+def speakers_show(speaker_id: str, config_file: Path | None) -> None:
+    """Show one speaker's metadata and transcript."""
+    stored = _registry(load_settings(config_file)).get(speaker_id)
+    click.echo(json.dumps({"id": stored.id, "path": str(stored.path), "text": stored.text, **stored.meta},
+                          ensure_ascii=False, indent=2))
+
+
+@speakers.command("remove")
+@click.argument("speaker_id")
+@config_option
+@user_errors
+def speakers_remove(speaker_id: str, config_file: Path | None) -> None:
+    """Delete a speaker."""
+    _registry(load_settings(config_file)).remove(speaker_id)
+    click.echo(f"removed speaker {speaker_id}")
+
+
+@speakers.command("rename")
+@click.argument("old_id")
+@click.argument("new_id")
+@config_option
+@user_errors
+def speakers_rename(old_id: str, new_id: str, config_file: Path | None) -> None:
+    """Rename a speaker."""
+    _registry(load_settings(config_file)).rename(old_id, new_id)
+    click.echo(f"renamed speaker {old_id} to {new_id}")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+@main.group()
+def prompts() -> None:
+    """The default prompt voice and instruction (used when a request names neither)."""
+
+
+@prompts.command("set-default")
+@click.option("--wav", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the new default prompt voice recording")
+@click.option("--instruction", help="also replace the default instruction (must end with <|endofprompt|>)")
+@config_option
+@user_errors
+def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | None) -> None:
+    """Replace the default prompt voice (and optionally the instruction) without editing config.toml.
+
+    A running service picks it up on its next request."""
+    from cosyapp.voices import DefaultPromptStore, make_voice_files
+
+    settings = load_settings(config_file)
+    if instruction is not None and not instruction.strip().endswith("<|endofprompt|>"):
+        raise _fail("--instruction must end with <|endofprompt|>")
+    samples, sample_rate = _read_prompt(settings, wav)
+    extra = {"source_file": wav.name, **({"instruction": instruction.strip()} if instruction else {})}
+    files = make_voice_files(_load_backend(settings), samples, sample_rate, None, extra)
+    stored = DefaultPromptStore(settings.storage.default_prompt_dir).set(files)
+    click.echo(f"default prompt set from {wav} ({files.meta['duration_s']:.1f} s), stored in {stored.path}")
+
+
+@prompts.command("reset")
+@config_option
+@user_errors
+def prompts_reset(config_file: Path | None) -> None:
+    """Drop the prompt stored by set-default: the config's instruction and prompt_wav apply again."""
+    from cosyapp.voices import DefaultPromptStore
+
+    settings = load_settings(config_file)
+    if DefaultPromptStore(settings.storage.default_prompt_dir).clear():
+        click.echo("default prompt reset to the config's")
+    else:
+        click.echo("no default prompt was set; the config's is in use")
+
+
+@prompts.command("show")
+@config_option
+@user_errors
+def prompts_show(config_file: Path | None) -> None:
+    """Show the default instruction and prompt voice in effect, and where each comes from."""
+    from cosyapp.voices import DefaultPromptStore
+
+    settings = load_settings(config_file)
+    stored = DefaultPromptStore(settings.storage.default_prompt_dir).get()
+    config = f"config ({settings.source or 'built-in defaults'})"
+    if stored is not None and stored.meta.get("instruction"):
+        click.echo(f"instruction: {stored.meta['instruction']}  [from prompts set-default]")
+    else:
+        click.echo(f"instruction: {settings.defaults.instruction or '(none: cross-lingual)'}  [from {config}]")
+    if stored is not None:
+        click.echo(f"prompt_wav:  {stored.wav_path} ({stored.meta.get('duration_s', 0):.1f} s, "
+                   f"from {stored.meta.get('source_file', '?')})  [from prompts set-default]")
+    else:
+        path = settings.defaults.prompt_wav
+        click.echo(f"prompt_wav:  {path}{'' if path.is_file() else ' (MISSING)'}  [from {config}]")
+
+
+# ------------------------------------------------------------------------------------------ synth, play
+
+
+def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--instruction", help="speaking style; ends with <|endofprompt|> (added when missing)"),
+        click.option("--prompt-wav", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="voice to clone (uploaded)"),
+        click.option("--prompt-text", help="transcript of --prompt-wav (zero-shot mode)"),
+        click.option("--speaker", help="a registered speaker id instead of --prompt-wav"),
+        click.option("--url", envvar="COSYAPP_URL",
+                     help="service URL (default: $COSYAPP_URL, else http://127.0.0.1:<config port>)"),
+        config_option,
+    ]):
+        command = option(command)
+    return command
+
+
+def _service_url(url: str | None, config_file: Path | None) -> str:
+    return url or f"http://127.0.0.1:{load_settings(config_file).server.port}"
+
+
+@main.command()
+@click.argument("text")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="output file: .wav gets a WAV header, anything else is raw s16le PCM")
+@_client_options
+@user_errors
+def synth(text: str, output: Path, instruction: str | None, prompt_wav: Path | None, prompt_text: str | None,
+          speaker: str | None, url: str | None, config_file: Path | None) -> None:
+    """Synthesize TEXT with a running service and save it, writing audio as it streams in."""
+    import httpx
+
+    from cosyapp.audio import wav_header
+    from cosyapp.client.http import synthesize_stream
+
+    url = _service_url(url, config_file)
+    started = time.perf_counter()
+    first_audio_s = None
+    written = 0
+    with synthesize_stream(url, text, instruction=instruction, prompt_text=prompt_text, prompt_wav=prompt_wav,
+                           speaker=speaker) as audio, open(output, "wb") as f:
+        is_wav = output.suffix.lower() == ".wav"
+        if is_wav:
+            f.write(wav_header(audio.sample_rate, audio.channels, 0))  # sizes patched below
+        try:
+            for chunk in audio.chunks:
+                if first_audio_s is None:
+                    first_audio_s = time.perf_counter() - started
+                f.write(chunk)
+                written += len(chunk)
+        except httpx.HTTPError as e:
+            raise _fail(f"the stream broke after {written} bytes: {e}") from None
+        written -= written % (2 * audio.channels)  # a broken stream may end mid-sample
+        f.truncate((44 if is_wav else 0) + written)
+        if is_wav:
+            f.seek(0)
+            f.write(wav_header(audio.sample_rate, audio.channels, written))
+    seconds = written / (2 * audio.channels * audio.sample_rate)
+    click.echo(f"wrote {output}: {seconds:.2f} s at {audio.sample_rate} Hz "
+               f"(first audio after {first_audio_s or 0:.2f} s, total {time.perf_counter() - started:.2f} s)")
+
+
+@main.command()
+@click.argument("text")
+@click.option("--device", type=int, help="PyAudio output device index (default: the system default)")
+@_client_options
+@user_errors
+def play(text: str, device: int | None, instruction: str | None, prompt_wav: Path | None, prompt_text: str | None,
+         speaker: str | None, url: str | None, config_file: Path | None) -> None:
+    """Synthesize TEXT with a running service and play it through PyAudio as the bytes arrive."""
+    import httpx
+
+    from cosyapp.client.http import synthesize_stream
+    from cosyapp.client.player import PyAudioOutput, play_stream
+
+    url = _service_url(url, config_file)
+    with synthesize_stream(url, text, instruction=instruction, prompt_text=prompt_text, prompt_wav=prompt_wav,
+                           speaker=speaker) as audio:
+        output = PyAudioOutput(audio.sample_rate, audio.channels, device)
+        try:
+            seconds = play_stream(audio.chunks, audio.sample_rate, audio.channels, output=output)
+        except httpx.HTTPError as e:
+            raise _fail(f"the stream broke: {e}") from None
+    click.echo(f"played {seconds:.2f} s of audio", err=True)
+

@@ -1,0 +1,1 @@
+"""Client side: `http` (a small /synthesize client) and `player` (streaming PyAudio playback)."""

@@ -1,0 +1,260 @@
+"""Service configuration: `config.toml` -> frozen dataclasses, with COSYAPP_* environment overrides.
+
+Precedence, lowest first: the defaults below, the config file, environment variables
+`COSYAPP_<SECTION>_<KEY>` (e.g. `COSYAPP_SERVER_PORT=8080`, `COSYAPP_ENGINE_MAX_CONCURRENT=4`), then CLI flags
+(`cosyapp serve --port ...`, applied by the caller with `dataclasses.replace`).
+
+Relative paths are resolved against the directory of the file that set them: the config file's folder for
+file values, the current directory for environment values, the project root for built-in defaults. Every
+problem raises `ConfigError` with a message that names the key, so a bad config stops startup clearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "config.toml"
+ENV_PREFIX = "COSYAPP_"
+# Variables with the prefix that are not config keys (the config file itself, the client's service URL).
+ENV_NOT_KEYS = {"COSYAPP_CONFIG", "COSYAPP_URL"}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # spellings of booleans in variables
+
+DEFAULT_INSTRUCTION = "你是一位热情友好的餐馆店员,说话温柔亲切,语气礼貌专业。<|endofprompt|>"
+
+
+class ConfigError(ValueError):
+    """A config file or environment variable is invalid. The message names the key."""
+
+
+def _rule(**kwargs: Any) -> dict[str, Any]:
+    """Validation rules stored in a field's metadata: min, max (numbers), choices and pattern (strings)."""
+    return kwargs
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = field(default=50000, metadata=_rule(min=1, max=65535))
+    log_level: str = field(default="info", metadata=_rule(choices=("debug", "info", "warning", "error")))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    backend: str = "cosyvoice2"  # checked against the backend registry in `_check_backend`
+    model_dir: Path = PROJECT_ROOT / "pretrained_models" / "CosyVoice2-0.5B"
+    device: str = field(default="auto", metadata=_rule(pattern=r"auto|cpu|cuda(:[0-9]+)?"))
+    dtype: str = field(default="auto", metadata=_rule(choices=("auto", "float32", "float16", "bfloat16")))
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_concurrent: int = field(default=2, metadata=_rule(min=1, max=256))
+    max_queue: int = field(default=8, metadata=_rule(min=0, max=10000))
+    retry_after_s: int = field(default=2, metadata=_rule(min=1, max=3600))
+    voice_cache_size: int = field(default=64, metadata=_rule(min=1, max=100000))
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_text_chars: int = field(default=2000, metadata=_rule(min=1, max=1_000_000))
+    max_upload_mb: float = field(default=10.0, metadata=_rule(min=0.01, max=1024.0))
+    min_prompt_s: float = field(default=0.5, metadata=_rule(min=0.0, max=600.0))
+    max_prompt_s: float = field(default=30.0, metadata=_rule(min=0.1, max=600.0))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class DefaultsSettings:
+    instruction: str = DEFAULT_INSTRUCTION
+    prompt_wav: Path = PROJECT_ROOT / "asset" / "zero_shot_prompt.wav"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = PROJECT_ROOT / "var"
+
+    @property
+    def speakers_dir(self) -> Path:
+        return self.data_dir / "speakers"
+
+    @property
+    def default_prompt_dir(self) -> Path:
+        return self.data_dir / "default_prompt"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    limits: LimitsSettings = LimitsSettings()
+    defaults: DefaultsSettings = DefaultsSettings()
+    storage: StorageSettings = StorageSettings()
+    # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
+    source: Path | None = None
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "model": ModelSettings,
+    "engine": EngineSettings,
+    "limits": LimitsSettings,
+    "defaults": DefaultsSettings,
+    "storage": StorageSettings,
+}
+
+
+def _field(section: str, key: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == key)
+
+
+def _convert(value: Any, type_name: str, where: str, base_dir: Path, from_env: bool) -> Any:
+    """Turn a TOML value (or an environment string) into the field's type; raise ConfigError naming `where`."""
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        word = value.strip().lower() if from_env and isinstance(value, str) else None
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if type_name == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if type_name == "float":
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif from_env and isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if type_name == "Path":
+        if not value.strip():
+            raise ConfigError(f"{where}: expected a path, got an empty string")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    return value
+
+
+def _check_rules(value: Any, rules: Mapping[str, Any], where: str) -> None:
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(f"{where}: must be >= {rules['min']}, got {value!r}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"{where}: must be <= {rules['max']}, got {value!r}")
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(rules['choices'])}; got {value!r}")
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+        raise ConfigError(f"{where}: must match {rules['pattern']}; got {value!r}")
+
+
+def _apply(values: dict[str, dict[str, Any]], section: str, key: str, raw: Any, where: str, base_dir: Path,
+           from_env: bool) -> None:
+    spec = _field(section, key)
+    # Annotations are strings under `from __future__ import annotations`: "int", "Path", ...
+    value = _convert(raw, str(spec.type), where, base_dir, from_env)
+    _check_rules(value, spec.metadata, where)
+    values.setdefault(section, {})[key] = value
+
+
+def _keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def _read_file(path: Path, values: dict[str, dict[str, Any]]) -> None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for key, raw in table.items():
+            if key not in _keys(section):
+                raise ConfigError(f"{path}: unknown key [{section}] {key}; known keys: {', '.join(_keys(section))}")
+            _apply(values, section, key, raw, f"{path}: [{section}] {key}", path.parent, from_env=False)
+
+
+def _read_env(env: Mapping[str, str], values: dict[str, dict[str, Any]]) -> None:
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section not in SECTIONS:
+            continue  # not ours (e.g. a variable of another tool that shares the prefix)
+        if key not in _keys(section):
+            raise ConfigError(f"environment variable {name}: unknown key [{section}] {key}; "
+                              f"known keys: {', '.join(_keys(section))}")
+        _apply(values, section, key, raw, f"environment variable {name} ([{section}] {key})", Path.cwd(),
+               from_env=True)
+
+
+def _check_backend(backend: str, where: str) -> None:
+    from cosyapp.engine.registry import backend_names
+
+    if backend not in backend_names():
+        raise ConfigError(f"{where}: unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
+
+
+def config_path(explicit: str | Path | None = None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file to read: the explicit one, else $COSYAPP_CONFIG, else the project's config.toml if present."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return Path(explicit).expanduser().resolve()
+    if env.get("COSYAPP_CONFIG"):
+        return Path(env["COSYAPP_CONFIG"]).expanduser().resolve()
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file (see `config_path`) and the COSYAPP_* environment. Raises ConfigError."""
+    env = os.environ if env is None else env
+    source = config_path(path, env)
+    values: dict[str, dict[str, Any]] = {}
+    if source is not None:
+        _read_file(source, values)
+    _read_env(env, values)
+    sections = {name: SECTIONS[name](**values.get(name, {})) for name in SECTIONS}
+    settings = Settings(**sections, source=source)
+    _check_backend(settings.model.backend, "[model] backend")
+    if settings.limits.min_prompt_s >= settings.limits.max_prompt_s:
+        raise ConfigError(f"[limits] min_prompt_s ({settings.limits.min_prompt_s}) must be below "
+                          f"max_prompt_s ({settings.limits.max_prompt_s})")
+    return settings

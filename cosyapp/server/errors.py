@@ -1,0 +1,61 @@
+"""Every error leaves the service as JSON `{"detail": "..."}` with a 4xx/5xx status, never as a stack trace.
+
+Routes raise `ApiError` (or `InputError`, whose message is written for the client); the handlers below turn
+those, Starlette's own HTTP errors (404, 405, a malformed multipart body) and `EngineBusy` into JSON.
+Anything unexpected becomes a 500 whose traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from cosyapp.engine.scheduler import EngineBusy
+from cosyapp.engine.types import InputError
+
+class ApiError(Exception):
+    """An error answered to the client as `{"detail": detail}` with this status and headers."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def as_api_error(exc: Exception) -> ApiError | None:
+    """The client-facing form of an expected error; None for unexpected ones (bugs -> 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InputError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, EngineBusy):
+        return ApiError(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, HTTPException):
+        return ApiError(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    return None
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+async def _expected(request: Request, exc: Exception) -> JSONResponse:
+    error = as_api_error(exc)
+    assert error is not None
+    return error_response(error)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises after this handler, so uvicorn logs the traceback server-side.
+    return JSONResponse({"detail": "internal server error; see the service log"}, status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: _expected,
+    InputError: _expected,
+    EngineBusy: _expected,
+    HTTPException: _expected,
+    Exception: _unexpected,
+}

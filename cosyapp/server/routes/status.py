@@ -1,0 +1,62 @@
+"""GET /health, /model_info (the seed's fields plus the audio format, modes and speakers) and /stats."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from cosyapp.audio import SAMPLE_FORMAT
+from cosyapp.server.errors import ApiError, error_response
+from cosyapp.server.state import ServiceState
+
+USAGE = "Use /synthesize endpoint with 'instruction' parameter (CosyVoice2/3)"
+
+
+async def health(request: Request) -> JSONResponse:
+    state: ServiceState = request.app.state.service
+    if state.status == "ok" and state.engine is not None:
+        return JSONResponse({"status": "ok", "model_type": state.engine.info.model_type})
+    body = {"status": state.status}
+    if state.error:
+        body["detail"] = state.error
+    return JSONResponse(body, status_code=503)
+
+
+async def model_info(request: Request) -> JSONResponse:
+    state: ServiceState = request.app.state.service
+    try:
+        engine = state.ready_engine()
+    except ApiError as e:
+        return error_response(e)
+    info = engine.info
+    return JSONResponse({
+        "model_type": info.model_type,
+        "model_dir": info.model_dir,
+        "default_instruction": state.default_instruction(engine),
+        "usage": USAGE,
+        "endpoint": "/synthesize",
+        "sample_rate": info.sample_rate,
+        "channels": 1,
+        "sample_format": SAMPLE_FORMAT,
+        "formats": ["pcm", "wav"],
+        "modes": list(info.modes),
+        "speakers": state.speakers.ids(),
+    })
+
+
+async def stats(request: Request) -> JSONResponse:
+    """Engine counters (requests admitted/rejected/cancelled, active streams, audio produced)."""
+    state: ServiceState = request.app.state.service
+    try:
+        engine = state.ready_engine()
+    except ApiError as e:
+        return error_response(e)
+    return JSONResponse(engine.snapshot())
+
+
+routes = [
+    Route("/health", health, methods=["GET"]),
+    Route("/model_info", model_info, methods=["GET"]),
+    Route("/stats", stats, methods=["GET"]),
+]

@@ -1,0 +1,279 @@
+"""POST /synthesize: the seed's streaming endpoint.
+
+Form fields (multipart/form-data, or application/x-www-form-urlencoded when no file is sent):
+    text (required), instruction, prompt_text, prompt_wav (file), speaker (a registered id), format (pcm|wav)
+Mode (docs/ARCHITECTURE.md): instruction -> instruct2; else prompt_text -> zero_shot; else a speaker ->
+zero_shot with its stored transcript (cross_lingual when it has none); else prompt_wav -> cross_lingual;
+else the configured default instruction (instruct2) with the default prompt voice.
+
+Everything that can be checked is checked before the first byte, including the first chunk of audio: the
+answer is then either a 4xx/5xx JSON `{"detail": ...}` or a 200 whose body is raw PCM s16le mono at the
+backend's rate, streamed as the backend produces it. One log line per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from cosyapp.audio import pcm_headers, to_s16le, wav_header
+from cosyapp.config import LimitsSettings
+from cosyapp.engine.scheduler import Engine, SynthesisStream
+from cosyapp.engine.types import Mode, SynthesisRequest, Voice
+from cosyapp.server.errors import ApiError, as_api_error, error_response
+from cosyapp.server.state import ServiceState
+
+log = logging.getLogger("cosyapp.request")
+
+FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+FORMATS = {"pcm": "application/octet-stream", "wav": "audio/wav"}
+END_OF_PROMPT = "<|endofprompt|>"
+# Room for the text fields and multipart framing on top of the largest allowed upload.
+FIELDS_ALLOWANCE = 256 * 1024
+FIELD_PART_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SynthesisForm:
+    text: str
+    instruction: str | None
+    prompt_text: str | None
+    prompt_wav: bytes | None
+    speaker: str | None
+    format: str
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """A `receive` that refuses request bodies over `limit` bytes while they are read (chunked uploads)."""
+    received = 0
+
+    async def receive_limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise ApiError(413, f"request body too large: the limit is {limit // 1024} KiB")
+        return message
+
+    return receive_limited
+
+
+async def read_form(request: Request, limits: LimitsSettings) -> SynthesisForm:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in FORM_TYPES:
+        raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
+                            "(or application/x-www-form-urlencoded) with at least a 'text' field")
+    limit = limits.max_upload_bytes + FIELDS_ALLOWANCE
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body too large: {int(declared) // 1024} KiB, the limit is {limit // 1024} KiB")
+    limited = Request(request.scope, _limited(request.receive, limit))
+    form = await limited.form(max_files=1, max_fields=2 * len(FIELDS), max_part_size=FIELD_PART_LIMIT)
+    try:
+        return await _parse_form(form, limits)
+    finally:
+        await form.close()
+
+
+def _one(form: FormData, name: str) -> str | UploadFile | None:
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"field {name!r} was given {len(values)} times")
+    return values[0] if values else None
+
+
+def _text_field(form: FormData, name: str, limits: LimitsSettings) -> str | None:
+    value = _one(form, name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"field {name!r} must be a plain form field, not a file")
+    value = value.strip()
+    if len(value) > limits.max_text_chars:
+        raise ApiError(400, f"{name} is too long: {len(value)} characters, the limit is {limits.max_text_chars}")
+    return value or None
+
+
+async def _parse_form(form: FormData, limits: LimitsSettings) -> SynthesisForm:
+    unknown = sorted(set(form.keys()) - set(FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}")
+    if _one(form, "text") is None:
+        raise ApiError(400, "missing required field 'text'")
+    text = _text_field(form, "text", limits)
+    if text is None:
+        raise ApiError(400, "text is empty")
+    upload = _one(form, "prompt_wav")
+    prompt_wav = None
+    if isinstance(upload, str):
+        raise ApiError(400, "prompt_wav must be a file upload (curl: -F prompt_wav=@voice.wav)")
+    if isinstance(upload, UploadFile):
+        prompt_wav = await upload.read()
+        if len(prompt_wav) > limits.max_upload_bytes:
+            raise ApiError(413, f"prompt_wav is too large: {len(prompt_wav) / 2**20:.1f} MiB, "
+                                f"the limit is {limits.max_upload_mb:g} MiB")
+        if not prompt_wav:
+            raise ApiError(400, "prompt_wav is empty")
+    speaker = _text_field(form, "speaker", limits)
+    if speaker is not None and prompt_wav is not None:
+        raise ApiError(400, "give either 'speaker' or 'prompt_wav', not both")
+    audio_format = (_text_field(form, "format", limits) or "pcm").lower()
+    if audio_format not in FORMATS:
+        raise ApiError(400, f"format must be one of {', '.join(FORMATS)}; got {audio_format!r}")
+    return SynthesisForm(text=text, instruction=_text_field(form, "instruction", limits),
+                         prompt_text=_text_field(form, "prompt_text", limits), prompt_wav=prompt_wav,
+                         speaker=speaker, format=audio_format)
+
+
+def choose_mode(form: SynthesisForm, speaker_text: str | None, default_instruction: str
+                ) -> tuple[Mode, str | None, str | None]:
+    """(mode, instruction, prompt_text) by the rules in the module docstring."""
+    if form.instruction:
+        instruction = form.instruction if form.instruction.endswith(END_OF_PROMPT) else form.instruction + END_OF_PROMPT
+        return Mode.INSTRUCT2, instruction, None
+    if form.prompt_text:
+        return Mode.ZERO_SHOT, None, form.prompt_text
+    if form.speaker:
+        return (Mode.ZERO_SHOT, None, speaker_text) if speaker_text else (Mode.CROSS_LINGUAL, None, None)
+    if form.prompt_wav is None and default_instruction:
+        return Mode.INSTRUCT2, default_instruction, None
+    return Mode.CROSS_LINGUAL, None, None
+
+
+class RequestRecord:
+    """Timing of one request, written as one log line when it ends (however it ends)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.id = request_id
+        self.started = time.perf_counter()
+        self.mode = "-"
+        self.text_chars = 0
+        self.ttfb_s: float | None = None
+        self.audio_samples = 0
+        self.sample_rate = 0
+        self._done = False
+
+    def finish(self, status: int, result: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        wall_s = time.perf_counter() - self.started
+        audio_s = self.audio_samples / self.sample_rate if self.sample_rate else 0.0
+        ttfb = f"{1000 * self.ttfb_s:.0f}" if self.ttfb_s is not None else "-"
+        rtf = f"{wall_s / audio_s:.3f}" if audio_s > 0 else "-"
+        log.info("request id=%s status=%d mode=%s text_chars=%d ttfb_ms=%s audio_s=%.2f wall_s=%.2f rtf=%s result=%s",
+                 self.id, status, self.mode, self.text_chars, ttfb, audio_s, wall_s, rtf, result)
+
+
+class AudioStreamResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however the response ends, even when the client left before
+    the body started (Starlette then never starts the body iterator, so its `finally` would not run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._on_close()
+
+
+async def _stream_body(stream: SynthesisStream, first: bytes, audio_format: str, record: RequestRecord
+                       ) -> AsyncIterator[bytes]:
+    result = "ok"
+    try:
+        if audio_format == "wav":
+            yield wav_header(record.sample_rate)
+        yield first
+        async for chunk in stream:
+            record.audio_samples += chunk.shape[0]
+            yield to_s16le(chunk)
+    except Exception as e:  # after the first byte the status is sent: end the stream early, log why
+        result = f"failed({type(e).__name__}: {e})"
+        log.error("request id=%s failed mid-stream", record.id, exc_info=e)
+    except BaseException:  # the client went away (task cancelled) or the generator was closed
+        result = "cancelled"
+        raise
+    finally:
+        stream.cancel()
+        record.finish(200, result)
+
+
+async def _voice_and_mode(state: ServiceState, form: SynthesisForm, engine: Engine
+                          ) -> tuple[Voice, Mode, str | None, str | None]:
+    speaker_text = None
+    if form.speaker is not None:
+        voice, stored = await state.speaker_voice(engine, form.speaker)
+        speaker_text = stored.text
+    elif form.prompt_wav is not None:
+        voice = await state.upload_voice(engine, form.prompt_wav)
+    else:
+        voice = await state.default_voice(engine)
+    mode, instruction, prompt_text = choose_mode(form, speaker_text, state.default_instruction(engine))
+    if mode.value not in engine.info.modes:
+        raise ApiError(400, f"the {engine.info.model_type} model does not support the {mode.value} mode; "
+                            f"supported: {', '.join(engine.info.modes)}")
+    if mode is Mode.ZERO_SHOT:
+        voice = replace(voice, text=prompt_text)
+    return voice, mode, instruction, prompt_text
+
+
+async def synthesize(request: Request) -> Response:
+    state: ServiceState = request.app.state.service
+    record = RequestRecord(uuid.uuid4().hex[:12])
+    headers = {"X-Request-Id": record.id}
+    stream: SynthesisStream | None = None
+    try:
+        engine = state.ready_engine()
+        form = await read_form(request, state.settings.limits)
+        record.text_chars = len(form.text)
+        record.sample_rate = engine.info.sample_rate
+        admission = engine.admit()
+        try:
+            voice, mode, instruction, prompt_text = await _voice_and_mode(state, form, engine)
+            record.mode = mode.value
+            synthesis = SynthesisRequest(text=form.text, voice=voice, mode=mode, instruction=instruction,
+                                         prompt_text=prompt_text)
+            stream = await engine.start(synthesis, admission)
+        except BaseException:
+            admission.release()  # start() never ran or failed: give the place back
+            raise
+        first_chunk = await anext(stream, None)  # backend errors up to here still become a 4xx
+        record.ttfb_s = time.perf_counter() - record.started
+        if first_chunk is None:
+            raise ApiError(400, "the text produced no audio (is there anything speakable in it?)")
+        record.audio_samples += first_chunk.shape[0]
+    except Exception as e:
+        if stream is not None:
+            stream.cancel()
+        error = as_api_error(e)
+        if error is None:
+            record.finish(500, f"error({type(e).__name__})")
+            raise
+        record.finish(error.status_code, f"rejected({error.detail})")
+        return error_response(ApiError(error.status_code, error.detail, {**error.headers, **headers}))
+
+    headers.update(pcm_headers(engine.info.sample_rate))
+    return AudioStreamResponse(
+        _stream_body(stream, to_s16le(first_chunk), form.format, record),
+        on_close=lambda: (stream.cancel(), record.finish(200, "cancelled")),
+        media_type=FORMATS[form.format],
+        headers=headers,
+    )
+
+
+routes = [Route("/synthesize", synthesize, methods=["POST"])]
