@@ -28,6 +28,8 @@ setup(
     extras_require={
         "client": ["pyaudio"],
         "hub": ["huggingface_hub", "modelscope"],
+        # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
+        "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
         "dev": ["pytest", "pytest-timeout", "onnx"],
     },

@@ -8,8 +8,7 @@
 #
 # Environment:
 #   PYTHON            interpreter for the venv (default: python3; 3.10 or newer)
-#   TORCH_INDEX_URL   where the torch wheels come from (default: PyPI on a machine with an NVIDIA driver,
-#                     the PyTorch CPU index otherwise, falling back to PyPI)
+#   TORCH_INDEX_URL   a package index to take the torch wheels from (default: pip's configured index)
 #   COSYAPP_NO_DOWNLOAD=1   with --serve: do not try to download the real model
 # Installing system packages needs root or passwordless sudo; without them it warns and goes on.
 set -euo pipefail
@@ -66,21 +65,14 @@ fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
 if ! .venv/bin/python -c 'import torch, torchaudio, sys; sys.exit(not (torch.__version__.startswith("2.11.0") and torchaudio.__version__.startswith("2.11.0")))' 2>/dev/null; then
-  if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
-    say "installing torch 2.11.0 from $TORCH_INDEX_URL"
-    "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0 --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple
-  elif command -v nvidia-smi >/dev/null; then
-    say "installing torch 2.11.0 (CUDA build from PyPI)"
-    "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0
-  else
-    say "installing torch 2.11.0 (CPU build; no NVIDIA driver found)"
-    "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0 --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple \
-      || "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0
-  fi
+  say "installing torch 2.11.0 + torchaudio 2.11.0${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-say "installing cosyapp (editable) with the client, dev and hub extras"
-"${PIP[@]}" -e ".[client,dev,hub]"
+say "installing cosyapp (editable) with the client, dev, hub and textnorm extras"
+"${PIP[@]}" -e ".[client,dev,hub,textnorm]"
+# The wetext text frontend reads the TN grammars (FST files) shipped in WeTextProcessing; its own
+# dependency (pynini, for building grammars) is not needed to read them.
+"${PIP[@]}" --no-deps wetextprocessing==1.2.0
 echo "setup done: $(.venv/bin/cosyapp --version), tests: .venv/bin/python -m pytest -q tests"
 
 [[ $SERVE -eq 1 ]] || exit 0

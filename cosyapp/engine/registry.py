@@ -30,9 +30,11 @@ def _module(name: str):
     return importlib.import_module(module_name)
 
 
-def load_backend(name: str, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Backend:
-    """Load a backend from a model directory in its official layout. Raises ModelFileError naming a bad file."""
-    return _module(name).load(Path(model_dir), device=device, dtype=dtype)
+def load_backend(name: str, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+                 max_streams: int = 8) -> Backend:
+    """Load a backend from a model directory in its official layout, sized for `max_streams` concurrent
+    streams. Raises ModelFileError naming a bad file."""
+    return _module(name).load(Path(model_dir), device=device, dtype=dtype, max_streams=max_streams)
 
 
 def verify_model_dir(name: str, model_dir: str | Path) -> list[str]:

@@ -43,11 +43,12 @@ class ServiceState:
         model = self.settings.model
         started = time.perf_counter()
         try:
-            backend = await asyncio.to_thread(load_backend, model.backend, model.model_dir, model.device, model.dtype)
+            engine_settings = self.settings.engine
+            backend = await asyncio.to_thread(load_backend, model.backend, model.model_dir, model.device, model.dtype,
+                                              engine_settings.max_concurrent)
             info = backend.info()
             log.info("Loaded model type: %s from %s (%.1f s)", info.model_type, info.model_dir,
                      time.perf_counter() - started)
-            engine_settings = self.settings.engine
             self.engine = Engine(backend, engine_settings.max_concurrent, engine_settings.max_queue,
                                  engine_settings.retry_after_s, engine_settings.voice_cache_size)
             if model.warmup:
