@@ -6,6 +6,10 @@ the positional indices of upstream's `nn.Sequential`s. `forward` has the signatu
 export (x, mask, mu, t, spks, cond) and no control flow on tensor values, so it exports (and can be swapped
 for a TensorRT engine) as is. With one entry in `channels` (every released config) the U-Net does not
 change the time resolution: down, mid and up blocks all run at the mel frame rate.
+
+With a `ChunkCache` (chunk masks only), `forward` takes just the frames after the cached prefix: attention
+reads the cached keys/values, every causal convolution its cached left context. One cache per Euler step,
+since the activations differ from step to step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
 from cosyapp.backends.cosyvoice2.config import EstimatorConfig
 from cosyapp.backends.cosyvoice2.flow_encoder import chunk_attention_mask
 
@@ -40,10 +45,12 @@ class TimestepEmbedding(nn.Module):
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d that pads kernel_size-1 zeros on the left, so frame i sees frames <= i only."""
+    """Conv1d that pads kernel_size-1 zeros on the left, so frame i sees frames <= i only.
+    With `cache`, the left context is the cached end of the previous frames instead."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x: torch.Tensor, cache: ChunkCache | None = None) -> torch.Tensor:
+        left = self.kernel_size[0] - 1
+        return super().forward(F.pad(x, (left, 0)) if cache is None else cache.conv_input(self, x, left))
 
 
 class ChannelsLast(nn.Module):
@@ -60,8 +67,12 @@ class CausalBlock1D(nn.Module):
         self.block = nn.Sequential(
             CausalConv1d(dim, dim_out, 3), ChannelsLast(), nn.LayerNorm(dim_out), ChannelsLast(), nn.Mish())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.block(x * mask) * mask
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: ChunkCache | None = None) -> torch.Tensor:
+        conv, *rest = self.block
+        h = conv(x * mask, cache)
+        for layer in rest:
+            h = layer(h)
+        return h * mask
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -72,9 +83,10 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask) + self.mlp(time_emb).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor,
+                cache: ChunkCache | None = None) -> torch.Tensor:
+        h = self.block1(x, mask, cache) + self.mlp(time_emb).unsqueeze(-1)
+        return self.block2(h, mask, cache) + self.res_conv(x * mask)
 
 
 class Attention(nn.Module):
@@ -87,12 +99,14 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(n_heads * head_dim, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C]; bias additive, broadcastable to [B, heads, T, T]."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: ChunkCache | None = None) -> torch.Tensor:
+        """x [B, T, C]; bias additive, broadcastable to [B, heads, T, T] ([.., T, cached + T] with `cache`)."""
         b, t, _ = x.shape
         q = self.to_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.to_k(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.to_v(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.extend_kv(self, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
@@ -126,8 +140,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: ChunkCache | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), bias, cache)
         return x + self.ff(self.norm3(x))
 
 
@@ -158,37 +172,51 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(dim, dim)
         self.final_proj = nn.Conv1d(dim, config.out_channels, 1)
 
-    def attention_bias(self, mask: torch.Tensor, streaming: bool) -> torch.Tensor:
+    def attention_bias(self, mask: torch.Tensor, streaming: bool, cache: ChunkCache | None = None) -> torch.Tensor:
         """Additive attention bias from the frame mask [B, 1, T]: 0 where visible, -1e10 where not
-        ([B, 1, T, T] with chunk masking, else [B, 1, 1, T])."""
-        visible = mask.unsqueeze(1)
-        if streaming:
-            visible = visible * chunk_attention_mask(mask.size(-1), self.static_chunk_size, mask.device).to(mask.dtype)
-        return (1.0 - visible) * -1.0e10
+        ([B, 1, T, T] with chunk masking, else [B, 1, 1, T]). With `cache` the T frames follow the cached
+        ones, which are all valid: [B, 1, T, cached + T].
+
+        `where` rather than upstream's (1 - visible) * -1e10: the same float32 values, and no 0 * inf = NaN
+        when a float16 export rounds -1e10 to -inf."""
+        visible = mask.unsqueeze(1) > 0
+        if cache is not None:
+            visible = torch.cat([visible.new_ones(*visible.shape[:-1], cache.length), visible], dim=-1)
+            visible = visible & chunk_attention_mask(cache.length + mask.size(-1), self.static_chunk_size,
+                                                     mask.device, start=cache.length)
+        elif streaming:
+            visible = visible & chunk_attention_mask(mask.size(-1), self.static_chunk_size, mask.device)
+        return torch.where(visible, 0.0, -1.0e10).to(mask.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
-                cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]."""
+                cond: torch.Tensor, streaming: bool = False, cache: ChunkCache | None = None) -> torch.Tensor:
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T].
+
+        `cache` (streaming only; the caller brackets the call with cache.begin/commit): the T frames follow
+        the cached ones."""
+        if cache is not None and not streaming:
+            raise ValueError("an estimator cache needs streaming=True: full attention cannot reuse earlier chunks")
         time_emb = self.time_mlp(timestep_features(t, self.in_channels).to(t.dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
-        bias = self.attention_bias(mask, streaming)
+        bias = self.attention_bias(mask, streaming, cache)
 
         resnet, transformers, conv = self.down_blocks[0]
-        h = self._resnet_and_attend(resnet, transformers, h, mask, time_emb, bias)
+        h = self._resnet_and_attend(resnet, transformers, h, mask, time_emb, bias, cache)
         skip = h
-        h = conv(h * mask)
+        h = conv(h * mask, cache)
         for resnet, transformers in self.mid_blocks:
-            h = self._resnet_and_attend(resnet, transformers, h, mask, time_emb, bias)
+            h = self._resnet_and_attend(resnet, transformers, h, mask, time_emb, bias, cache)
         resnet, transformers, conv = self.up_blocks[0]
-        h = self._resnet_and_attend(resnet, transformers, torch.cat([h, skip], dim=1), mask, time_emb, bias)
-        h = conv(h * mask)
-        h = self.final_block(h, mask)
+        h = self._resnet_and_attend(resnet, transformers, torch.cat([h, skip], dim=1), mask, time_emb, bias, cache)
+        h = conv(h * mask, cache)
+        h = self.final_block(h, mask, cache)
         return self.final_proj(h * mask) * mask
 
     @staticmethod
     def _resnet_and_attend(resnet: CausalResnetBlock1D, transformers: nn.ModuleList, h: torch.Tensor,
-                           mask: torch.Tensor, time_emb: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        h = resnet(h, mask, time_emb).transpose(1, 2)
+                           mask: torch.Tensor, time_emb: torch.Tensor, bias: torch.Tensor,
+                           cache: ChunkCache | None) -> torch.Tensor:
+        h = resnet(h, mask, time_emb, cache).transpose(1, 2)
         for block in transformers:
-            h = block(h, bias)
+            h = block(h, bias, cache)
         return h.transpose(1, 2)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, FlowConfig
 from cosyapp.backends.cosyvoice2.estimator import CausalConditionalDecoder
 from cosyapp.backends.cosyvoice2.flow_encoder import UpsampleConformerEncoder
@@ -53,12 +54,19 @@ class CausalFlowMatching(nn.Module):
         self.register_buffer("noise", fixed_noise(n_mels), persistent=False)
 
     def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                streaming: bool = False) -> torch.Tensor:
-        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T] (float32)."""
+                streaming: bool = False, start: int = 0, caches: list[ChunkCache] | None = None) -> torch.Tensor:
+        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T] (float32).
+
+        `start` is the absolute index of the first frame (it selects the noise); `caches` (streaming only)
+        holds one estimator cache per Euler step, for frames that follow `start` cached ones.
+        """
         b, _, frames = mu.shape
-        if frames > self.noise.size(2):
-            raise ValueError(f"flow input of {frames} mel frames exceeds the {self.noise.size(2)}-frame noise buffer")
-        x = self.noise[:, :, :frames].to(mu.dtype).expand(b, -1, -1)
+        if start + frames > self.noise.size(2):
+            raise ValueError(f"flow input up to mel frame {start + frames} exceeds the {self.noise.size(2)}-frame "
+                             "noise buffer")
+        if caches is not None and len(caches) != self.n_timesteps:
+            raise ValueError(f"{len(caches)} estimator caches for {self.n_timesteps} Euler steps")
+        x = self.noise[:, :, start:start + frames].to(mu.dtype).expand(b, -1, -1)
         # One estimator batch per step: rows [0, B) conditional, rows [B, 2B) with mu/spks/cond zeroed.
         mask_in = torch.cat([mask, mask])
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
@@ -68,7 +76,11 @@ class CausalFlowMatching(nn.Module):
         # t advances by dt and the next dt is measured from that t, exactly as upstream accumulates it.
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, self.n_timesteps + 1):
-            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in, streaming)
+            if caches is None:
+                v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in, streaming)
+            else:
+                v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in, streaming,
+                                   caches[step - 1])
             v_cond, v_uncond = v[:b], v[b:]
             x = x + dt * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
             t = t + dt
@@ -137,12 +149,19 @@ class CosyVoice2Flow(nn.Module):
     def _check_shapes(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                       embedding: torch.Tensor, finalize: bool) -> None:
         cfg = self.config
-        if token.dim() != 2 or token.size(0) != 1 or prompt_token.dim() != 2 or prompt_token.size(0) != 1:
-            raise ValueError(f"token {tuple(token.shape)} and prompt_token {tuple(prompt_token.shape)} must be [1, n]")
+        if token.dim() != 2 or token.size(0) != 1:
+            raise ValueError(f"token {tuple(token.shape)} must be [1, n]")
+        self.check_prompt(prompt_token, prompt_feat, embedding)
+        if not finalize and token.size(1) <= cfg.pre_lookahead_len:
+            raise ValueError(f"a non-final call needs more than {cfg.pre_lookahead_len} tokens, got {token.size(1)}")
+
+    def check_prompt(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor, embedding: torch.Tensor) -> None:
+        """ValueError unless prompt_token is [1, P], prompt_feat [1, 2P, 80] and embedding [1, 192]."""
+        cfg = self.config
+        if prompt_token.dim() != 2 or prompt_token.size(0) != 1:
+            raise ValueError(f"prompt_token {tuple(prompt_token.shape)} must be [1, n]")
         if prompt_feat.shape != (1, cfg.token_mel_ratio * prompt_token.size(1), cfg.output_size):
             raise ValueError(f"prompt_feat {tuple(prompt_feat.shape)} must be "
                              f"[1, {cfg.token_mel_ratio} * {prompt_token.size(1)}, {cfg.output_size}]")
         if embedding.shape != (1, cfg.spk_embed_dim):
             raise ValueError(f"embedding {tuple(embedding.shape)} must be [1, {cfg.spk_embed_dim}]")
-        if not finalize and token.size(1) <= cfg.pre_lookahead_len:
-            raise ValueError(f"a non-final call needs more than {cfg.pre_lookahead_len} tokens, got {token.size(1)}")

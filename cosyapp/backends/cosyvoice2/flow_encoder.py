@@ -4,24 +4,31 @@ then more conformer layers (upstream `UpsampleConformerEncoder`).
 Module and parameter names follow the `encoder.*` keys of the official `flow.pt`.
 Streaming uses block-causal chunk masks: a position sees its own chunk and every chunk to its left.
 The chunk grid starts at absolute position 0 of the sequence, prompt included.
+
+With an `EncoderCache` (streaming only), `forward` takes just the tokens after the cached prefix: attention
+reads the cached keys/values, the causal convolutions their cached left context (see chunk_cache.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
 from cosyapp.backends.cosyvoice2.config import EncoderConfig
 
 
-def chunk_attention_mask(length: int, chunk_size: int, device: torch.device) -> torch.Tensor:
-    """Bool [length, length], True where query i may attend key j: j lies in i's chunk or an earlier one."""
-    position = torch.arange(length, device=device)
-    chunk_end = (torch.div(position, chunk_size, rounding_mode="floor") + 1) * chunk_size
-    return position.unsqueeze(0) < chunk_end.unsqueeze(1)
+def chunk_attention_mask(length: int, chunk_size: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """Bool [length - start, length], True where query i (positions start..length-1) may attend key j
+    (positions 0..length-1): j lies in i's chunk or an earlier one."""
+    keys = torch.arange(length, device=device)
+    queries = torch.arange(start, length, device=device)
+    chunk_end = (torch.div(queries, chunk_size, rounding_mode="floor") + 1) * chunk_size
+    return keys.unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
 def relative_position_table(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -46,6 +53,19 @@ def relative_shift(scores: torch.Tensor) -> torch.Tensor:
     *batch, t, width = scores.shape
     padded = F.pad(scores, (1, 0)).view(*batch, width + 1, t)
     return padded[..., 1:, :].reshape(*batch, t, width)[..., :t]
+
+
+def relative_shift_rows(scores: torch.Tensor, keys: int) -> torch.Tensor:
+    """[..., n, keys+n-1] scores of the last n of `keys` positions against offsets (keys-1) .. -(n-1)
+    -> [..., n, keys] scores against key positions 0..keys-1.
+
+    Query r sits at position keys-n+r, so key j has offset keys-n+r-j, i.e. column n-1-r+j: each row starts
+    one column further left than the row above, which is a strided view with row stride width-1.
+    """
+    scores = scores.contiguous()
+    *batch, n, width = scores.shape
+    strides = scores.stride()
+    return scores.as_strided((*batch, n, keys), (*strides[:-2], width - 1, 1), scores.storage_offset() + n - 1)
 
 
 class LinearEmbed(nn.Module):
@@ -74,21 +94,52 @@ class RelPositionAttention(nn.Module):
         self.linear_pos = nn.Linear(dim, dim, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+        # linear_pos of the position table, [1, heads, 2L-1, head_dim]: it depends on the offset only, so
+        # streams share it; grown on demand by the cached path. Not a buffer: not in flow.pt.
+        self._projected_positions: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, pos_table: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, D], pos_table [1, 2T-1, D], mask bool [T, T] (True = visible) or None for full attention."""
+    def forward(self, x: torch.Tensor, pos_table: torch.Tensor | None, mask: torch.Tensor | None,
+                cache: ChunkCache | None = None) -> torch.Tensor:
+        """x [B, T, D], pos_table [1, 2T-1, D], mask bool [T, T] (True = visible) or None for full attention.
+
+        With `cache`, x holds the T positions after the cached ones, mask is [T, cached + T] and pos_table
+        is unused.
+        """
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.n_heads, self.head_dim)
         k = self.linear_k(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.extend_kv(self, k, v)
         content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)
-        position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
+        if cache is None:
+            p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
+            position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
+        else:
+            p = self.projected_positions(k.size(2), t)
+            position = relative_shift_rows((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1), k.size(2))
         scores = (content + position) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
         return self.linear_out(out.transpose(1, 2).reshape(b, t, -1))
+
+    def projected_positions(self, keys: int, queries: int) -> torch.Tensor:
+        """linear_pos of the position embeddings for offsets (keys-1) .. -(queries-1): [1, heads, keys+queries-1,
+        head_dim], a view into a table kept on the module and grown by doubling."""
+        needed = max(keys, queries)
+        table, weight = self._projected_positions, self.linear_pos.weight
+        if table is None or table.device != weight.device or table.dtype != weight.dtype:
+            table = None
+        if table is None or table.size(2) < 2 * needed - 1:
+            length = needed if table is None else max(needed, table.size(2))
+            positions = relative_position_table(length, weight.size(1), weight.device, weight.dtype)
+            with torch.no_grad():  # shared by every stream: never part of an autograd graph
+                table = self.linear_pos(positions).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
+            table = table.contiguous()
+            self._projected_positions = table
+        center = (table.size(2) + 1) // 2  # index k holds offset center-1-k
+        return table[:, :, center - keys:center + queries - 1]
 
 
 class FeedForward(nn.Module):
@@ -111,8 +162,9 @@ class ConformerLayer(nn.Module):
         self.norm_mha = nn.LayerNorm(dim, eps=1e-12)
         self.norm_ff = nn.LayerNorm(dim, eps=1e-12)
 
-    def forward(self, x: torch.Tensor, pos_table: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.norm_mha(x), pos_table, mask)
+    def forward(self, x: torch.Tensor, pos_table: torch.Tensor | None, mask: torch.Tensor | None,
+                cache: ChunkCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_mha(x), pos_table, mask, cache)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -126,14 +178,16 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(dim, dim, kernel_size=lookahead + 1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, D]; context [B, <=lookahead, D] holds the embedded tokens after x, None at the end of speech."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: ChunkCache | None = None) -> torch.Tensor:
+        """x [B, T, D]; context [B, <=lookahead, D] holds the embedded tokens after x, None at the end of speech.
+        conv1 only looks right, so with `cache` only conv2 needs the positions before x."""
         h = x.transpose(1, 2)
         if context is not None:
             h = torch.cat([h, context.transpose(1, 2)], dim=2)
         h = F.pad(h, (0, self.lookahead + x.size(1) - h.size(2)))
         h = F.leaky_relu(self.conv1(h), negative_slope=0.01)
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
+        left = self.conv2.kernel_size[0] - 1
+        h = self.conv2(F.pad(h, (left, 0)) if cache is None else cache.conv_input(self.conv2, h, left))
         return h.transpose(1, 2) + x
 
 
@@ -145,10 +199,34 @@ class UpsampleConv(nn.Module):
         self.factor = factor
         self.conv = nn.Conv1d(dim, dim, kernel_size=2 * factor + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, D, T] -> [B, D, factor*T]."""
+    def forward(self, x: torch.Tensor, cache: ChunkCache | None = None) -> torch.Tensor:
+        """x [B, D, T] -> [B, D, factor*T]; `cache` (at the up-sampled rate) holds the left context."""
         h = torch.repeat_interleave(x, self.factor, dim=2)
-        return self.conv(F.pad(h, (2 * self.factor, 0)))
+        left = 2 * self.factor
+        return self.conv(F.pad(h, (left, 0)) if cache is None else cache.conv_input(self.conv, h, left))
+
+
+@dataclass
+class EncoderCache:
+    """One stream's encoder state: the token-rate part (look-ahead conv, conformer layers) and the
+    up-sampled frame-rate part (up-sampling conv, up conformer layers)."""
+    upsample_factor: int
+    tokens: ChunkCache = field(default_factory=ChunkCache)
+    frames: ChunkCache = field(default_factory=ChunkCache)
+
+    def begin(self, new_tokens: int, keep_tokens: int) -> None:
+        self.tokens.begin(new_tokens, keep_tokens)
+        self.frames.begin(self.upsample_factor * new_tokens, self.upsample_factor * keep_tokens)
+
+    def commit(self) -> None:
+        self.tokens.commit()
+        self.frames.commit()
+
+    def clone(self) -> "EncoderCache":
+        return EncoderCache(self.upsample_factor, self.tokens.clone(), self.frames.clone())
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes() + self.frames.nbytes()
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -167,23 +245,39 @@ class UpsampleConformerEncoder(nn.Module):
             ConformerLayer(dim, config.attention_heads, config.linear_units) for _ in range(config.num_up_blocks))
         self.after_norm = nn.LayerNorm(dim, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, streaming: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, streaming: bool = False,
+                cache: EncoderCache | None = None) -> torch.Tensor:
         """x [B, T, input_size] token embeddings; context [B, L, input_size] look-ahead tokens (not encoded
-        themselves) or None. Returns [B, upsample_factor*T, output_size]."""
+        themselves) or None. Returns [B, upsample_factor*T, output_size].
+
+        With `cache` (chunk masks only; the caller brackets the call with cache.begin/commit), x holds the
+        tokens after the cached ones and the result covers their frames only.
+        """
+        if cache is not None and not streaming:
+            raise ValueError("an encoder cache needs streaming=True: full attention cannot reuse earlier chunks")
+        token_cache, frame_cache = (cache.tokens, cache.frames) if cache is not None else (None, None)
         h = self.embed(x)
         if context is not None:
             context = self.embed(context)
-        h = self.pre_lookahead_layer(h, context)
-        h = self._run_layers(self.encoders, h, self.static_chunk_size if streaming else 0)
+        h = self.pre_lookahead_layer(h, context, token_cache)
+        h = self._run_layers(self.encoders, h, self.static_chunk_size if streaming else 0, token_cache)
 
-        h = self.up_layer(h.transpose(1, 2)).transpose(1, 2)
+        h = self.up_layer(h.transpose(1, 2), frame_cache).transpose(1, 2)
         h = self.up_embed(h)
-        h = self._run_layers(self.up_encoders, h, self.static_chunk_size * self.upsample_factor if streaming else 0)
+        h = self._run_layers(self.up_encoders, h, self.static_chunk_size * self.upsample_factor if streaming else 0,
+                             frame_cache)
         return self.after_norm(h)
 
     @staticmethod
-    def _run_layers(layers: nn.ModuleList, h: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    def _run_layers(layers: nn.ModuleList, h: torch.Tensor, chunk_size: int,
+                    cache: ChunkCache | None = None) -> torch.Tensor:
         t = h.size(1)
+        if cache is not None:
+            start = cache.length
+            mask = chunk_attention_mask(start + t, chunk_size, h.device, start=start)
+            for layer in layers:
+                h = layer(h, None, mask, cache)
+            return h
         pos_table = relative_position_table(t, h.size(2), h.device, h.dtype)
         mask = chunk_attention_mask(t, chunk_size, h.device) if chunk_size > 0 else None
         for layer in layers:

@@ -9,7 +9,9 @@ Schedule (P prompt tokens, chunk 25, look-ahead 3):
 - `finish()` runs the flow once more on all tokens with finalize=True and streaming=False (upstream does
   not forward the stream flag on that call, so the last chunk sees full attention).
 
-Each flow call returns the mel of every token so far; frames [2 * offset:] are new. HiFT vocodes them
+The stream's flow state (flow_stream.py) returns the mel of the new tokens only, frames [2 * offset:] of
+upstream's call: by default incrementally from per-stream caches (the final call still recomputes with
+full attention unless `exact_final=False`), or by re-running the flow like upstream. HiFT vocodes them
 prefixed by the last 8 mel frames of the previous call, with the previous excitation tail (3840 samples)
 written over the start of the source so the harmonic phase runs on; the first 3840 output samples are
 cross-faded with the 3840 samples the previous call withheld (Hamming window of 7680, in float64 like
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
+from cosyapp.backends.cosyvoice2.flow_stream import open_flow_stream
 from cosyapp.engine.stats import StageTimes, timed
 
 MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of every chunk after the first
@@ -57,17 +60,20 @@ class Token2Wav:
     `random_source=True` (the product default) gives each stream its own generator for HiFT's source
     noise, seeded from the request seed when there is one; `random_source=False` turns the noise off
     (upstream's output with its randomness patched out, as in the goldens).
+    `incremental_flow` and `exact_final` choose the flow path (see flow_stream.py).
     """
 
-    def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True) -> None:
+    def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True,
+                 incremental_flow: bool = True, exact_final: bool = True) -> None:
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
         self.max_hop = MAX_HOP_CHUNKS * config.chunk_size
         self.pre_lookahead = config.flow.pre_lookahead_len
-        self.token_mel_ratio = config.token_mel_ratio
         self.source_cache_len = MEL_CACHE_FRAMES * config.hift.upsample_scale
         self.random_source = random_source
+        self.incremental_flow = incremental_flow
+        self.exact_final = exact_final
         self._windows: dict[torch.device, Tensor] = {}
 
     def fade_window(self, device: torch.device) -> Tensor:
@@ -108,6 +114,11 @@ class Token2WavStream:
         self.prompt_feat = prompt_feat
         self.embedding = embedding
         self.stream = stream
+        # A non-streaming request is upstream's single full-attention call.
+        self.flow_stream = open_flow_stream(owner.flow, prompt_token, prompt_feat, embedding,
+                                            incremental=owner.incremental_flow,
+                                            exact_final=owner.exact_final or not stream)
+        self.flow_tokens = 0  # tokens handed to flow_stream
         self.generator = generator
         self.device = prompt_token.device
         self.token_pieces: list[Tensor] = []
@@ -133,7 +144,7 @@ class Token2WavStream:
         chunks: list[Tensor] = []
         while self.stream and self.num_tokens - self.offset >= self.next_hop() + self.owner.pre_lookahead:
             hop = self.next_hop()
-            chunks.append(self.vocode(self.offset + hop + self.owner.pre_lookahead, streaming=True, finalize=False))
+            chunks.append(self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False))
             self.offset += hop
             self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
         return chunks
@@ -145,21 +156,19 @@ class Token2WavStream:
         self.finished = True
         if self.num_tokens == 0:
             return torch.zeros(0, device=self.device)
-        return self.vocode(self.num_tokens, streaming=False, finalize=True)
+        return self.vocode(self.num_tokens, finalize=True)
 
     def all_tokens(self) -> Tensor:
         if len(self.token_pieces) > 1:
             self.token_pieces = [torch.cat(self.token_pieces)]
         return self.token_pieces[0]
 
-    def vocode(self, num_tokens: int, streaming: bool, finalize: bool) -> Tensor:
+    def vocode(self, num_tokens: int, finalize: bool) -> Tensor:
         """Upstream `token2wav`: flow on tokens[:num_tokens], HiFT on the new frames, cross-fade, cache."""
         owner = self.owner
         with timed(self.stats, "flow_chunk"):
-            mel = owner.flow.inference(token=self.all_tokens()[None, :num_tokens], prompt_token=self.prompt_token,
-                                       prompt_feat=self.prompt_feat, embedding=self.embedding,
-                                       streaming=streaming, finalize=finalize)
-        mel = mel[:, :, self.offset * owner.token_mel_ratio:]
+            mel = self.flow_stream.advance(self.all_tokens()[self.flow_tokens:num_tokens], finalize)
+        self.flow_tokens = num_tokens
         cache_source = None
         if self.cache is not None:
             cache_mel, cache_source, _ = self.cache

@@ -1,0 +1,228 @@
+"""Incremental streaming flow for CosyVoice2: each call computes the mel of the new tokens only.
+
+Upstream re-runs the flow on the prompt and every token so far for each streamed chunk, so a sentence
+costs O(N^2). Its non-final calls use chunk masks (encoder chunk 25 tokens / 50 frames after
+up-sampling, estimator chunk 50 frames, every left chunk visible, grid aligned at absolute position 0
+prompt included), and its schedule makes every non-final call end on a chunk boundary. The mel of the
+frames before that boundary therefore never changes, and a per-stream cache of the committed prefix
+(chunk_cache.py) lets each call compute its new frames only, with the same result up to float
+rounding:
+
+- encoder: conformer keys/values (relative positions: the positional term of the new queries is taken
+  against every cached key), the look-ahead conv's left context (the 3 look-ahead tokens of a non-final
+  call are context only, and the real tokens that follow), the up-sampling conv's left context;
+- estimator: per Euler step, every transformer block's keys/values for both CFG rows and every causal
+  conv's left context; the noise of a frame is fixed by its absolute index.
+
+A call that does not end on a chunk boundary (the final one, or another schedule) commits only up to
+the last boundary and the next call recomputes the partial chunk, so any schedule gets exactly
+upstream's frames; upstream's schedule just never pays for that.
+
+The final call: upstream runs it with full attention over everything (streaming=False), which no cache
+can reproduce. `exact_final=True` keeps that (one full recomputation per sentence, parity with upstream's
+last chunk); `exact_final=False` finishes with chunk masks incrementally, so no call's cost grows with
+the position in the sentence except attention over the cached keys (linear in it, not quadratic).
+
+Memory (`cache_bytes_per_frame`): per mel frame the estimator keeps n_timesteps x 2 CFG rows x blocks x
+(K + V) values. CosyVoice2-0.5B: 10 x 2 x 56 x 2 x 512 = 1.15 M values, 2.3 MB in float16 (4.6 MB in
+float32), so 20 s of prompt + speech (1000 frames) is 2.3 GB per stream; the encoder adds under 1 %.
+`max_cache_frames` (default: DEFAULT_CACHE_BUDGET_BYTES worth) bounds it: a stream that would grow past
+it drops its caches and recomputes its calls like upstream from then on (exact, quadratic).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
+from cosyapp.backends.cosyvoice2.config import FlowConfig
+from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache
+
+DEFAULT_CACHE_BUDGET_BYTES = 2 << 30  # per stream
+
+
+class FlowModel(Protocol):
+    def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                  streaming: bool, finalize: bool) -> Tensor: ...
+
+
+def cache_bytes_per_frame(cfg: FlowConfig, dtype: torch.dtype) -> int:
+    """Device memory a FlowStream's caches take per mel frame (prompt frames included) for a flow in `dtype`."""
+    est, enc = cfg.estimator, cfg.encoder
+    blocks = est.n_blocks * (2 + est.num_mid_blocks)  # down, mid and up transformer stacks
+    estimator = cfg.n_timesteps * 2 * blocks * 2 * est.num_heads * est.attention_head_dim
+    # Encoder keys/values: token-rate layers cover 1/ratio of a frame each, up layers one frame.
+    encoder = 2 * enc.output_size * (enc.num_blocks / cfg.token_mel_ratio + enc.num_up_blocks)
+    return int((estimator + encoder) * torch.empty(0, dtype=dtype).element_size())
+
+
+class FlowStream:
+    """The flow state of one sentence: `advance(new_tokens, finalize)` -> mel [1, 80, frames] of the tokens
+    that became final in this call (float32), like upstream's flow call sliced at the previous offset.
+
+    Non-final calls hold back the last pre_lookahead_len tokens as look-ahead (their mel comes with a later
+    call). Calls ending on the chunk grid, as upstream's schedule (token2wav.py) makes them, compute their
+    new tokens only; others also recompute their trailing partial chunk in the next call.
+    """
+
+    def __init__(self, flow: CosyVoice2Flow, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                 exact_final: bool = True, max_cache_frames: int | None = None) -> None:
+        cfg = flow.config
+        if cfg.estimator.static_chunk_size != cfg.token_mel_ratio * cfg.encoder.static_chunk_size:
+            raise ValueError(f"estimator chunk {cfg.estimator.static_chunk_size} frames is not the encoder chunk "
+                             f"{cfg.encoder.static_chunk_size} tokens x {cfg.token_mel_ratio}: chunks would not align")
+        flow.check_prompt(prompt_token, prompt_feat, embedding)
+        self.flow = flow
+        self.chunk_size = cfg.encoder.static_chunk_size
+        self.lookahead = cfg.pre_lookahead_len
+        self.ratio = cfg.token_mel_ratio
+        self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
+        self.prompt_len = prompt_token.size(1)
+        self.tokens = prompt_token.long()  # prompt and every token so far, [1, P + N]
+        self.emitted = self.prompt_len  # tokens whose mel has been returned (the prompt's is never returned)
+        self.exact_final = exact_final
+        if max_cache_frames is None:
+            max_cache_frames = DEFAULT_CACHE_BUDGET_BYTES // cache_bytes_per_frame(cfg, flow.encoder_proj.weight.dtype)
+        self.max_cache_frames = max_cache_frames
+        self.recompute = False  # set for good once the caches would outgrow max_cache_frames
+        self.finished = False
+        with torch.inference_mode():
+            self.spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        self.encoder_cache = EncoderCache(self.ratio)
+        self.estimator_caches = [ChunkCache(max_cache_frames) for _ in range(cfg.n_timesteps)]
+
+    @property
+    def committed(self) -> int:
+        """Tokens (prompt included) whose state is cached."""
+        return self.encoder_cache.tokens.length
+
+    @torch.inference_mode()
+    def advance(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> Tensor:
+        """Append `tokens` (the speech tokens since the previous call) and return the mel of the tokens now
+        final: all of them when `finalize`, else all but the last pre_lookahead_len."""
+        if self.finished:
+            raise RuntimeError("advance() after the final call")
+        tokens = torch.as_tensor(tokens).to(device=self.tokens.device, dtype=torch.long).reshape(1, -1)
+        self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        end = self.tokens.size(1) - (0 if finalize else self.lookahead)
+        self.finished = finalize
+        if end <= self.emitted:
+            mel = self.spks.new_zeros(1, self.spks.size(1), 0, dtype=torch.float32)
+        elif finalize and self.exact_final:
+            mel = self._recompute(streaming=False, finalize=True)
+        elif self.recompute or self.ratio * end > self.max_cache_frames:
+            self._drop_caches()
+            self.recompute = True
+            mel = self._recompute(streaming=True, finalize=finalize)
+        else:
+            start = self.committed
+            mel = self._incremental(end, finalize)[:, :, self.ratio * (self.emitted - start):]
+        self.emitted = max(end, self.emitted)
+        if finalize:
+            self._drop_caches()
+        return mel
+
+    @torch.inference_mode()
+    def prefill_prompt(self) -> None:
+        """Compute the prompt's complete chunks now: those whose look-ahead tokens are prompt tokens too, so
+        their state is the same for every sentence of this voice. Do it once per voice, then `fork()` per
+        sentence, and each sentence's first call computes from there instead of from position 0."""
+        if self.tokens.size(1) != self.prompt_len or self.committed:
+            raise RuntimeError("prefill_prompt() must come before the first advance()")
+        boundary = (self.prompt_len - self.lookahead) // self.chunk_size * self.chunk_size
+        if boundary > 0 and self.ratio * boundary <= self.max_cache_frames:
+            self._incremental(boundary, finalize=False)
+
+    @torch.inference_mode()
+    def fork(self) -> "FlowStream":
+        """An independent stream that continues from this one's state (settings included)."""
+        if self.finished:
+            raise RuntimeError("fork() of a finished stream")
+        other = copy.copy(self)
+        other.encoder_cache = self.encoder_cache.clone()
+        other.estimator_caches = [cache.clone() for cache in self.estimator_caches]
+        return other
+
+    def nbytes(self) -> int:
+        """Device memory held by this stream's caches."""
+        return self.encoder_cache.nbytes() + sum(cache.nbytes() for cache in self.estimator_caches)
+
+    def _incremental(self, end: int, finalize: bool) -> Tensor:
+        """Mel [1, 80, ratio * (end - committed)] of tokens [committed, end) from the caches; commits up to the
+        last chunk boundary (everything when finalizing: nothing follows)."""
+        flow, start = self.flow, self.committed
+        new = end - start
+        keep = new if finalize else end // self.chunk_size * self.chunk_size - start
+        x = flow.input_embedding(self.tokens[:, start:end].clamp(min=0))
+        context = None if finalize else flow.input_embedding(self.tokens[:, end:end + self.lookahead].clamp(min=0))
+        self.encoder_cache.begin(new, keep)
+        h = flow.encoder(x, context, streaming=True, cache=self.encoder_cache)
+        self.encoder_cache.commit()
+        mu = flow.encoder_proj(h).transpose(1, 2).contiguous()
+
+        first_frame, frames = self.ratio * start, self.ratio * new
+        cond = torch.zeros_like(mu)
+        prompt_frames = min(self.prompt_feat.size(1) - first_frame, frames)
+        if prompt_frames > 0:
+            cond[:, :, :prompt_frames] = self.prompt_feat[:, first_frame:first_frame + prompt_frames].transpose(1, 2)
+        for cache in self.estimator_caches:
+            cache.begin(frames, self.ratio * keep)
+        mel = flow.decoder(mu, torch.ones_like(mu[:, :1]), self.spks, cond, streaming=True, start=first_frame,
+                           caches=self.estimator_caches)
+        for cache in self.estimator_caches:
+            cache.commit()
+        return mel
+
+    def _recompute(self, streaming: bool, finalize: bool) -> Tensor:
+        """Upstream's call: the flow over the prompt and all tokens, sliced after the frames already returned."""
+        mel = self.flow.inference(self.tokens[:, self.prompt_len:], self.prompt_token, self.prompt_feat,
+                                  self.embedding, streaming=streaming, finalize=finalize)
+        return mel[:, :, self.ratio * (self.emitted - self.prompt_len):]
+
+    def _drop_caches(self) -> None:
+        self.encoder_cache = EncoderCache(self.ratio)
+        self.estimator_caches = [ChunkCache(self.max_cache_frames) for _ in self.estimator_caches]
+
+
+class RecomputeFlowStream:
+    """Upstream's behaviour behind the same `advance` interface: every call re-runs `flow.inference` on the
+    prompt and all tokens so far (chunk masks; the final call with full attention when `exact_final`) and
+    returns the frames after those already returned. Works with any `FlowModel`, e.g. test doubles."""
+
+    def __init__(self, flow: FlowModel, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                 exact_final: bool = True) -> None:
+        self.flow = flow
+        self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
+        self.exact_final = exact_final
+        self.tokens = prompt_token.new_zeros(1, 0, dtype=torch.long)
+        self.emitted_frames = 0
+        self.finished = False
+
+    def advance(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> Tensor:
+        if self.finished:
+            raise RuntimeError("advance() after the final call")
+        tokens = torch.as_tensor(tokens).to(device=self.tokens.device, dtype=torch.long).reshape(1, -1)
+        self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        self.finished = finalize
+        mel = self.flow.inference(token=self.tokens, prompt_token=self.prompt_token, prompt_feat=self.prompt_feat,
+                                  embedding=self.embedding, streaming=not (finalize and self.exact_final),
+                                  finalize=finalize)
+        new = mel[:, :, self.emitted_frames:]
+        self.emitted_frames = mel.size(2)
+        return new
+
+
+def open_flow_stream(flow: FlowModel, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                     incremental: bool = True, exact_final: bool = True,
+                     max_cache_frames: int | None = None) -> FlowStream | RecomputeFlowStream:
+    """The flow state for one sentence: incremental for a CosyVoice2Flow (unless `incremental=False`),
+    upstream's recomputation for anything else."""
+    if incremental and isinstance(flow, CosyVoice2Flow):
+        return FlowStream(flow, prompt_token, prompt_feat, embedding, exact_final, max_cache_frames)
+    return RecomputeFlowStream(flow, prompt_token, prompt_feat, embedding, exact_final)
