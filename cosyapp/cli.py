@@ -80,7 +80,8 @@ def _load_backend(settings: Settings):
 
     model = settings.model
     click.echo(f"loading {model.backend} model from {model.model_dir} ...", err=True)
-    return load_backend(model.backend, model.model_dir, model.device, model.dtype)
+    return load_backend(model.backend, model.model_dir, model.device, model.dtype, max_streams=1,
+                        **settings.backend_options())
 
 
 def _read_prompt(settings: Settings, wav: Path):
@@ -240,6 +241,32 @@ def models_make_tiny(out_dir: Path, backend: str, size: str) -> None:
 
     make_tiny(backend, out_dir, size)
     click.echo(f"wrote a random {size} {backend} model to {out_dir} (not a trained model: output is noise)")
+
+
+@models.command("build-trt")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--fp16/--fp32", default=True, show_default=True, help="engine precision")
+@click.option("--max-streams", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="most streams whose flow steps share one engine call (batch = 2 x streams for CFG)")
+@click.option("--max-frames", type=click.IntRange(4, 15000), default=3000, show_default=True,
+              help="longest prompt + sentence in mel frames (50 per second)")
+@click.option("--force", is_flag=True, help="rebuild even if a plan for this GPU exists")
+@user_errors
+def models_build_trt(model_dir: Path, fp16: bool, max_streams: int, max_frames: int, force: bool) -> None:
+    """Build TensorRT engines of the CosyVoice2 flow estimator for this GPU and check them against torch.
+
+    Two plans (full and chunk attention) are written into MODEL_DIR, named after the GPU and the TensorRT
+    version; the service uses them when [cosyvoice2] tensorrt = true and they match this machine.
+    """
+    from cosyapp.accel.trt import build_trt, trt_unavailable_reason
+
+    reason = trt_unavailable_reason()
+    if reason:
+        raise click.ClickException(f"cannot build TensorRT engines here: {reason}")
+    for streaming in (False, True):
+        plan = build_trt(model_dir, fp16=fp16, max_batch=2 * max_streams, streaming=streaming,
+                         max_frames=max_frames, force=force)
+        click.echo(f"{'chunk' if streaming else 'full'} attention: {plan} (checked against torch)")
 
 
 # -------------------------------------------------------------------------------------------- speakers

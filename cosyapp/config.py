@@ -62,6 +62,17 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class CosyVoice2Settings:
+    """Options of the CosyVoice2 backend (passed to `CosyVoice2Backend`)."""
+
+    text_frontend: str = field(default="offline", metadata=_rule(choices=("offline", "wetext")))
+    incremental_flow: bool = True
+    exact_final: bool = True
+    random_source: bool = True
+    tensorrt: bool = True
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     max_concurrent: int = field(default=2, metadata=_rule(min=1, max=256))
     max_queue: int = field(default=8, metadata=_rule(min=0, max=10000))
@@ -104,6 +115,7 @@ class StorageSettings:
 class Settings:
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
+    cosyvoice2: CosyVoice2Settings = CosyVoice2Settings()
     engine: EngineSettings = EngineSettings()
     limits: LimitsSettings = LimitsSettings()
     defaults: DefaultsSettings = DefaultsSettings()
@@ -111,10 +123,16 @@ class Settings:
     # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
     source: Path | None = None
 
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword options for the configured backend's loader (its own config section, if it has one)."""
+        section = getattr(self, self.model.backend, None)
+        return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+
 
 SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "model": ModelSettings,
+    "cosyvoice2": CosyVoice2Settings,
     "engine": EngineSettings,
     "limits": LimitsSettings,
     "defaults": DefaultsSettings,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from cosyapp.engine.types import Backend
 
@@ -31,10 +32,10 @@ def _module(name: str):
 
 
 def load_backend(name: str, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
-                 max_streams: int = 8) -> Backend:
+                 max_streams: int = 8, **options: Any) -> Backend:
     """Load a backend from a model directory in its official layout, sized for `max_streams` concurrent
-    streams. Raises ModelFileError naming a bad file."""
-    return _module(name).load(Path(model_dir), device=device, dtype=dtype, max_streams=max_streams)
+    streams; `options` are the backend's own (its config section). Raises ModelFileError naming a bad file."""
+    return _module(name).load(Path(model_dir), device=device, dtype=dtype, max_streams=max_streams, **options)
 
 
 def verify_model_dir(name: str, model_dir: str | Path) -> list[str]:

@@ -45,7 +45,7 @@ class ServiceState:
         try:
             engine_settings = self.settings.engine
             backend = await asyncio.to_thread(load_backend, model.backend, model.model_dir, model.device, model.dtype,
-                                              engine_settings.max_concurrent)
+                                              engine_settings.max_concurrent, **self.settings.backend_options())
             info = backend.info()
             log.info("Loaded model type: %s from %s (%.1f s)", info.model_type, info.model_dir,
                      time.perf_counter() - started)

@@ -110,3 +110,14 @@ def test_models_pull_reports_an_unreachable_hub(tmp_path: Path):
     assert result.returncode == 1
     assert "download of FunAudioLLM/CosyVoice2-0.5B failed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_models_build_trt_explains_when_tensorrt_is_missing(cli, tiny_cosyvoice2_dir: Path):
+    from cosyapp.accel.trt import trt_unavailable_reason
+
+    reason = trt_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the build itself is covered by tests/unit/test_trt.py")
+    result = cli("models", "build-trt", str(tiny_cosyvoice2_dir), expect_ok=False)
+    assert result.exit_code == 1
+    assert "cannot build TensorRT engines here" in result.output and reason in result.output

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from cosyapp.accel.trt import load_trt_estimator
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
@@ -57,7 +58,8 @@ class CosyVoice2Backend:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
-                 random_source: bool = True, batching: bool = True) -> None:
+                 random_source: bool = True, batching: bool = True, incremental_flow: bool = True,
+                 exact_final: bool = True, tensorrt: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
@@ -66,8 +68,12 @@ class CosyVoice2Backend:
                                                 resolve_lm_dtype(dtype, self.device))
         self.llm.setup_cache(max_streams, lm_context)
         self.flow = CosyVoice2Flow.from_pretrained(self.model_dir, self.config, self.device)
+        # TensorRT engines built by `cosyapp models build-trt` for this GPU, when present and they agree
+        # with torch; the torch estimator otherwise (CPU, no TensorRT, no plan, failed check).
+        self.trt_estimator = load_trt_estimator(self.flow, self.model_dir) if tensorrt else None
         self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
-        self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source)
+        self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
+                                   incremental_flow=incremental_flow, exact_final=exact_final)
         self.lm_context = lm_context
         # Concurrent streams share LM forwards through the batcher; without it each runs its own.
         self.lm_batcher = LMBatcher(self.llm, max_streams) if batching else None
