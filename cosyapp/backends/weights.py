@@ -1,14 +1,48 @@
-"""Checkpoint reading shared by the backends: torch state dicts with clear errors and weight-norm folding."""
+"""Model-file reading shared by the backends: devices and dtypes, JSON files and torch state dicts with
+errors that name the file, and weight-norm folding."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cosyapp.engine.types import ModelFileError
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto": the GPU when there is one, else the CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": float32 on the CPU (exact parity with upstream), bfloat16 for the transformer on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON file of a model directory; a missing or malformed file raises ModelFileError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def load_state_dict(path: str | Path, strip_prefix: str = "") -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
 from cosyapp.backends.cosyvoice2.lm_batcher import LMBatcher
 from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
+from cosyapp.backends.weights import resolve_device, resolve_dtype
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
 
@@ -34,23 +35,6 @@ REQUIRED_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.o
                   "CosyVoice-BlankEN/tokenizer_config.json")
 # LM positions per stream: prompt text + text + prompt speech tokens (<= 30 s = 750) + 20x a sentence's tokens.
 DEFAULT_LM_CONTEXT = 4096
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_lm_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": float32 on the CPU (exact parity), bfloat16 for the LM on a GPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
 class CosyVoice2Backend:
@@ -65,7 +49,7 @@ class CosyVoice2Backend:
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
         self.frontend = CosyVoice2Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
         self.llm = CosyVoice2LM.from_pretrained(self.model_dir, self.config, self.device,
-                                                resolve_lm_dtype(dtype, self.device))
+                                                resolve_dtype(dtype, self.device))
         self.llm.setup_cache(max_streams, lm_context)
         self.flow = CosyVoice2Flow.from_pretrained(self.model_dir, self.config, self.device)
         # TensorRT engines built by `cosyapp models build-trt` for this GPU, when present and they agree

@@ -8,7 +8,6 @@ resolved against the top-level keys with a tiny arithmetic evaluator.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from cosyapp.backends.weights import read_json_file
 from cosyapp.engine.types import ModelFileError
 
 _REF = re.compile(r"<([^<>]+)>")
@@ -240,13 +240,7 @@ class CosyVoice2Config:
         yaml_path = model_dir / "cosyvoice2.yaml"
         if not yaml_path.is_file():
             raise ModelFileError(f"{yaml_path}: missing (not a CosyVoice2 model directory?)")
-        qwen_path = model_dir / "CosyVoice-BlankEN" / "config.json"
-        if not qwen_path.is_file():
-            raise ModelFileError(f"{qwen_path}: missing (the Qwen2 config of CosyVoice-BlankEN)")
-        try:
-            qwen_raw = json.loads(qwen_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{qwen_path}: not valid JSON ({exc})") from exc
+        qwen_raw = read_json_file(model_dir / "CosyVoice-BlankEN" / "config.json")
         return cls.from_dicts(read_hyperpyyaml(yaml_path), qwen_raw, source=str(yaml_path))
 
     @classmethod

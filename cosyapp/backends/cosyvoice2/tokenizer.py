@@ -8,12 +8,12 @@ same pipeline directly with the `tokenizers` library. Only `vocab.json`, `merges
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from cosyapp.backends.weights import read_json_file
 from cosyapp.engine.types import ModelFileError
 
 # The pre-tokenizer split used by every Qwen2 tokenizer.
@@ -35,17 +35,8 @@ COSYVOICE2_SPECIAL_TOKENS = (
 )
 
 
-def _read_json(path: Path) -> object:
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing (tokenizer file of CosyVoice-BlankEN)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
-
-
 def _read_vocab(path: Path) -> dict[str, int]:
-    vocab = _read_json(path)
+    vocab = read_json_file(path)
     if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) for v in vocab.values()):
         raise ModelFileError(f"{path}: expected a non-empty JSON object mapping tokens to integer ids")
     if sorted(vocab.values()) != list(range(len(vocab))):
@@ -74,7 +65,7 @@ def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 def _read_added_tokens(path: Path) -> list[tuple[int, AddedToken]]:
     """The specials of `tokenizer_config.json` (`added_tokens_decoder`), sorted by id."""
-    config = _read_json(path)
+    config = read_json_file(path)
     entries = config.get("added_tokens_decoder", {}) if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise ModelFileError(f"{path}: expected an object with an `added_tokens_decoder` mapping")

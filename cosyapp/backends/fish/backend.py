@@ -35,34 +35,17 @@ from cosyapp.backends.fish.generate import FrameGenerator, SamplingParams, frame
 from cosyapp.backends.fish.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.fish.prompt import Reference, build_prompt
 from cosyapp.backends.fish.tokenizer import FishTokenizer
-from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict
+from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict, resolve_device, resolve_dtype
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
 
 MODEL_TYPE = "OpenAudio-S1-mini"
 MODES = (Mode.ZERO_SHOT.value, Mode.CROSS_LINGUAL.value)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTION_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "chunk_length")
 MAX_REFERENCE_SECONDS = 90.0  # upstream's maintainers' advice; longer references crowd out the text
 # Streaming schedule: the first audio chunk after this many frames (~186 ms), then every `STREAM_FRAMES`.
 STREAM_FIRST_FRAMES = 4
 STREAM_FRAMES = 16
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": float32 on the CPU (exact parity), bfloat16 for the transformer on a GPU (as the S1 server)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
 def sampling_params(options: dict[str, Any] | None, penalty_main_history: bool = False) -> SamplingParams:

@@ -12,7 +12,6 @@ size when the RoPE buffers are absent, windows) the release values (`modded_dac_
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cosyapp.backends.weights import read_json_file
 from cosyapp.engine.types import ModelFileError
 
 SAMPLE_RATE = 44100
@@ -108,12 +108,7 @@ class DualARConfig:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> DualARConfig:
         path = Path(model_dir) / CONFIG_FILE
-        if not path.is_file():
-            raise ModelFileError(f"{path}: missing")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+        raw = read_json_file(path)
         if not isinstance(raw, dict):
             raise ModelFileError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, str(path))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
 import tiktoken
 
 from cosyapp.backends.fish.config import SPECIAL_TOKENS_FILE, TOKENIZER_FILE
+from cosyapp.backends.weights import read_json_file
 from cosyapp.engine.types import ModelFileError
 
 FISH_PRETOKENIZE_PATTERN = "|".join([
@@ -61,12 +61,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 def read_special_tokens(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json_file(path)
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise ModelFileError(f"{path}: expected a JSON object token -> id")
     return list(raw)
