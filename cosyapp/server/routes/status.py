@@ -7,7 +7,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from cosyapp.audio import SAMPLE_FORMAT
-from cosyapp.server.errors import ApiError, error_response
 from cosyapp.server.state import ServiceState
 
 USAGE = "Use /synthesize endpoint with 'instruction' parameter (CosyVoice2/3)"
@@ -25,10 +24,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def model_info(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.service
-    try:
-        engine = state.ready_engine()
-    except ApiError as e:
-        return error_response(e)
+    engine = state.ready_engine()  # ApiError 503 while loading; the app's handler writes it
     info = engine.info
     return JSONResponse({
         "model_type": info.model_type,
@@ -48,11 +44,7 @@ async def model_info(request: Request) -> JSONResponse:
 async def stats(request: Request) -> JSONResponse:
     """Engine counters (requests admitted/rejected/cancelled, active streams, audio produced)."""
     state: ServiceState = request.app.state.service
-    try:
-        engine = state.ready_engine()
-    except ApiError as e:
-        return error_response(e)
-    return JSONResponse(engine.snapshot())
+    return JSONResponse(state.ready_engine().snapshot())
 
 
 routes = [
