@@ -9,7 +9,9 @@ change the time resolution: down, mid and up blocks all run at the mel frame rat
 
 With a `ChunkCache` (chunk masks only), `forward` takes just the frames after the cached prefix: attention
 reads the cached keys/values, every causal convolution its cached left context. One cache per Euler step,
-since the activations differ from step to step.
+since the activations differ from step to step. A cache with a `ChunkWindow` bounds the attention's left
+context (the prompt frames and the last left_chunks chunks of 50 frames stay visible) and holds only the
+keys/values of those frames, so the cost of a call stops growing along the utterance.
 """
 
 from __future__ import annotations
@@ -175,12 +177,16 @@ class CausalConditionalDecoder(nn.Module):
     def attention_bias(self, mask: torch.Tensor, streaming: bool, cache: ChunkCache | None = None) -> torch.Tensor:
         """Additive attention bias from the frame mask [B, 1, T]: 0 where visible, -1e10 where not
         ([B, 1, T, T] with chunk masking, else [B, 1, 1, T]). With `cache` the T frames follow the cached
-        ones, which are all valid: [B, 1, T, cached + T].
+        ones, which are all valid: [B, 1, T, held + T] over the keys the cache holds (all earlier frames,
+        or with a window the prompt's and the window's, masked per query chunk).
 
         `where` rather than upstream's (1 - visible) * -1e10: the same float32 values, and no 0 * inf = NaN
         when a float16 export rounds -1e10 to -inf."""
         visible = mask.unsqueeze(1) > 0
-        if cache is not None:
+        if cache is not None and cache.window is not None:
+            visible = torch.cat([visible.new_ones(*visible.shape[:-1], cache.held), visible], dim=-1)
+            visible = visible & cache.window_mask(mask.device)
+        elif cache is not None:
             visible = torch.cat([visible.new_ones(*visible.shape[:-1], cache.length), visible], dim=-1)
             visible = visible & chunk_attention_mask(cache.length + mask.size(-1), self.static_chunk_size,
                                                      mask.device, start=cache.length)

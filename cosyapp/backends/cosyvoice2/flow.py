@@ -4,6 +4,10 @@ Token embeddings go through the up-sampling conformer encoder and a projection t
 mel frame); conditional flow matching then integrates the estimator's velocity field from fixed noise to
 mel in 10 Euler steps with classifier-free guidance. Parameter names are those of the official `flow.pt`
 (upstream `CausalMaskedDiffWithXvec`). Outputs match upstream's `flow.inference` for the same flags.
+
+`forward_cached` is the streaming flow over per-stream caches (chunk_cache.py, flow_stream.py); caches with
+a `ChunkWindow` (`new_caches(..., left_chunks)`) bound every chunk's left context, an opt-in departure
+from upstream that `inference(..., left_chunks=k)` computes over a whole sequence.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow, normalized_left_chunks
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, FlowConfig
 from cosyapp.backends.cosyvoice2.estimator import CausalConditionalDecoder
-from cosyapp.backends.cosyvoice2.flow_encoder import UpsampleConformerEncoder
+from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache, UpsampleConformerEncoder
 from cosyapp.backends.weights import check_keys, load_state_dict
 
 # Upstream draws its noise once, right after seeding torch with 0: 15000 frames = 300 s of mel at 50 Hz.
@@ -133,18 +137,79 @@ class CosyVoice2Flow(nn.Module):
 
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
-                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True) -> torch.Tensor:
+                  embedding: torch.Tensor, streaming: bool = False, finalize: bool = True,
+                  left_chunks: int | None = None) -> torch.Tensor:
         """token [1, N], prompt_token [1, P] (int), prompt_feat [1, 2P, 80], embedding [1, 192]
         -> mel [1, 80, 2N'] of the non-prompt frames (float32), N' as in `encode`.
 
         `streaming` selects chunk-masked attention (encoder and estimator); `finalize=False` holds back the
-        last pre_lookahead_len tokens as look-ahead context.
+        last pre_lookahead_len tokens as look-ahead context. `left_chunks` (streaming only; None or -1: all)
+        bounds each chunk's left context to the prompt and that many chunks (see `ChunkWindow`).
         """
         self._check_shapes(token, prompt_token, prompt_feat, embedding, finalize)
+        left_chunks = normalized_left_chunks(left_chunks)
+        if left_chunks is not None:
+            if not streaming:
+                raise ValueError("left_chunks bounds the chunk masks: it needs streaming=True")
+            return self._windowed_inference(token, prompt_token, prompt_feat, embedding, finalize, left_chunks)
         mu, spks, cond = self.encode(token, prompt_token, prompt_feat, embedding, streaming, finalize)
         mask = torch.ones_like(mu[:, :1])
         mel = self.decoder(mu, mask, spks, cond, streaming)
         return mel[:, :, prompt_feat.size(1):]
+
+    def _windowed_inference(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                            embedding: torch.Tensor, finalize: bool, left_chunks: int) -> torch.Tensor:
+        """`inference` with windowed chunk masks: one pass over everything through fresh windowed caches that
+        commit nothing, so they only supply the masks (and drop nothing)."""
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        tokens = torch.cat([prompt_token, token], dim=1)
+        end = tokens.size(1) - (0 if finalize else self.config.pre_lookahead_len)
+        encoder_cache, estimator_caches = self.new_caches(prompt_token.size(1), left_chunks)
+        mel = self.forward_cached(tokens[:, :end], None if finalize else tokens[:, end:], spks, prompt_feat,
+                                  encoder_cache, estimator_caches, keep=0)
+        return mel[:, :, prompt_feat.size(1):]
+
+    def new_caches(self, prompt_tokens: int, left_chunks: int | None = None, max_cache_frames: int | None = None
+                   ) -> tuple[EncoderCache, list[ChunkCache]]:
+        """Empty caches for one stream: the encoder's and one estimator cache per Euler step (holding at most
+        max_cache_frames frames). With `left_chunks` (not None), all of them bound the left context to the
+        prompt and that many chunks, and drop what falls out of it."""
+        cfg = self.config
+        if left_chunks is None:
+            return EncoderCache(cfg.token_mel_ratio), [ChunkCache(max_cache_frames) for _ in range(cfg.n_timesteps)]
+        window = ChunkWindow(cfg.encoder.static_chunk_size, left_chunks, pinned=prompt_tokens)
+        frame_window = window.scaled(cfg.token_mel_ratio)
+        return (EncoderCache.windowed(cfg.token_mel_ratio, window),
+                [ChunkCache(max_cache_frames, frame_window) for _ in range(cfg.n_timesteps)])
+
+    def forward_cached(self, tokens: torch.Tensor, context: torch.Tensor | None, spks: torch.Tensor,
+                       prompt_feat: torch.Tensor, encoder_cache: EncoderCache, estimator_caches: list[ChunkCache],
+                       keep: int) -> torch.Tensor:
+        """Chunk-masked mel [1, 80, ratio * T] of tokens [1, T] that follow the tokens held in the caches
+        (`new_caches`); `context` holds the look-ahead tokens after them (None at the end of speech), `spks`
+        the projected speaker vector [1, 80]. Commits the first `keep` tokens to the caches."""
+        ratio, new = self.config.token_mel_ratio, tokens.size(1)
+        start = encoder_cache.tokens.length
+        x = self.input_embedding(tokens.clamp(min=0))
+        if context is not None:
+            context = self.input_embedding(context.clamp(min=0))
+        encoder_cache.begin(new, keep)
+        h = self.encoder(x, context, streaming=True, cache=encoder_cache)
+        encoder_cache.commit()
+        mu = self.encoder_proj(h).transpose(1, 2).contiguous()
+
+        first_frame, frames = ratio * start, ratio * new
+        cond = torch.zeros_like(mu)
+        prompt_frames = min(prompt_feat.size(1) - first_frame, frames)
+        if prompt_frames > 0:
+            cond[:, :, :prompt_frames] = prompt_feat[:, first_frame:first_frame + prompt_frames].transpose(1, 2)
+        for cache in estimator_caches:
+            cache.begin(frames, ratio * keep)
+        mel = self.decoder(mu, torch.ones_like(mu[:, :1]), spks, cond, streaming=True, start=first_frame,
+                           caches=estimator_caches)
+        for cache in estimator_caches:
+            cache.commit()
+        return mel
 
     def _check_shapes(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                       embedding: torch.Tensor, finalize: bool) -> None:

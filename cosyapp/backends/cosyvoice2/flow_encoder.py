@@ -6,7 +6,9 @@ Streaming uses block-causal chunk masks: a position sees its own chunk and every
 The chunk grid starts at absolute position 0 of the sequence, prompt included.
 
 With an `EncoderCache` (streaming only), `forward` takes just the tokens after the cached prefix: attention
-reads the cached keys/values, the causal convolutions their cached left context (see chunk_cache.py).
+reads the cached keys/values, the causal convolutions their cached left context (see chunk_cache.py). A
+cache with a `ChunkWindow` also bounds the left context of every conformer layer: a position sees the
+prompt and its last left_chunks chunks (25 tokens, 50 frames after up-sampling: the same chunks).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow
 from cosyapp.backends.cosyvoice2.config import EncoderConfig
 
 
@@ -102,8 +104,9 @@ class RelPositionAttention(nn.Module):
                 cache: ChunkCache | None = None) -> torch.Tensor:
         """x [B, T, D], pos_table [1, 2T-1, D], mask bool [T, T] (True = visible) or None for full attention.
 
-        With `cache`, x holds the T positions after the cached ones, mask is [T, cached + T] and pos_table
-        is unused.
+        With `cache`, x holds the T positions after the cached ones, mask is [T, held + T] over the keys the
+        cache holds (all earlier positions, or the prompt and the window: `cache.key_segments()`) and
+        pos_table is unused.
         """
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.n_heads, self.head_dim)
@@ -116,18 +119,25 @@ class RelPositionAttention(nn.Module):
             p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
             position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
         else:
-            p = self.projected_positions(k.size(2), t)
-            position = relative_shift_rows((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1), k.size(2))
+            # Query r sits at cache.length + r. Per run of consecutive keys from position `first`, the offsets
+            # run from (cache.length - first) + t - 1 down to (cache.length - first) - count + 1.
+            query_v = (q + self.pos_bias_v).transpose(1, 2)
+            runs = []
+            for first, count in cache.key_segments():
+                distance = cache.length - first
+                p = self.projected_offsets(distance + t - 1, distance - count + 1)
+                runs.append(relative_shift_rows(query_v @ p.transpose(-2, -1), count))
+            position = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1)
         scores = (content + position) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
         return self.linear_out(out.transpose(1, 2).reshape(b, t, -1))
 
-    def projected_positions(self, keys: int, queries: int) -> torch.Tensor:
-        """linear_pos of the position embeddings for offsets (keys-1) .. -(queries-1): [1, heads, keys+queries-1,
-        head_dim], a view into a table kept on the module and grown by doubling."""
-        needed = max(keys, queries)
+    def projected_offsets(self, highest: int, lowest: int) -> torch.Tensor:
+        """linear_pos of the position embeddings for offsets highest .. lowest (descending): [1, heads,
+        highest-lowest+1, head_dim], a view into a table kept on the module and grown by doubling."""
+        needed = max(highest + 1, 1 - lowest)
         table, weight = self._projected_positions, self.linear_pos.weight
         if table is None or table.device != weight.device or table.dtype != weight.dtype:
             table = None
@@ -139,7 +149,7 @@ class RelPositionAttention(nn.Module):
             table = table.contiguous()
             self._projected_positions = table
         center = (table.size(2) + 1) // 2  # index k holds offset center-1-k
-        return table[:, :, center - keys:center + queries - 1]
+        return table[:, :, center - 1 - highest:center - lowest]
 
 
 class FeedForward(nn.Module):
@@ -214,6 +224,11 @@ class EncoderCache:
     tokens: ChunkCache = field(default_factory=ChunkCache)
     frames: ChunkCache = field(default_factory=ChunkCache)
 
+    @classmethod
+    def windowed(cls, upsample_factor: int, window: ChunkWindow) -> "EncoderCache":
+        """Empty caches with a bounded left context; `window` at the token rate."""
+        return cls(upsample_factor, ChunkCache(window=window), ChunkCache(window=window.scaled(upsample_factor)))
+
     def begin(self, new_tokens: int, keep_tokens: int) -> None:
         self.tokens.begin(new_tokens, keep_tokens)
         self.frames.begin(self.upsample_factor * new_tokens, self.upsample_factor * keep_tokens)
@@ -273,8 +288,11 @@ class UpsampleConformerEncoder(nn.Module):
                     cache: ChunkCache | None = None) -> torch.Tensor:
         t = h.size(1)
         if cache is not None:
-            start = cache.length
-            mask = chunk_attention_mask(start + t, chunk_size, h.device, start=start)
+            if cache.window is None:
+                start = cache.length
+                mask = chunk_attention_mask(start + t, chunk_size, h.device, start=start)
+            else:
+                mask = cache.window_mask(h.device)
             for layer in layers:
                 h = layer(h, None, mask, cache)
             return h

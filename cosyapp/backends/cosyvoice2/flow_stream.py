@@ -28,6 +28,17 @@ Memory (`cache_bytes_per_frame`): per mel frame the estimator keeps n_timesteps 
 float32), so 20 s of prompt + speech (1000 frames) is 2.3 GB per stream; the encoder adds under 1 %.
 `max_cache_frames` (default: DEFAULT_CACHE_BUDGET_BYTES worth) bounds it: a stream that would grow past
 it drops its caches and recomputes its calls like upstream from then on (exact, quadratic).
+
+Bounded left context (`left_chunks=k`, opt-in; None or -1 is the exact default, upstream's
+`num_decoding_left_chunks: -1`): every attention layer, encoder and estimator, lets a position see the
+prompt (always: it carries the voice) and its own and the k previous chunks (25 tokens, 50 frames) only, so
+each call's cost and the caches stop growing along the utterance. The output equals upstream's up to the
+first chunk whose window starts after the end of the prompt (chunk c with (c - k) x 50 > 2 P frames) and
+departs from it from there on. The caches hold the prompt and the last k chunks between calls, plus the
+new frames during one (`window_cache_frames`): per stream at most cache_bytes_per_frame x (2 P + 50 k +
+2 x the call's tokens). CosyVoice2-0.5B in float16 (2.3 MB per frame), 6 s prompt (P = 150 tokens),
+100-token hops: k = 4 -> 700 frames = 1.6 GB, k = 8 -> 900 frames = 2.1 GB, however long the sentence.
+The prompt's 300 frames (0.7 GB) of that are the same in every stream of a voice (each fork copies them).
 """
 
 from __future__ import annotations
@@ -39,10 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
+from cosyapp.backends.cosyvoice2.chunk_cache import normalized_left_chunks
 from cosyapp.backends.cosyvoice2.config import FlowConfig
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
-from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache
 
 DEFAULT_CACHE_BUDGET_BYTES = 2 << 30  # per stream
 
@@ -62,17 +72,25 @@ def cache_bytes_per_frame(cfg: FlowConfig, dtype: torch.dtype) -> int:
     return int((estimator + encoder) * torch.empty(0, dtype=dtype).element_size())
 
 
+def window_cache_frames(cfg: FlowConfig, prompt_tokens: int, left_chunks: int, new_tokens: int) -> int:
+    """The most mel frames a FlowStream with `left_chunks` keeps in its estimator caches during a call of
+    `new_tokens` tokens: the prompt's, the window's (a query's own chunk is new) and the new ones."""
+    return cfg.token_mel_ratio * (prompt_tokens + left_chunks * cfg.encoder.static_chunk_size + new_tokens)
+
+
 class FlowStream:
     """The flow state of one sentence: `advance(new_tokens, finalize)` -> mel [1, 80, frames] of the tokens
     that became final in this call (float32), like upstream's flow call sliced at the previous offset.
 
     Non-final calls hold back the last pre_lookahead_len tokens as look-ahead (their mel comes with a later
     call). Calls ending on the chunk grid, as upstream's schedule (token2wav.py) makes them, compute their
-    new tokens only; others also recompute their trailing partial chunk in the next call.
+    new tokens only; others also recompute their trailing partial chunk in the next call. `left_chunks`
+    bounds the left context (module docstring); the final call of `exact_final` still sees everything.
     """
 
     def __init__(self, flow: CosyVoice2Flow, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                 exact_final: bool = True, max_cache_frames: int | None = None) -> None:
+                 exact_final: bool = True, max_cache_frames: int | None = None,
+                 left_chunks: int | None = None) -> None:
         cfg = flow.config
         if cfg.estimator.static_chunk_size != cfg.token_mel_ratio * cfg.encoder.static_chunk_size:
             raise ValueError(f"estimator chunk {cfg.estimator.static_chunk_size} frames is not the encoder chunk "
@@ -87,6 +105,7 @@ class FlowStream:
         self.tokens = prompt_token.long()  # prompt and every token so far, [1, P + N]
         self.emitted = self.prompt_len  # tokens whose mel has been returned (the prompt's is never returned)
         self.exact_final = exact_final
+        self.left_chunks = normalized_left_chunks(left_chunks)
         if max_cache_frames is None:
             max_cache_frames = DEFAULT_CACHE_BUDGET_BYTES // cache_bytes_per_frame(cfg, flow.encoder_proj.weight.dtype)
         self.max_cache_frames = max_cache_frames
@@ -94,8 +113,8 @@ class FlowStream:
         self.finished = False
         with torch.inference_mode():
             self.spks = flow.spk_embed_affine_layer(F.normalize(embedding, dim=1))
-        self.encoder_cache = EncoderCache(self.ratio)
-        self.estimator_caches = [ChunkCache(max_cache_frames) for _ in range(cfg.n_timesteps)]
+        self.encoder_cache, self.estimator_caches = flow.new_caches(self.prompt_len, self.left_chunks,
+                                                                    max_cache_frames)
 
     @property
     def committed(self) -> int:
@@ -116,7 +135,7 @@ class FlowStream:
             mel = self.spks.new_zeros(1, self.spks.size(1), 0, dtype=torch.float32)
         elif finalize and self.exact_final:
             mel = self._recompute(streaming=False, finalize=True)
-        elif self.recompute or self.ratio * end > self.max_cache_frames:
+        elif self.recompute or self.ratio * end - self.estimator_caches[0].dropped > self.max_cache_frames:
             self._drop_caches()
             self.recompute = True
             mel = self._recompute(streaming=True, finalize=finalize)
@@ -156,50 +175,36 @@ class FlowStream:
     def _incremental(self, end: int, finalize: bool) -> Tensor:
         """Mel [1, 80, ratio * (end - committed)] of tokens [committed, end) from the caches; commits up to the
         last chunk boundary (everything when finalizing: nothing follows)."""
-        flow, start = self.flow, self.committed
-        new = end - start
-        keep = new if finalize else end // self.chunk_size * self.chunk_size - start
-        x = flow.input_embedding(self.tokens[:, start:end].clamp(min=0))
-        context = None if finalize else flow.input_embedding(self.tokens[:, end:end + self.lookahead].clamp(min=0))
-        self.encoder_cache.begin(new, keep)
-        h = flow.encoder(x, context, streaming=True, cache=self.encoder_cache)
-        self.encoder_cache.commit()
-        mu = flow.encoder_proj(h).transpose(1, 2).contiguous()
-
-        first_frame, frames = self.ratio * start, self.ratio * new
-        cond = torch.zeros_like(mu)
-        prompt_frames = min(self.prompt_feat.size(1) - first_frame, frames)
-        if prompt_frames > 0:
-            cond[:, :, :prompt_frames] = self.prompt_feat[:, first_frame:first_frame + prompt_frames].transpose(1, 2)
-        for cache in self.estimator_caches:
-            cache.begin(frames, self.ratio * keep)
-        mel = flow.decoder(mu, torch.ones_like(mu[:, :1]), self.spks, cond, streaming=True, start=first_frame,
-                           caches=self.estimator_caches)
-        for cache in self.estimator_caches:
-            cache.commit()
-        return mel
+        start = self.committed
+        keep = end - start if finalize else end // self.chunk_size * self.chunk_size - start
+        context = None if finalize else self.tokens[:, end:end + self.lookahead]
+        return self.flow.forward_cached(self.tokens[:, start:end], context, self.spks, self.prompt_feat,
+                                        self.encoder_cache, self.estimator_caches, keep)
 
     def _recompute(self, streaming: bool, finalize: bool) -> Tensor:
         """Upstream's call: the flow over the prompt and all tokens, sliced after the frames already returned."""
         mel = self.flow.inference(self.tokens[:, self.prompt_len:], self.prompt_token, self.prompt_feat,
-                                  self.embedding, streaming=streaming, finalize=finalize)
+                                  self.embedding, streaming=streaming, finalize=finalize,
+                                  left_chunks=self.left_chunks if streaming else None)
         return mel[:, :, self.ratio * (self.emitted - self.prompt_len):]
 
     def _drop_caches(self) -> None:
-        self.encoder_cache = EncoderCache(self.ratio)
-        self.estimator_caches = [ChunkCache(self.max_cache_frames) for _ in self.estimator_caches]
+        self.encoder_cache, self.estimator_caches = self.flow.new_caches(self.prompt_len, self.left_chunks,
+                                                                         self.max_cache_frames)
 
 
 class RecomputeFlowStream:
     """Upstream's behaviour behind the same `advance` interface: every call re-runs `flow.inference` on the
     prompt and all tokens so far (chunk masks; the final call with full attention when `exact_final`) and
-    returns the frames after those already returned. Works with any `FlowModel`, e.g. test doubles."""
+    returns the frames after those already returned. Works with any `FlowModel`, e.g. test doubles;
+    `left_chunks` (a flow whose `inference` takes it) windows the chunk masks as FlowStream does."""
 
     def __init__(self, flow: FlowModel, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                 exact_final: bool = True) -> None:
+                 exact_final: bool = True, left_chunks: int | None = None) -> None:
         self.flow = flow
         self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
         self.exact_final = exact_final
+        self.left_chunks = normalized_left_chunks(left_chunks)
         self.tokens = prompt_token.new_zeros(1, 0, dtype=torch.long)
         self.emitted_frames = 0
         self.finished = False
@@ -210,19 +215,22 @@ class RecomputeFlowStream:
         tokens = torch.as_tensor(tokens).to(device=self.tokens.device, dtype=torch.long).reshape(1, -1)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         self.finished = finalize
+        streaming = not (finalize and self.exact_final)
+        # Passed only when set, so that flows without a window option (test doubles) still fit.
+        window = {"left_chunks": self.left_chunks} if streaming and self.left_chunks is not None else {}
         mel = self.flow.inference(token=self.tokens, prompt_token=self.prompt_token, prompt_feat=self.prompt_feat,
-                                  embedding=self.embedding, streaming=not (finalize and self.exact_final),
-                                  finalize=finalize)
+                                  embedding=self.embedding, streaming=streaming, finalize=finalize, **window)
         new = mel[:, :, self.emitted_frames:]
         self.emitted_frames = mel.size(2)
         return new
 
 
 def open_flow_stream(flow: FlowModel, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                     incremental: bool = True, exact_final: bool = True,
-                     max_cache_frames: int | None = None) -> FlowStream | RecomputeFlowStream:
+                     incremental: bool = True, exact_final: bool = True, max_cache_frames: int | None = None,
+                     left_chunks: int | None = None) -> FlowStream | RecomputeFlowStream:
     """The flow state for one sentence: incremental for a CosyVoice2Flow (unless `incremental=False`),
-    upstream's recomputation for anything else."""
+    upstream's recomputation for anything else. `left_chunks` (None or -1: all, exact) bounds the left
+    context of the chunk masks (module docstring)."""
     if incremental and isinstance(flow, CosyVoice2Flow):
-        return FlowStream(flow, prompt_token, prompt_feat, embedding, exact_final, max_cache_frames)
-    return RecomputeFlowStream(flow, prompt_token, prompt_feat, embedding, exact_final)
+        return FlowStream(flow, prompt_token, prompt_feat, embedding, exact_final, max_cache_frames, left_chunks)
+    return RecomputeFlowStream(flow, prompt_token, prompt_feat, embedding, exact_final, left_chunks)

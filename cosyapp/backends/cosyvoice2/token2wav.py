@@ -60,11 +60,12 @@ class Token2Wav:
     `random_source=True` (the product default) gives each stream its own generator for HiFT's source
     noise, seeded from the request seed when there is one; `random_source=False` turns the noise off
     (upstream's output with its randomness patched out, as in the goldens).
-    `incremental_flow` and `exact_final` choose the flow path (see flow_stream.py).
+    `incremental_flow` and `exact_final` choose the flow path, `flow_left_chunks` its left context (None:
+    all, exact; see flow_stream.py).
     """
 
     def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True,
-                 incremental_flow: bool = True, exact_final: bool = True) -> None:
+                 incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None) -> None:
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
@@ -74,6 +75,7 @@ class Token2Wav:
         self.random_source = random_source
         self.incremental_flow = incremental_flow
         self.exact_final = exact_final
+        self.flow_left_chunks = flow_left_chunks
         self._windows: dict[torch.device, Tensor] = {}
 
     def fade_window(self, device: torch.device) -> Tensor:
@@ -117,7 +119,8 @@ class Token2WavStream:
         # A non-streaming request is upstream's single full-attention call.
         self.flow_stream = open_flow_stream(owner.flow, prompt_token, prompt_feat, embedding,
                                             incremental=owner.incremental_flow,
-                                            exact_final=owner.exact_final or not stream)
+                                            exact_final=owner.exact_final or not stream,
+                                            left_chunks=owner.flow_left_chunks)
         self.flow_tokens = 0  # tokens handed to flow_stream
         self.generator = generator
         self.device = prompt_token.device
