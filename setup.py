@@ -11,7 +11,8 @@ setup(
         "torch==2.11.0",
         "torchaudio==2.11.0",
         "numpy",
-        "soundfile",
+        # Its wheels bundle libsndfile >= 1.1, which writes MP3 and Ogg Opus (the Fish API's output formats).
+        "soundfile>=0.12.1",
         "onnxruntime",
         "tokenizers",
         "tiktoken",
@@ -23,6 +24,7 @@ setup(
         "python-multipart",
         "httpx",
         "click",
+        "ormsgpack",  # msgpack bodies of the Fish Speech API
         "tomli; python_version < '3.11'",
     ],
     extras_require={
@@ -31,7 +33,8 @@ setup(
         # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
-        "dev": ["pytest", "pytest-timeout", "onnx"],
+        # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models).
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

@@ -102,3 +102,49 @@ def pcm_headers(sample_rate: int, channels: int = 1) -> dict[str, str]:
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
     """Mono float32 samples -> a complete 16-bit PCM WAV file in memory."""
     return wav_header(sample_rate, 1, samples.shape[0] * SAMPLE_WIDTH) + to_s16le(samples)
+
+
+# Complete-file formats of `encode_audio` and their HTTP media types (the Fish API's `format` field).
+AUDIO_MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "pcm": "application/octet-stream",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "flac": "audio/flac",
+}
+# libsndfile's Opus encoder takes only these rates; other rates are resampled to 48 kHz first.
+OPUS_SAMPLE_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def _sndfile_bytes(samples: np.ndarray, sample_rate: int, container: str, subtype: str) -> bytes:
+    buffer = io.BytesIO()
+    endian = "LITTLE" if container == "RAW" else "FILE"
+    soundfile.write(buffer, samples, sample_rate, format=container, subtype=subtype, endian=endian)
+    return buffer.getvalue()
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
+    """Mono float32 samples in [-1, 1] -> a complete file in `audio_format` (a key of AUDIO_MEDIA_TYPES):
+    wav (16-bit PCM), pcm (raw s16le), mp3 (MPEG layer III), opus (Ogg Opus; resampled to 48 kHz unless the
+    rate is one Opus supports), flac (16-bit). Blocking (mp3/opus encoding takes a while): run it off the loop.
+
+    Everything goes through libsndfile, whose float -> int16 conversion (floor, clipped) is the one upstream
+    Fish Speech's non-streaming answers have."""
+    samples = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    if audio_format == "wav":
+        return _sndfile_bytes(samples, sample_rate, "WAV", "PCM_16")
+    if audio_format == "pcm":
+        return _sndfile_bytes(samples, sample_rate, "RAW", "PCM_16")
+    if audio_format == "mp3":
+        return _sndfile_bytes(samples, sample_rate, "MP3", "MPEG_LAYER_III")
+    if audio_format == "flac":
+        return _sndfile_bytes(samples, sample_rate, "FLAC", "PCM_16")
+    if audio_format == "opus":
+        if sample_rate not in OPUS_SAMPLE_RATES:
+            import torch
+            import torchaudio.functional as AF
+
+            samples = AF.resample(torch.from_numpy(samples), sample_rate, 48000).clamp(-1.0, 1.0).numpy()
+            sample_rate = 48000
+        return _sndfile_bytes(samples, sample_rate, "OGG", "OPUS")
+    raise ValueError(f"unknown audio format {audio_format!r}; known: {', '.join(AUDIO_MEDIA_TYPES)}")

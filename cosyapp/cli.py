@@ -30,6 +30,7 @@ class HubModel:
     folder: str  # default folder name under pretrained_models/
     files: tuple[str, ...]  # download patterns: exactly the official layout, nothing else
     note: str = ""
+    gated: bool = False  # needs a Hugging Face token of an account that accepted the licence
 
 
 HUB_MODELS = {
@@ -42,6 +43,7 @@ HUB_MODELS = {
         "fishaudio/openaudio-s1-mini", None, "openaudio-s1-mini",
         ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"),
         note="gated: accept the licence on the Hugging Face model page, then set HF_TOKEN",
+        gated=True,
     ),
 }
 # A file that marks a folder as a backend's layout (for `models list`).
@@ -108,10 +110,13 @@ def main() -> None:
 @click.option("--backend", help="backend name (config: [model] backend)")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
               help="model directory (config: [model] model_dir)")
+@click.option("--api-key", help="require 'Authorization: Bearer KEY' on every route but the health checks "
+                                "(config: [server] api_key; COSYAPP_SERVER_API_KEY keeps it off the command line)")
 @user_errors
 def serve(config_file: Path | None, host: str | None, port: int | None, backend: str | None,
-          model_dir: Path | None) -> None:
-    """Run the HTTP service (POST /synthesize, GET /health, GET /model_info) with uvicorn."""
+          model_dir: Path | None, api_key: str | None) -> None:
+    """Run the HTTP service (POST /synthesize, the Fish Speech API /v1/*, GET /health, GET /model_info) with
+    uvicorn."""
     import uvicorn
 
     from cosyapp.engine.registry import backend_names
@@ -125,6 +130,8 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
         server = dataclasses.replace(server, host=host)
     if port:
         server = dataclasses.replace(server, port=port)
+    if api_key is not None:
+        server = dataclasses.replace(server, api_key=api_key)
     if backend:
         model = dataclasses.replace(model, backend=backend)
     if model_dir:
@@ -159,19 +166,26 @@ def models_pull(backend: str, source: str, target: Path | None, config_file: Pat
     from cosyapp.engine.registry import verify_model_dir
 
     hub = HUB_MODELS[backend]
+    settings = load_settings(config_file)
     if target is None:
-        settings = load_settings(config_file)
-        target = settings.model.model_dir if settings.model.backend == backend else PRETRAINED_DIR / hub.folder
+        target = settings.served_backends().get(backend, PRETRAINED_DIR / hub.folder)
     target = target.resolve()
-    target.mkdir(parents=True, exist_ok=True)
     if source == "hf":
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import get_token, snapshot_download
         from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
+        # HF_TOKEN and `huggingface-cli login` are huggingface_hub's own (get_token); [hub] hf_token is ours.
+        token = settings.hub.hf_token or None
+        if hub.gated and token is None and get_token() is None:
+            raise _fail(f"{hub.huggingface} is gated and no Hugging Face token is set: accept the licence at "
+                        f"https://huggingface.co/{hub.huggingface} with your account, create a read token at "
+                        "https://huggingface.co/settings/tokens, then set HF_TOKEN=hf_... (or [hub] hf_token in "
+                        "config.toml, or run `huggingface-cli login`) and run this again")
+        target.mkdir(parents=True, exist_ok=True)
         note = f" ({hub.note})" if hub.note else ""
         click.echo(f"downloading {hub.huggingface} from Hugging Face into {target}{note}")
         try:
-            snapshot_download(hub.huggingface, local_dir=target, allow_patterns=list(hub.files))
+            snapshot_download(hub.huggingface, local_dir=target, allow_patterns=list(hub.files), token=token)
         except GatedRepoError as e:
             raise _fail(f"{hub.huggingface} is gated ({hub.note}): {e}") from None
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -179,6 +193,7 @@ def models_pull(backend: str, source: str, target: Path | None, config_file: Pat
     else:
         if hub.modelscope is None:
             raise _fail(f"{backend} is published on Hugging Face only; use --source hf")
+        target.mkdir(parents=True, exist_ok=True)
         from modelscope import snapshot_download as modelscope_download
 
         click.echo(f"downloading {hub.modelscope} from ModelScope into {target}")
@@ -508,3 +523,106 @@ def play(text: str, device: int | None, instruction: str | None, prompt_wav: Pat
             raise _fail(f"the stream broke: {e}") from None
     click.echo(f"played {seconds:.2f} s of audio", err=True)
 
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: one backend in-process (engine), or the HTTP service under concurrent load (service)."""
+
+
+@bench.command("engine")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model directory (default: make a random model of --size)")
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="size of the random model")
+@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(sorted(HUB_MODELS)))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--prompt-wav", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="prompt recording (default: a synthetic tone)")
+@click.option("--tokens", type=click.IntRange(1), default=100, show_default=True,
+              help="LM tokens per request (fixed length)")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, dtype: str, prompt_wav: Path | None,
+                 tokens: int, runs: int, json_path: Path | None) -> None:
+    """Time to first chunk, real-time factor and per-stage times of one backend, in this process."""
+    from cosyapp.bench import format_engine_report, run_engine_bench
+
+    report = run_engine_bench(model_dir, size=size, backend_name=backend, device=device, dtype=dtype,
+                              prompt_wav=prompt_wav, tokens=tokens, runs=runs)
+    click.echo(format_engine_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated concurrency levels like 1,2,4,8; got {value!r}") from None
+    if any(level < 1 for level in levels):
+        raise click.BadParameter("concurrency levels must be >= 1")
+    return levels
+
+
+@bench.command("service")
+@click.option("--url", help="benchmark this running service instead of starting one")
+@config_option
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model of the started service (config: [model] model_dir)")
+@click.option("--backend", help="backend of the started service (config: [model] backend)")
+@click.option("--device", help="device of the started service (config: [model] device)")
+@click.option("--max-concurrent", type=click.IntRange(1), help="[engine] max_concurrent of the started service "
+              "(default: the highest level)")
+@click.option("--max-queue", type=click.IntRange(0), help="[engine] max_queue of the started service "
+              "(default: max(16, --poisson-requests))")
+@click.option("--levels", default="1,2,4,8,16", show_default=True, callback=_levels,
+              help="closed-loop concurrency levels; empty: none")
+@click.option("--requests", type=click.IntRange(1), default=4, show_default=True,
+              help="requests per client at each closed-loop level")
+@click.option("--fixed-length", type=click.IntRange(1), default=100, show_default=True,
+              help="LM tokens per request (fixed_length: the stop token is ignored)")
+@click.option("--text", default=None, help="text of every request (one sentence; default: a fixed English one)")
+@click.option("--poisson-rate", type=click.FloatRange(0), help="open-loop arrivals per second (default: "
+              "0.7 x the best closed-loop request rate; 0: no open-loop run)")
+@click.option("--poisson-requests", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the Poisson arrival times")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="uncounted requests before the first level")
+@click.option("--api-key", envvar="COSYAPP_API_KEY", help="bearer token, when the service requires one")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@click.option("--service-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="keep the started service's log here")
+@user_errors
+def bench_service(url: str | None, config_file: Path | None, model_dir: Path | None, backend: str | None,
+                  device: str | None, max_concurrent: int | None, max_queue: int | None, levels: tuple[int, ...],
+                  requests: int, fixed_length: int, text: str | None, poisson_rate: float | None,
+                  poisson_requests: int, seed: int, warmup: int, api_key: str | None, json_path: Path | None,
+                  service_log: Path | None) -> None:
+    """Load-test the HTTP service: closed-loop concurrency levels, then Poisson arrivals. Prints a table of
+    first-audio p50/p95/p99, real-time factor, audio seconds per second and playback underruns."""
+    from cosyapp.bench import BENCH_TEXT
+    from cosyapp.bench_service import BenchError, LoadPlan, LocalService, format_service_report, run_service_bench
+
+    plan = LoadPlan(text=text or BENCH_TEXT, fixed_length=fixed_length, levels=levels, requests_per_client=requests,
+                    poisson_rate=poisson_rate, poisson_requests=poisson_requests, seed=seed, warmup=warmup)
+    service = None
+    if url is None:
+        service = LocalService(config=config_file, model_dir=model_dir, backend=backend, device=device,
+                               max_concurrent=max_concurrent, max_queue=max_queue, log_path=service_log)
+        click.echo("starting the service ...", err=True)
+    try:
+        report = run_service_bench(plan, url=url, service=service, api_key=api_key)
+    except BenchError as e:
+        raise _fail(str(e)) from None
+    click.echo(format_service_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+main.add_command(bench)

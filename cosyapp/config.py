@@ -50,6 +50,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = field(default=50000, metadata=_rule(min=1, max=65535))
     log_level: str = field(default="info", metadata=_rule(choices=("debug", "info", "warning", "error")))
+    # Bearer token required on every route but /health and /v1/health ("" = no authentication).
+    api_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class ModelSettings:
     device: str = field(default="auto", metadata=_rule(pattern=r"auto|cpu|cuda(:[0-9]+)?"))
     dtype: str = field(default="auto", metadata=_rule(choices=("auto", "float32", "float16", "bfloat16")))
     warmup: bool = True
+    # A second backend loaded beside `backend` ("" = none), from `extra_model_dir`: /synthesize picks it with
+    # its `backend` field, and the Fish API (/v1/*) uses whichever loaded backend is "fish".
+    extra_backend: str = ""
+    extra_model_dir: Path = PROJECT_ROOT / "pretrained_models" / "openaudio-s1-mini"
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,32 @@ class CosyVoice2Settings:
     exact_final: bool = True
     random_source: bool = True
     tensorrt: bool = True
+
+
+@dataclass(frozen=True)
+class FishSettings:
+    """Options of the Fish backend (passed to `FishBackend`)."""
+
+    check_every: int = field(default=4, metadata=_rule(min=1, max=256))
+    penalty_main_history: bool = False
+
+
+@dataclass(frozen=True)
+class FishApiSettings:
+    """The Fish Speech HTTP API (/v1/tts, /v1/references/*, the async tasks)."""
+
+    # Longest `text` of /v1/tts and the async tasks in characters (upstream's --max-text-length); 0 = no limit.
+    max_text_length: int = field(default=0, metadata=_rule(min=0, max=1_000_000))
+    # Streaming format=wav starts with a WAV header; false = upstream's headerless PCM labelled audio/wav.
+    wav_stream_header: bool = True
+    # Finished async tasks (and their results) are deleted after this many hours; 0 = kept forever.
+    keep_tasks_hours: float = field(default=168.0, metadata=_rule(min=0.0, max=1e6))
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    # Hugging Face token for gated repos (fish); the HF_TOKEN variable or `huggingface-cli login` also work.
+    hf_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,12 +142,19 @@ class StorageSettings:
     def default_prompt_dir(self) -> Path:
         return self.data_dir / "default_prompt"
 
+    @property
+    def tasks_dir(self) -> Path:
+        return self.data_dir / "tasks"
+
 
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
     cosyvoice2: CosyVoice2Settings = CosyVoice2Settings()
+    fish: FishSettings = FishSettings()
+    fishapi: FishApiSettings = FishApiSettings()
+    hub: HubSettings = HubSettings()
     engine: EngineSettings = EngineSettings()
     limits: LimitsSettings = LimitsSettings()
     defaults: DefaultsSettings = DefaultsSettings()
@@ -123,16 +162,27 @@ class Settings:
     # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
     source: Path | None = None
 
-    def backend_options(self) -> dict[str, Any]:
-        """Keyword options for the configured backend's loader (its own config section, if it has one)."""
-        section = getattr(self, self.model.backend, None)
+    def backend_options(self, backend: str | None = None) -> dict[str, Any]:
+        """Keyword options for a backend's loader (its own config section, if it has one); default: the
+        configured backend."""
+        section = getattr(self, backend or self.model.backend, None)
         return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+
+    def served_backends(self) -> dict[str, Path]:
+        """Backend name -> model directory of every backend the service loads, `[model] backend` first."""
+        backends = {self.model.backend: self.model.model_dir}
+        if self.model.extra_backend:
+            backends[self.model.extra_backend] = self.model.extra_model_dir
+        return backends
 
 
 SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "model": ModelSettings,
     "cosyvoice2": CosyVoice2Settings,
+    "fish": FishSettings,
+    "fishapi": FishApiSettings,
+    "hub": HubSettings,
     "engine": EngineSettings,
     "limits": LimitsSettings,
     "defaults": DefaultsSettings,
@@ -272,6 +322,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     sections = {name: SECTIONS[name](**values.get(name, {})) for name in SECTIONS}
     settings = Settings(**sections, source=source)
     _check_backend(settings.model.backend, "[model] backend")
+    if settings.model.extra_backend:
+        _check_backend(settings.model.extra_backend, "[model] extra_backend")
+        if settings.model.extra_backend == settings.model.backend:
+            raise ConfigError(f"[model] extra_backend: {settings.model.extra_backend!r} is already [model] backend")
     if settings.limits.min_prompt_s >= settings.limits.max_prompt_s:
         raise ConfigError(f"[limits] min_prompt_s ({settings.limits.min_prompt_s}) must be below "
                           f"max_prompt_s ({settings.limits.max_prompt_s})")

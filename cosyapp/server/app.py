@@ -3,6 +3,9 @@
 The server accepts connections at once; /health answers 503 {"status": "loading"} until the backend is
 loaded (on a thread, never on the event loop) and warmed up, then {"status": "ok", ...}. A model that fails
 to load leaves the service up with /health 503 {"status": "error", "detail": why}.
+
+Routes: the seed's /synthesize, the status routes, and the Fish Speech API (`routes/fish_api.py`), every one
+behind the optional API key (`auth.py`) except the health checks.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import sys
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from cosyapp.config import Settings
+from cosyapp.server.auth import ApiKeyMiddleware
 from cosyapp.server.errors import EXCEPTION_HANDLERS
-from cosyapp.server.routes import status, synthesize
+from cosyapp.server.fish_tasks import TaskManager
+from cosyapp.server.routes import fish_api, status, synthesize
 from cosyapp.server.state import ServiceState
 
 log = logging.getLogger("cosyapp.server")
@@ -45,12 +51,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
-        if state.engine is not None:
-            await state.engine.close()
+        await app.state.fish_tasks.close()
+        for engine in state.engines.values():
+            await engine.close()
 
 
 def create_app(settings: Settings) -> Starlette:
-    app = Starlette(routes=[*status.routes, *synthesize.routes], exception_handlers=EXCEPTION_HANDLERS,
-                    lifespan=lifespan)
+    api_key = settings.server.api_key
+    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    app = Starlette(routes=[*status.routes, *synthesize.routes, *fish_api.routes], middleware=middleware,
+                    exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.service = ServiceState(settings)
+    app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)
     return app

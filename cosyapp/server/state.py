@@ -1,4 +1,4 @@
-"""What the routes share: settings, the engine once the model is loaded, and where prompt voices come from."""
+"""What the routes share: settings, one engine per loaded backend, and where prompt voices come from."""
 
 from __future__ import annotations
 
@@ -24,41 +24,54 @@ WARMUP_TEXT = "你好。"
 class ServiceState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.status = "loading"  # -> "ok" once loaded and warmed up, or "error" (see self.error)
+        self.status = "loading"  # -> "ok" once every backend is loaded and warmed up, or "error" (see self.error)
         self.error: str | None = None
-        self.engine: Engine | None = None
+        self.backends = settings.served_backends()  # name -> model dir, [model] backend first
+        self.engines: dict[str, Engine] = {}
         self.speakers = SpeakerRegistry(settings.storage.speakers_dir)
         self.default_prompt = DefaultPromptStore(settings.storage.default_prompt_dir)
 
-    def ready_engine(self) -> Engine:
-        """The engine, or a 503 that says why there is none yet."""
-        if self.status == "ok" and self.engine is not None:
-            return self.engine
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of `[model] backend` (None until loaded)."""
+        return self.engines.get(self.settings.model.backend)
+
+    def ready_engine(self, backend: str | None = None) -> Engine:
+        """The engine of `backend` (default: `[model] backend`), a 400 when the service does not load that
+        backend, or a 503 that says why there is none yet."""
+        name = backend or self.settings.model.backend
+        if name not in self.backends:
+            raise ApiError(400, f"backend {name!r} is not loaded by this service; loaded: {', '.join(self.backends)}")
+        engine = self.engines.get(name)
+        if self.status == "ok" and engine is not None:
+            return engine
         if self.status == "error":
             raise ApiError(503, f"model failed to load: {self.error}")
         raise ApiError(503, "model is loading; retry shortly", {"Retry-After": "5"})
 
     async def load(self) -> None:
-        """Load the backend off the event loop, warm it up, then report ready. Never raises."""
+        """Load every backend off the event loop (one engine each), warm them up, then report ready. Never raises."""
         model = self.settings.model
         started = time.perf_counter()
-        try:
-            engine_settings = self.settings.engine
-            backend = await asyncio.to_thread(load_backend, model.backend, model.model_dir, model.device, model.dtype,
-                                              engine_settings.max_concurrent, **self.settings.backend_options())
-            info = backend.info()
-            log.info("Loaded model type: %s from %s (%.1f s)", info.model_type, info.model_dir,
-                     time.perf_counter() - started)
-            self.engine = Engine(backend, engine_settings.max_concurrent, engine_settings.max_queue,
-                                 engine_settings.retry_after_s, engine_settings.voice_cache_size)
-            if model.warmup:
-                await self._warm_up(self.engine)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.status, self.error = "error", f"{type(e).__name__}: {e}"
-            log.error("model failed to load from %s: %s", model.model_dir, self.error, exc_info=e)
-            return
+        for name, model_dir in self.backends.items():
+            try:
+                engine_settings = self.settings.engine
+                backend = await asyncio.to_thread(load_backend, name, model_dir, model.device, model.dtype,
+                                                  engine_settings.max_concurrent, **self.settings.backend_options(name))
+                info = backend.info()
+                log.info("Loaded model type: %s from %s (%.1f s)", info.model_type, info.model_dir,
+                         time.perf_counter() - started)
+                engine = Engine(backend, engine_settings.max_concurrent, engine_settings.max_queue,
+                                engine_settings.retry_after_s, engine_settings.voice_cache_size)
+                self.engines[name] = engine
+                if model.warmup:
+                    await self._warm_up(engine)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.status, self.error = "error", f"{type(e).__name__}: {e}"
+                log.error("model failed to load from %s: %s", model_dir, self.error, exc_info=e)
+                return
         self.status = "ok"
         log.info("ready (%.1f s after start)", time.perf_counter() - started)
 

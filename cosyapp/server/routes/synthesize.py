@@ -1,7 +1,10 @@
 """POST /synthesize: the seed's streaming endpoint.
 
 Form fields (multipart/form-data, or application/x-www-form-urlencoded when no file is sent):
-    text (required), instruction, prompt_text, prompt_wav (file), speaker (a registered id), format (pcm|wav)
+    text (required), instruction, prompt_text, prompt_wav (file), speaker (a registered id), format (pcm|wav),
+    fixed_length (benchmarking aid: generate exactly N LM tokens per sentence, ignoring the stop token, so
+    load tests on random weights produce comparable amounts of audio),
+    backend (one of the loaded backends, e.g. fish; default: [model] backend)
 Mode (docs/ARCHITECTURE.md): instruction -> instruct2; else prompt_text -> zero_shot; else a speaker ->
 zero_shot with its stored transcript (cross_lingual when it has none); else prompt_wav -> cross_lingual;
 else the configured default instruction (instruct2) with the default prompt voice.
@@ -34,13 +37,15 @@ from cosyapp.server.state import ServiceState
 
 log = logging.getLogger("cosyapp.request")
 
-FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format")
+FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format", "fixed_length", "backend")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 FORMATS = {"pcm": "application/octet-stream", "wav": "audio/wav"}
 END_OF_PROMPT = "<|endofprompt|>"
 # Room for the text fields and multipart framing on top of the largest allowed upload.
 FIELDS_ALLOWANCE = 256 * 1024
 FIELD_PART_LIMIT = 64 * 1024
+# Largest fixed_length: the LM's default context per stream (the backend refuses what does not fit its room).
+MAX_FIXED_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class SynthesisForm:
     prompt_wav: bytes | None
     speaker: str | None
     format: str
+    fixed_length: int | None = None
+    backend: str | None = None
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -105,6 +112,16 @@ def _text_field(form: FormData, name: str, limits: LimitsSettings) -> str | None
     return value or None
 
 
+def _fixed_length_field(form: FormData, limits: LimitsSettings) -> int | None:
+    value = _text_field(form, "fixed_length", limits)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 6 and 1 <= int(value) <= MAX_FIXED_LENGTH):
+        raise ApiError(400, f"fixed_length must be a whole number of LM tokens from 1 to {MAX_FIXED_LENGTH}; "
+                            f"got {value[:40]!r}")
+    return int(value)
+
+
 async def _parse_form(form: FormData, limits: LimitsSettings) -> SynthesisForm:
     unknown = sorted(set(form.keys()) - set(FIELDS))
     if unknown:
@@ -133,7 +150,8 @@ async def _parse_form(form: FormData, limits: LimitsSettings) -> SynthesisForm:
         raise ApiError(400, f"format must be one of {', '.join(FORMATS)}; got {audio_format!r}")
     return SynthesisForm(text=text, instruction=_text_field(form, "instruction", limits),
                          prompt_text=_text_field(form, "prompt_text", limits), prompt_wav=prompt_wav,
-                         speaker=speaker, format=audio_format)
+                         speaker=speaker, format=audio_format, fixed_length=_fixed_length_field(form, limits),
+                         backend=_text_field(form, "backend", limits))
 
 
 def choose_mode(form: SynthesisForm, speaker_text: str | None, default_instruction: str
@@ -215,6 +233,9 @@ async def _stream_body(stream: SynthesisStream, first: bytes, audio_format: str,
 
 async def _voice_and_mode(state: ServiceState, form: SynthesisForm, engine: Engine
                           ) -> tuple[Voice, Mode, str | None, str | None]:
+    if form.instruction and Mode.INSTRUCT2.value not in engine.info.modes:
+        raise ApiError(400, f"the {engine.info.model_type} model takes no 'instruction' (no instruct2 mode); "
+                            "send prompt_wav with prompt_text, or a speaker, to choose the voice")
     speaker_text = None
     if form.speaker is not None:
         voice, stored = await state.speaker_voice(engine, form.speaker)
@@ -240,6 +261,8 @@ async def synthesize(request: Request) -> Response:
     try:
         engine = state.ready_engine()
         form = await read_form(request, state.settings.limits)
+        if form.backend is not None:
+            engine = state.ready_engine(form.backend)
         record.text_chars = len(form.text)
         record.sample_rate = engine.info.sample_rate
         admission = engine.admit()
@@ -247,7 +270,7 @@ async def synthesize(request: Request) -> Response:
             voice, mode, instruction, prompt_text = await _voice_and_mode(state, form, engine)
             record.mode = mode.value
             synthesis = SynthesisRequest(text=form.text, voice=voice, mode=mode, instruction=instruction,
-                                         prompt_text=prompt_text)
+                                         prompt_text=prompt_text, fixed_length=form.fixed_length)
             stream = await engine.start(synthesis, admission)
         except BaseException:
             admission.release()  # start() never ran or failed: give the place back

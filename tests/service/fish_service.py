@@ -1,0 +1,80 @@
+"""Helpers of the Fish API service tests: the tiny Fish model, and `python -m cosyapp serve` running it on a
+loopback port (configured through COSYAPP_* variables, like tests/service/conftest.py does for CosyVoice2)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from service_live import REPO_ROOT, LiveService, stop, wait_until_ready
+
+FISH_GOLDEN = REPO_ROOT.parent / "shared" / "golden" / "fish"
+GOLDEN_TINY = FISH_GOLDEN / "tiny"
+
+
+def golden_model_available() -> bool:
+    return (GOLDEN_TINY / "config.json").is_file() and (FISH_GOLDEN / "goldens.json").is_file()
+
+
+def tiny_fish_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden tiny Fish model (its outputs are pinned by the goldens), else a fresh `make_tiny` one."""
+    if golden_model_available():
+        return GOLDEN_TINY
+    from cosyapp.engine.registry import make_tiny
+
+    out = tmp_path_factory.mktemp("fish_tiny")
+    make_tiny("fish", out)
+    return out
+
+
+def fish_env(port: int, model_dir: Path, data_dir: Path, **settings: str) -> dict[str, str]:
+    """Environment of a service whose [model] backend is fish; `settings` are further COSYAPP_* variables."""
+    return {
+        **{name: value for name, value in os.environ.items() if not name.startswith("COSYAPP_")},
+        "COSYAPP_CONFIG": str(REPO_ROOT / "config.toml"),
+        "COSYAPP_SERVER_HOST": "127.0.0.1",
+        "COSYAPP_SERVER_PORT": str(port),
+        "COSYAPP_MODEL_BACKEND": "fish",
+        "COSYAPP_MODEL_MODEL_DIR": str(model_dir),
+        "COSYAPP_MODEL_DEVICE": "cpu",
+        "COSYAPP_MODEL_WARMUP": "false",
+        "COSYAPP_STORAGE_DATA_DIR": str(data_dir),
+        "OMP_NUM_THREADS": "2",
+        **settings,
+    }
+
+
+@contextlib.contextmanager
+def running_service(workdir: Path, env: dict[str, str], *args: str) -> Iterator[LiveService]:
+    """`python -m cosyapp serve ARGS` in `workdir` until the block ends (stopped with SIGTERM, like systemd)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = int(env["COSYAPP_SERVER_PORT"])
+    log_path = workdir / f"service-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "cosyapp", "serve", *args], cwd=workdir, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log_path)
+        yield LiveService(url, port, Path(env["COSYAPP_STORAGE_DATA_DIR"]), log_path, env)
+    finally:
+        stop(process)
+
+
+def wait_for_status(url: str, step_id: str, statuses: set[str], headers: dict[str, str] | None = None,
+                    timeout_s: float = 120.0) -> dict:
+    """Poll /get_task_status until the task reaches one of `statuses`; returns the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = httpx.get(f"{url}/get_task_status/{step_id}", headers=headers, timeout=10).json()
+        if answer.get("status") in statuses or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
