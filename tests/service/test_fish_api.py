@@ -482,3 +482,9 @@ def test_answer_format_negotiation(service):
     answer = httpx.get(url, headers={**AUTH, "accept": "application/msgpack, application/json"})
     assert answer.headers["content-type"] == "application/json"
     assert httpx.get(url, params={"format": "xml"}, headers=AUTH).status_code == 400
+
+
+def test_tts_accepts_the_documented_range_edges(service):
+    for fields in ({"repetition_penalty": 2.0}, {"repetition_penalty": 0.9}, {"top_p": 1.0}, {"temperature": 1.0}):
+        answer = httpx.post(f"{service.url}/v1/tts", json=_tts(**fields), headers=AUTH, timeout=120)
+        assert answer.status_code == 200, (fields, answer.text)

@@ -107,7 +107,7 @@ def test_modes_choose_the_transcript(backend):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 2.0}, "repetition"),
+    ({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 2.01}, "repetition"),
     ({"max_new_tokens": 1}, "max_new_tokens"), ({"max_new_tokens": "many"}, "max_new_tokens"),
     ({"chunk_length": -1}, "chunk_length"), ({"top_k": 30}, "unknown"),
 ])

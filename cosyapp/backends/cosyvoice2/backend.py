@@ -43,7 +43,7 @@ class CosyVoice2Backend:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
                  random_source: bool = True, batching: bool = True, incremental_flow: bool = True,
-                 exact_final: bool = True, tensorrt: bool = True) -> None:
+                 exact_final: bool = True, flow_left_chunks: int = -1, tensorrt: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
@@ -57,7 +57,8 @@ class CosyVoice2Backend:
         self.trt_estimator = load_trt_estimator(self.flow, self.model_dir) if tensorrt else None
         self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
-                                   incremental_flow=incremental_flow, exact_final=exact_final)
+                                   incremental_flow=incremental_flow, exact_final=exact_final,
+                                   flow_left_chunks=flow_left_chunks)
         self.lm_context = lm_context
         # Concurrent streams share LM forwards through the batcher; without it each runs its own.
         self.lm_batcher = LMBatcher(self.llm, max_streams) if batching else None

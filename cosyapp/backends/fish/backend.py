@@ -67,8 +67,9 @@ def sampling_params(options: dict[str, Any] | None, penalty_main_history: bool =
         raise InputError(f"temperature must be in (0, 2), got {temperature}")
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 < repetition_penalty < 2:
-        raise InputError(f"repetition_penalty must be in (0, 2), got {repetition_penalty}")
+    # Upstream's sampler asserts < 2, yet its API (and ours) documents 0.9..2.0: 2.0 is a fine penalty.
+    if not 0 < repetition_penalty <= 2:
+        raise InputError(f"repetition_penalty must be in (0, 2], got {repetition_penalty}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0 \
             or max_new_tokens == 1:
         raise InputError(f"max_new_tokens must be 0 (up to the context) or an integer >= 2, got {max_new_tokens!r}")
