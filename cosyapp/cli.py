@@ -449,6 +449,8 @@ def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--speaker", help="a registered speaker id instead of --prompt-wav"),
         click.option("--url", envvar="COSYAPP_URL",
                      help="service URL (default: $COSYAPP_URL, else http://127.0.0.1:<config port>)"),
+        click.option("--api-key", envvar="COSYAPP_API_KEY",
+                     help="bearer key of a service started with an API key (default: $COSYAPP_API_KEY)"),
         config_option,
     ]):
         command = option(command)
@@ -466,7 +468,7 @@ def _service_url(url: str | None, config_file: Path | None) -> str:
 @_client_options
 @user_errors
 def synth(text: str, output: Path, instruction: str | None, prompt_wav: Path | None, prompt_text: str | None,
-          speaker: str | None, url: str | None, config_file: Path | None) -> None:
+          speaker: str | None, url: str | None, api_key: str | None, config_file: Path | None) -> None:
     """Synthesize TEXT with a running service and save it, writing audio as it streams in."""
     import httpx
 
@@ -478,7 +480,7 @@ def synth(text: str, output: Path, instruction: str | None, prompt_wav: Path | N
     first_audio_s = None
     written = 0
     with synthesize_stream(url, text, instruction=instruction, prompt_text=prompt_text, prompt_wav=prompt_wav,
-                           speaker=speaker) as audio, open(output, "wb") as f:
+                           speaker=speaker, api_key=api_key) as audio, open(output, "wb") as f:
         is_wav = output.suffix.lower() == ".wav"
         if is_wav:
             f.write(wav_header(audio.sample_rate, audio.channels, 0))  # sizes patched below
@@ -506,7 +508,7 @@ def synth(text: str, output: Path, instruction: str | None, prompt_wav: Path | N
 @_client_options
 @user_errors
 def play(text: str, device: int | None, instruction: str | None, prompt_wav: Path | None, prompt_text: str | None,
-         speaker: str | None, url: str | None, config_file: Path | None) -> None:
+         speaker: str | None, url: str | None, api_key: str | None, config_file: Path | None) -> None:
     """Synthesize TEXT with a running service and play it through PyAudio as the bytes arrive."""
     import httpx
 
@@ -515,7 +517,7 @@ def play(text: str, device: int | None, instruction: str | None, prompt_wav: Pat
 
     url = _service_url(url, config_file)
     with synthesize_stream(url, text, instruction=instruction, prompt_text=prompt_text, prompt_wav=prompt_wav,
-                           speaker=speaker) as audio:
+                           speaker=speaker, api_key=api_key) as audio:
         output = PyAudioOutput(audio.sample_rate, audio.channels, device)
         try:
             seconds = play_stream(audio.chunks, audio.sample_rate, audio.channels, output=output)

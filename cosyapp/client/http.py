@@ -25,8 +25,9 @@ class AudioStream:
 @contextlib.contextmanager
 def synthesize_stream(url: str, text: str, *, instruction: str | None = None, prompt_text: str | None = None,
                       prompt_wav: str | Path | None = None, speaker: str | None = None,
-                      timeout_s: float = 600.0) -> Iterator[AudioStream]:
-    """POST /synthesize and yield the PCM stream while it is being produced."""
+                      api_key: str | None = None, timeout_s: float = 600.0) -> Iterator[AudioStream]:
+    """POST /synthesize and yield the PCM stream while it is being produced. `api_key`: the bearer key of
+    a service that requires one."""
     fields = {"text": text, "instruction": instruction, "prompt_text": prompt_text, "speaker": speaker}
     data = {name: value for name, value in fields.items() if value}
     endpoint = url.rstrip("/") + "/synthesize"
@@ -36,7 +37,8 @@ def synthesize_stream(url: str, text: str, *, instruction: str | None = None, pr
             files = {"prompt_wav": (Path(prompt_wav).name, stack.enter_context(open(prompt_wav, "rb")))}
         client = stack.enter_context(httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0)))
         try:
-            response = stack.enter_context(client.stream("POST", endpoint, data=data, files=files))
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+            response = stack.enter_context(client.stream("POST", endpoint, data=data, files=files, headers=headers))
         except httpx.HTTPError as e:
             raise ServiceError(f"cannot reach the service at {url}: {e}") from None
         if response.status_code != 200:

@@ -488,3 +488,17 @@ def test_tts_accepts_the_documented_range_edges(service):
     for fields in ({"repetition_penalty": 2.0}, {"repetition_penalty": 0.9}, {"top_p": 1.0}, {"temperature": 1.0}):
         answer = httpx.post(f"{service.url}/v1/tts", json=_tts(**fields), headers=AUTH, timeout=120)
         assert answer.status_code == 200, (fields, answer.text)
+
+
+def test_cli_client_sends_the_api_key(service, tmp_path):
+    from click.testing import CliRunner
+
+    from cosyapp.cli import main
+
+    out = tmp_path / "out.wav"
+    refused = CliRunner().invoke(main, ["synth", "Hello.", "-o", str(out), "--url", service.url])
+    assert refused.exit_code != 0 and "401" in refused.output
+    accepted = CliRunner().invoke(main, ["synth", "Hello.", "-o", str(out), "--url", service.url,
+                                         "--api-key", API_KEY])
+    assert accepted.exit_code == 0, accepted.output
+    assert out.stat().st_size > 44
