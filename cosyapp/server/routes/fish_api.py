@@ -50,11 +50,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, check_duration, decode_audio, encode_audio, to_s16le, wav_header
 from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
 from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
+from cosyapp.server.bodies import limited_request, media_type
 from cosyapp.server.errors import ApiError, as_api_error
 from cosyapp.server.fish_tasks import COMPLETED, STEP_ID, Job, Task, TaskConflict, TaskManager
 from cosyapp.server.routes.synthesize import AudioStreamResponse, RequestRecord
@@ -87,50 +87,23 @@ ASYNC_FIELDS = ("step_id", *(name for name in TTS_FIELDS if name != "streaming")
 # ----------------------------------------------------------------------------------------- wire format
 
 
-def _limited_receive(receive: Receive, limit: int) -> Receive:
-    """A `receive` that answers 413 once the request body grows past `limit` bytes (chunked uploads too)."""
-    received = 0
-
-    async def receive_limited() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise ApiError(413, f"request body too large: the limit is {limit // 1024} KiB")
-        return message
-
-    return receive_limited
-
-
-def _check_declared_length(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body too large: {int(declared) // 1024} KiB, the limit is {limit // 1024} KiB")
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
 def body_limit(state: ServiceState) -> int:
     return MAX_INLINE_AUDIOS * (state.settings.limits.max_upload_bytes * 4 // 3 + 4) + BODY_ALLOWANCE
 
 
 async def read_payload(request: Request, limit: int) -> Any:
     """The request body decoded from msgpack or JSON (by Content-Type); 413 past `limit` bytes."""
-    media_type = _media_type(request)
-    if media_type not in (*MSGPACK_TYPES, JSON_TYPE):
-        raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}: send application/msgpack or "
+    content_type = media_type(request)
+    if content_type not in (*MSGPACK_TYPES, JSON_TYPE):
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send application/msgpack or "
                             "application/json")
-    _check_declared_length(request, limit)
-    body = await Request(request.scope, _limited_receive(request.receive, limit)).body()
+    body = await limited_request(request, limit).body()
     if not body:
         raise ApiError(400, "the request body is empty")
     try:
-        return ormsgpack.unpackb(body) if media_type in MSGPACK_TYPES else json.loads(body)
+        return ormsgpack.unpackb(body) if content_type in MSGPACK_TYPES else json.loads(body)
     except (ormsgpack.MsgpackDecodeError, ValueError) as e:
-        kind = "msgpack" if media_type in MSGPACK_TYPES else "JSON"
+        kind = "msgpack" if content_type in MSGPACK_TYPES else "JSON"
         raise ApiError(400, f"the request body is not valid {kind}: {e}") from None
 
 
@@ -537,12 +510,11 @@ async def vqgan_decode(request: Request) -> Response:
 async def _read_add_form(request: Request, state: ServiceState) -> tuple[Any, Any, Any, str | None]:
     """(id, text, audio bytes, file name) from multipart (the seed) or from a msgpack/JSON body."""
     max_bytes = state.settings.limits.max_upload_bytes
-    if _media_type(request) != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         fields = Fields(await read_payload(request, body_limit(state)), ("id", "audio", "text"))
         return fields.get("id"), fields.get("text"), audio_bytes(fields.get("audio"), "audio", max_bytes), None
     limit = max_bytes + BODY_ALLOWANCE
-    _check_declared_length(request, limit)
-    limited = Request(request.scope, _limited_receive(request.receive, limit))
+    limited = limited_request(request, limit)
     form = await limited.form(max_files=1, max_fields=3, max_part_size=FORM_PART_LIMIT)
     try:
         unknown = sorted(set(form.keys()) - {"id", "audio", "text"})

@@ -26,12 +26,13 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from cosyapp.audio import pcm_headers, to_s16le, wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.scheduler import Engine, SynthesisStream
 from cosyapp.engine.types import Mode, SynthesisRequest, Voice
+from cosyapp.server.bodies import limited_request, media_type
 from cosyapp.server.errors import ApiError, as_api_error, error_response
 from cosyapp.server.state import ServiceState
 
@@ -60,32 +61,12 @@ class SynthesisForm:
     backend: str | None = None
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """A `receive` that refuses request bodies over `limit` bytes while they are read (chunked uploads)."""
-    received = 0
-
-    async def receive_limited() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise ApiError(413, f"request body too large: the limit is {limit // 1024} KiB")
-        return message
-
-    return receive_limited
-
-
 async def read_form(request: Request, limits: LimitsSettings) -> SynthesisForm:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in FORM_TYPES:
-        raise ApiError(415, f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
+    content_type = media_type(request)
+    if content_type not in FORM_TYPES:
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
                             "(or application/x-www-form-urlencoded) with at least a 'text' field")
-    limit = limits.max_upload_bytes + FIELDS_ALLOWANCE
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body too large: {int(declared) // 1024} KiB, the limit is {limit // 1024} KiB")
-    limited = Request(request.scope, _limited(request.receive, limit))
+    limited = limited_request(request, limits.max_upload_bytes + FIELDS_ALLOWANCE)
     form = await limited.form(max_files=1, max_fields=2 * len(FIELDS), max_part_size=FIELD_PART_LIMIT)
     try:
         return await _parse_form(form, limits)
