@@ -62,8 +62,9 @@ class CosyVoice2Backend:
         self.lm_context = lm_context
         # Concurrent streams share LM forwards through the batcher; without it each runs its own.
         self.lm_batcher = LMBatcher(self.llm, max_streams) if batching else None
-        # Each stream owns one row of the LM's KV cache for the whole request.
-        self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Each stream owns one row of the LM's KV cache for the whole request. The lowest free row is handed
+        # out, so the batched decode (rows 0..highest waiting row) stays as small as the number of streams.
+        self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
         for row in range(max_streams):
             self._free_rows.put(row)
 
