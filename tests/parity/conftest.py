@@ -1,4 +1,5 @@
-"""Parity-test fixtures: `fish_golden` (the Fish golden folder) and the Fish models loaded from it."""
+"""Parity-test fixtures: the CosyVoice2 golden settings, config and vocoder shared by several test files;
+`fish_golden` (the Fish golden folder) and the Fish models loaded from it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
+from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
+
 
 def _root_conftest():
     """tests/conftest.py as a module. Both conftests are top-level modules named `conftest`, so a plain
@@ -23,6 +27,21 @@ def _root_conftest():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def settings(cosyvoice2_golden: Path) -> dict:
+    return json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def config(cosyvoice2_golden: Path) -> CosyVoice2Config:
+    return CosyVoice2Config.from_model_dir(cosyvoice2_golden / "tiny")
+
+
+@pytest.fixture(scope="module")
+def hift(cosyvoice2_golden: Path, config: CosyVoice2Config) -> HiFTGenerator:
+    return HiFTGenerator.from_pretrained(cosyvoice2_golden / "tiny", config)
 
 
 @pytest.fixture(scope="session")

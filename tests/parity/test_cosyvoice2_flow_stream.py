@@ -37,11 +37,6 @@ def stream_golden(cosyvoice2_golden: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def config(cosyvoice2_golden: Path) -> CosyVoice2Config:
-    return CosyVoice2Config.from_model_dir(cosyvoice2_golden / "tiny")
-
-
-@pytest.fixture(scope="module")
 def flow(cosyvoice2_golden: Path, config: CosyVoice2Config) -> CosyVoice2Flow:
     torch.set_num_threads(2)
     return CosyVoice2Flow.from_pretrained(cosyvoice2_golden / "tiny", config)

@@ -8,7 +8,6 @@ files and bad prompt audio fail with clear errors.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -36,11 +35,6 @@ FRONTEND_FILES = ("campplus.onnx", "speech_tokenizer_v2.onnx", "CosyVoice-BlankE
 @pytest.fixture(scope="module")
 def golden(cosyvoice2_golden: Path) -> dict[str, np.ndarray]:
     return dict(np.load(cosyvoice2_golden / "frontend.npz"))
-
-
-@pytest.fixture(scope="module")
-def settings(cosyvoice2_golden: Path) -> dict:
-    return json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

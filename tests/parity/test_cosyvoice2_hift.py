@@ -5,7 +5,6 @@ Tolerances (README 5): f0 1e-2 Hz, source and waveforms 1e-3 abs (waveform peak 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +23,6 @@ WAVE_TOL = 1e-3
 @pytest.fixture(scope="module")
 def golden(cosyvoice2_golden: Path) -> dict[str, np.ndarray]:
     return dict(np.load(cosyvoice2_golden / "hift.npz"))
-
-
-@pytest.fixture(scope="module")
-def settings(cosyvoice2_golden: Path) -> dict:
-    return json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def config(cosyvoice2_golden: Path) -> CosyVoice2Config:
-    return CosyVoice2Config.from_model_dir(cosyvoice2_golden / "tiny")
-
-
-@pytest.fixture(scope="module")
-def hift(cosyvoice2_golden: Path, config: CosyVoice2Config) -> HiFTGenerator:
-    return HiFTGenerator.from_pretrained(cosyvoice2_golden / "tiny", config)
 
 
 def mel_of(golden: dict[str, np.ndarray], name: str) -> torch.Tensor:

@@ -6,7 +6,6 @@ the incremental KV-cache path like upstream's did, and the seeded sampling must 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,6 @@ def llm_npz(cosyvoice2_golden: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def frontend_npz(cosyvoice2_golden: Path) -> dict[str, np.ndarray]:
     return dict(np.load(cosyvoice2_golden / "frontend.npz"))
-
-
-@pytest.fixture(scope="module")
-def settings(cosyvoice2_golden: Path) -> dict:
-    return json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

@@ -46,16 +46,6 @@ def golden(cosyvoice2_golden: Path) -> Golden:
                   json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8")))
 
 
-@pytest.fixture(scope="module")
-def config(cosyvoice2_golden: Path) -> CosyVoice2Config:
-    return CosyVoice2Config.from_model_dir(cosyvoice2_golden / "tiny")
-
-
-@pytest.fixture(scope="module")
-def hift(cosyvoice2_golden: Path, config: CosyVoice2Config) -> HiFTGenerator:
-    return HiFTGenerator.from_pretrained(cosyvoice2_golden / "tiny", config)
-
-
 class ReplayFlow:
     """Checks each flow call against upstream's recorded call and returns upstream's mel for it."""
 
