@@ -1,4 +1,5 @@
-"""Engine benchmark: time to first chunk, real-time factor and per-stage times of one backend.
+"""Engine benchmark: time to first chunk, real-time factor and per-stage times of one backend, and
+optionally a chunk profile: flow and vocoder time of every streamed chunk along one long utterance.
 
 Runs on random-weight models too: `fixed_length` makes the LM produce exactly N tokens per sentence, so
 runs are comparable whatever the weights. Used by `cosyapp bench engine` and scripts/bench_engine.py.
@@ -17,11 +18,19 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 from cosyapp.engine.registry import load_backend, make_tiny
 from cosyapp.engine.stats import StageTimes
 from cosyapp.engine.types import Mode, SynthesisRequest
 
 BENCH_TEXT = "Streaming speech synthesis turns text into audio while the rest is still being generated."
+# Warm-up length before the chunk profile: enough for CosyVoice2's schedule (25 + 50, then 100-token hops) to
+# make two full-size hops.
+LONG_WARM_UP_TOKENS = 300
+# Decode-step timing: the position every row decodes at (prompt text + prompt speech + some speech tokens).
+DECODE_POSITION = 300
+DECODE_REPEATS = 30
 
 
 def machine_description() -> str:
@@ -32,15 +41,20 @@ def machine_description() -> str:
 
 def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: str = "cosyvoice2",
                      device: str = "auto", dtype: str = "auto", prompt_wav: Path | None = None,
-                     tokens: int = 100, runs: int = 3, text: str = BENCH_TEXT) -> dict[str, Any]:
-    """Load (or make) a model, prepare one voice, then stream `runs` requests of `tokens` LM tokens each."""
+                     tokens: int = 100, runs: int = 3, text: str = BENCH_TEXT, long_tokens: int = 0,
+                     backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load (or make) a model, prepare one voice, then stream `runs` requests of `tokens` LM tokens each.
+
+    `long_tokens` > 0 adds one streaming request of that many LM tokens, profiled chunk by chunk
+    (`chunk_profile`). `backend_options` go to the backend as its own options (e.g. flow_left_chunks)."""
     model_label = str(model_dir) if model_dir is not None else f"random {size} {backend_name} model"
+    backend_options = dict(backend_options or {})
     with tempfile.TemporaryDirectory(prefix="cosyapp-bench-") as scratch:
         if model_dir is None:
             model_dir = Path(scratch) / f"random-{size}"
             make_tiny(backend_name, model_dir, size=size)
         start = time.perf_counter()
-        backend = load_backend(backend_name, model_dir, device=device, dtype=dtype)
+        backend = load_backend(backend_name, model_dir, device=device, dtype=dtype, **backend_options)
         load_s = time.perf_counter() - start
         rate = backend.info().sample_rate
         if prompt_wav is not None:
@@ -73,11 +87,31 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
             elapsed = time.perf_counter() - start
             results.append({"ttfc_s": first, "elapsed_s": elapsed, "audio_s": samples / rate,
                             "rtf": elapsed / (samples / rate)})
+
+        decode_steps = decode_step_times(backend.llm) if isinstance(getattr(backend, "llm", None), CosyVoice2LM) \
+            else None
+        profile = None
+        if long_tokens > 0:
+            # The short requests above never reach the full-size hop; without this its first call would also
+            # pay for the first run of that shape (allocator, kernel choice) and make the profile's baseline slow.
+            warm_up = SynthesisRequest(text=text, voice=voice, mode=Mode.CROSS_LINGUAL,
+                                       fixed_length=min(long_tokens, LONG_WARM_UP_TOKENS))
+            for _ in backend.synthesize(warm_up):
+                pass
+            long_stats = StageTimes()
+            request = SynthesisRequest(text=text, voice=voice, mode=Mode.CROSS_LINGUAL, seed=0,
+                                       fixed_length=long_tokens, stats=long_stats)
+            start = time.perf_counter()
+            chunk_samples = [len(chunk) for chunk in backend.synthesize(request)]
+            profile = chunk_profile(chunk_samples, long_stats.seconds["flow_chunk"],
+                                    long_stats.seconds["vocoder_chunk"], long_tokens, rate,
+                                    elapsed_s=time.perf_counter() - start)
     stages = stats.summary()
-    return {
+    report = {
         "machine": machine_description(),
         "model": model_label,
         "device": str(getattr(backend, "device", device)),
+        "backend_options": backend_options,
         "tokens_per_request": tokens,
         "load_s": load_s,
         "voice_prepare_s": voice_s,
@@ -88,13 +122,138 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
         "stages_ms": {name: round(v["mean_ms"], 2) for name, v in stages.items()},
         "stage_counts": {name: v["count"] for name, v in stages.items()},
     }
+    if decode_steps is not None:
+        report["decode_step"] = decode_steps
+    if profile is not None:
+        report["chunk_profile"] = profile
+    return report
+
+
+@torch.inference_mode()
+def decode_step_times(llm: CosyVoice2LM) -> dict[str, Any]:
+    """Time of one batched LM decode step per batch size: the eager step (rows 0..b-1, attention bounded
+    by the host-side length) against the fixed-shape step the batcher uses on a GPU (CUDA graphs; on the
+    CPU the same fixed shapes run eagerly). Run with no stream active: it writes into cache rows 0..b-1."""
+    capture = llm.device.type == "cuda"
+    step = StaticDecodeStep(llm, capture=capture)
+    position = min(DECODE_POSITION, llm.qwen.max_seq_len - 1)
+    steps = {}
+    for size in step.sizes:
+        x = llm.speech_embedding(torch.zeros(size, dtype=torch.long, device=llm.device)).unsqueeze(1)
+        positions = torch.full((size, 1), position, device=llm.device)
+        eager_ms = _mean_ms(lambda: llm.speech_logp(llm(x, positions, 0, position + 1)[:, -1]), llm.device)
+        fixed_ms = _mean_ms(lambda: step(x, positions), llm.device)
+        steps[size] = {"eager_ms": eager_ms, "fixed_ms": fixed_ms}
+    return {"fixed_step": "CUDA graphs" if capture else "fixed shapes, eager (no CUDA device)",
+            "position": position, "steps": steps}
+
+
+def _mean_ms(run: Any, device: torch.device) -> float:
+    for _ in range(3):  # warm-up (and the graph capture)
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(DECODE_REPEATS):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000.0 * (time.perf_counter() - start) / DECODE_REPEATS
+
+
+def chunk_profile(chunk_samples: list[int], flow_s: list[float], vocoder_s: list[float], tokens: int,
+                  sample_rate: int, elapsed_s: float) -> dict[str, Any]:
+    """Per-chunk table of one streaming request of `tokens` LM tokens: the audio each chunk carries (in LM
+    tokens and seconds) with the flow and vocoder time of the call that made it, in stream order.
+
+    Token positions come from the audio itself: the request's `tokens` tokens became all its samples, so a
+    chunk of k samples carries k * tokens / total samples tokens' worth of audio. The streaming schedule
+    grows its hop to a largest size and keeps it until the final call, so the chunks of that size (all but
+    the last, which flushes the rest) cost the same work if nothing grows along the utterance: the first
+    and last of them are compared."""
+    if not (len(chunk_samples) == len(flow_s) == len(vocoder_s)):
+        raise ValueError(f"expected one flow and one vocoder call per chunk, got {len(chunk_samples)} chunks, "
+                         f"{len(flow_s)} flow and {len(vocoder_s)} vocoder calls")
+    total = sum(chunk_samples)
+    if total == 0:
+        raise ValueError("the request produced no audio")
+    samples_per_token = total / tokens
+    chunks = []
+    position = 0
+    for index, (samples, flow, vocoder) in enumerate(zip(chunk_samples, flow_s, vocoder_s), start=1):
+        chunks.append({
+            "index": index,
+            "start_token": round(position / samples_per_token, 2),
+            "end_token": round((position + samples) / samples_per_token, 2),
+            "tokens": round(samples / samples_per_token, 2),
+            "audio_s": samples / sample_rate,
+            "flow_ms": 1000.0 * flow,
+            "vocoder_ms": 1000.0 * vocoder,
+            "final": index == len(chunk_samples),
+        })
+        position += samples
+    hops = chunks[:-1]
+    full_hop_tokens = max((chunk["tokens"] for chunk in hops), default=None)
+    full_hops = [chunk for chunk in hops if chunk["tokens"] == full_hop_tokens]
+    profile: dict[str, Any] = {
+        "tokens": tokens,
+        "audio_s": total / sample_rate,
+        "elapsed_s": elapsed_s,
+        "rtf": elapsed_s / (total / sample_rate),
+        "chunks": chunks,
+        "full_hop_tokens": full_hop_tokens,
+        "full_hop_indices": [chunk["index"] for chunk in full_hops],
+        "first_full_hop_flow_ms": None,
+        "last_full_hop_flow_ms": None,
+        "flow_ratio": None,
+        "vocoder_ratio": None,
+    }
+    if len(full_hops) >= 2:
+        first, last = full_hops[0], full_hops[-1]
+        profile["first_full_hop_flow_ms"] = first["flow_ms"]
+        profile["last_full_hop_flow_ms"] = last["flow_ms"]
+        profile["flow_ratio"] = last["flow_ms"] / first["flow_ms"]
+        profile["vocoder_ratio"] = last["vocoder_ms"] / first["vocoder_ms"]
+    return profile
+
+
+def format_chunk_profile(profile: dict[str, Any]) -> str:
+    lines = [
+        f"chunk profile: one streaming request of {profile['tokens']} LM tokens ({profile['audio_s']:.2f} s audio, "
+        f"RTF {profile['rtf']:.3f})",
+        "  tokens: the LM tokens whose audio the chunk carries (each chunk but the last holds back a short",
+        "  tail for the cross-fade with the next, so the first is a little short of its hop and the last long)",
+        "  chunk     tokens (from - to)    flow ms  vocoder ms",
+    ]
+    for chunk in profile["chunks"]:
+        span = f"{chunk['tokens']:g} ({chunk['start_token']:g} - {chunk['end_token']:g})"
+        note = "  final call" if chunk["final"] else ""
+        lines.append(f"  {chunk['index']:5d}  {span:>22}  {chunk['flow_ms']:9.2f}  {chunk['vocoder_ms']:10.2f}{note}")
+    size = profile["full_hop_tokens"]
+    if profile["flow_ratio"] is None:
+        lines.append("flow per chunk: fewer than two hops of the full size to compare; use more tokens")
+        return "\n".join(lines)
+    first, last = profile["full_hop_indices"][0], profile["full_hop_indices"][-1]
+    lines += [
+        f"flow per chunk: first {size:g}-token hop (chunk {first}) {profile['first_full_hop_flow_ms']:.2f} ms, "
+        f"last {size:g}-token hop (chunk {last}) {profile['last_full_hop_flow_ms']:.2f} ms, "
+        f"ratio {profile['flow_ratio']:.2f}",
+        f"  (hops of the same size compared; the shorter first hops and the final call are left out; "
+        f"vocoder ratio {profile['vocoder_ratio']:.2f})",
+    ]
+    return "\n".join(lines)
 
 
 def format_engine_report(report: dict[str, Any]) -> str:
     stages = report["stages_ms"]
+    options = report.get("backend_options") or {}
     lines = [
         f"machine: {report['machine']}",
         f"model: {report['model']} ({report['device']}), {report['tokens_per_request']} LM tokens per request",
+    ]
+    if options:
+        lines.append("backend options: " + ", ".join(f"{name}={value}" for name, value in options.items()))
+    lines += [
         f"load {report['load_s']:.2f} s, voice features {1000 * report['voice_prepare_s']:.0f} ms",
         f"time to first chunk (median): {1000 * report['ttfc_s_median']:.0f} ms",
         f"real-time factor (median):    {report['rtf_median']:.3f}  ({report['audio_s_per_request']:.2f} s audio)",
@@ -104,4 +263,12 @@ def format_engine_report(report: dict[str, Any]) -> str:
         f"  flow               {stages.get('flow_chunk', 0):8.2f} ms per chunk",
         f"  vocoder            {stages.get('vocoder_chunk', 0):8.2f} ms per chunk",
     ]
+    if "decode_step" in report:
+        decode = report["decode_step"]
+        lines.append(f"LM decode step at position {decode['position']}, eager vs {decode['fixed_step']}:")
+        for size, times in decode["steps"].items():
+            lines.append(f"  batch {size:3d}  eager {times['eager_ms']:7.2f} ms  fixed {times['fixed_ms']:7.2f} ms"
+                         f"  ({times['eager_ms'] / times['fixed_ms']:.2f}x)")
+    if "chunk_profile" in report:
+        lines.append(format_chunk_profile(report["chunk_profile"]))
     return "\n".join(lines)

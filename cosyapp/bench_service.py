@@ -27,9 +27,7 @@ import contextlib
 import os
 import platform
 import random
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -40,8 +38,11 @@ import httpx
 import numpy as np
 
 from cosyapp.bench import BENCH_TEXT
+from cosyapp.service_process import ServiceProcess, ServiceStartError, free_port, start_service
 
 STARTUP_TIMEOUT_S = 900.0  # loading a full-size model (and warming it up) on a CPU takes minutes
+STOP_TIMEOUT_S = 30.0  # after SIGTERM, before SIGKILL
+LOG_TAIL_LINES = 30  # of the service's log, quoted when it failed to start
 # The open loop's default rate: this share of the best request throughput the closed-loop levels reached.
 AUTO_POISSON_LOAD = 0.7
 
@@ -289,24 +290,8 @@ async def run_plan(url: str, plan: LoadPlan, api_key: str | None = None, service
     return {"model_info": info, "service_stats": stats, "levels": levels, "poisson": poisson}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-
-
-@dataclass(frozen=True)
-class RunningService:
-    url: str
-    pid: int
-
-
 @contextlib.contextmanager
-def start_local_service(service: LocalService, plan: LoadPlan) -> Iterator[RunningService]:
+def start_local_service(service: LocalService, plan: LoadPlan) -> Iterator[ServiceProcess]:
     """`python -m cosyapp serve` on 127.0.0.1 at a free port, running until the block ends; yields once
     /health says ok."""
     with tempfile.TemporaryDirectory(prefix="cosyapp-bench-service-") as scratch:
@@ -327,38 +312,12 @@ def start_local_service(service: LocalService, plan: LoadPlan) -> Iterator[Runni
         if service.config is not None:
             env["COSYAPP_CONFIG"] = str(service.config.resolve())
         log_path = service.log_path or Path(scratch) / "service.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "cosyapp", "serve"], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
         try:
-            _wait_until_ready(url, process, log_path)
-            yield RunningService(url, process.pid)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchError(f"the service exited with status {process.returncode}:\n{_log_tail(log_path)}")
-            try:
-                health = client.get(f"{url}/health")
-                if health.status_code == 200:
-                    return
-                if health.json().get("status") == "error":
-                    raise BenchError(f"the service failed to load its model: {health.json().get('detail')}")
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.25)
-    raise BenchError(f"the service was not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{_log_tail(log_path)}")
+            with start_service(port, env, log_path, startup_timeout_s=STARTUP_TIMEOUT_S,
+                               stop_timeout_s=STOP_TIMEOUT_S, log_lines=LOG_TAIL_LINES) as running:
+                yield running
+        except ServiceStartError as e:
+            raise BenchError(str(e)) from None
 
 
 def checkout_commit() -> str | None:

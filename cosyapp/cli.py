@@ -548,15 +548,29 @@ def bench() -> None:
 @click.option("--tokens", type=click.IntRange(1), default=100, show_default=True,
               help="LM tokens per request (fixed length)")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--long-tokens", type=click.IntRange(0), default=0, show_default=True,
+              help="also profile one streaming request of this many LM tokens chunk by chunk (flow and vocoder "
+                   "time per chunk along the utterance; 1100 = 44 s of audio); 0: off")
+@click.option("--flow-left-chunks", type=click.IntRange(-1),
+              help="cosyvoice2 backend option flow_left_chunks: left context of streaming flow calls in chunks "
+                   "(-1: all, exact; default: the backend's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @user_errors
 def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, dtype: str, prompt_wav: Path | None,
-                 tokens: int, runs: int, json_path: Path | None) -> None:
-    """Time to first chunk, real-time factor and per-stage times of one backend, in this process."""
+                 tokens: int, runs: int, long_tokens: int, flow_left_chunks: int | None,
+                 json_path: Path | None) -> None:
+    """Time to first chunk, real-time factor and per-stage times of one backend, in this process; with
+    --long-tokens also the time of every streamed chunk along one long utterance."""
     from cosyapp.bench import format_engine_report, run_engine_bench
 
+    backend_options: dict[str, int] = {}
+    if flow_left_chunks is not None:
+        if backend != "cosyvoice2":
+            raise click.BadParameter("only the cosyvoice2 backend has this option", param_hint="--flow-left-chunks")
+        backend_options["flow_left_chunks"] = flow_left_chunks
     report = run_engine_bench(model_dir, size=size, backend_name=backend, device=device, dtype=dtype,
-                              prompt_wav=prompt_wav, tokens=tokens, runs=runs)
+                              prompt_wav=prompt_wav, tokens=tokens, runs=runs, long_tokens=long_tokens,
+                              backend_options=backend_options)
     click.echo(format_engine_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))

@@ -73,10 +73,11 @@ class CosyVoice2Settings:
 
     text_frontend: str = field(default="offline", metadata=_rule(choices=("offline", "wetext")))
     incremental_flow: bool = True
-    exact_final: bool = True
-    flow_left_chunks: int = field(default=-1, metadata=_rule(min=-1, max=10000))
+    exact_final: bool = False
+    flow_left_chunks: int = field(default=8, metadata=_rule(min=-1, max=10000))
     random_source: bool = True
     tensorrt: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,13 @@ a real `cosyapp serve` (all its flags) for the client commands `synth` and `play
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner, Result
 
 from cosyapp.cli import main
+from cosyapp.service_process import ServiceStartError, free_port, start_service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,12 +40,6 @@ def cli(monkeypatch: pytest.MonkeyPatch, tiny_cosyvoice2_dir: Path, data_dir: Pa
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_cosyvoice2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """`cosyapp serve --config --host --port --backend --model-dir` in a subprocess; yields (url, config path).
@@ -59,30 +49,12 @@ def served(tiny_cosyvoice2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     config = folder / "config.toml"
     config.write_text(f'[server]\nport = 1\n[model]\nmodel_dir = "/nonexistent"\ndevice = "cpu"\n'
                       f'[engine]\nmax_concurrent = 1\n[storage]\ndata_dir = "{folder / "data"}"\n', encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("COSYAPP_")}
-    log_path = folder / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cosyapp", "serve", "--config", str(config), "--host", "127.0.0.1",
-             "--port", str(port), "--backend", "cosyvoice2", "--model-dir", str(tiny_cosyvoice2_dir)],
-            env={**env, "OMP_NUM_THREADS": "2"}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    flags = ["--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--backend", "cosyvoice2",
+             "--model-dir", str(tiny_cosyvoice2_dir)]
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield url, config
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        with start_service(port, {**env, "OMP_NUM_THREADS": "2"}, folder / "serve.log", serve_args=flags) as service:
+            yield service.url, config
+    except ServiceStartError as e:
+        pytest.fail(str(e), pytrace=False)

@@ -82,6 +82,26 @@ def test_seeded_matches_upstream_draws(hift: HiFTGenerator, golden: dict[str, np
     assert not torch.equal(other, wav)
 
 
+def test_contiguous_noise_order_draws_the_same_kind_of_noise(hift: HiFTGenerator, golden: dict[str, np.ndarray],
+                                                            settings: dict) -> None:
+    """The serving path's faster draw: reproducible per seed, and as much noise as upstream's draw order."""
+    seed = settings["hift"]["seed_for_seeded_variant"]
+    mel = mel_of(golden, "prompt")
+    quiet, _ = hift.inference(mel)
+    upstream_order, _ = hift.inference(mel, generator=torch.Generator().manual_seed(seed))
+    hift.m_source.upstream_noise_order = False
+    try:
+        fast, _ = hift.inference(mel, generator=torch.Generator().manual_seed(seed))
+        again, _ = hift.inference(mel, generator=torch.Generator().manual_seed(seed))
+    finally:
+        hift.m_source.upstream_noise_order = True
+    assert torch.equal(fast, again)
+    assert not torch.equal(fast, upstream_order)
+    fast_noise = float((fast - quiet).pow(2).mean().sqrt())
+    upstream_noise = float((upstream_order - quiet).pow(2).mean().sqrt())
+    assert 0.8 < fast_noise / upstream_noise < 1.25
+
+
 def test_zero_randomness_is_reproducible(hift: HiFTGenerator, golden: dict[str, np.ndarray]) -> None:
     mel = mel_of(golden, "prompt")[:, :, :40]
     first, _ = hift.inference(mel)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from service_live import DEFAULT_PROMPT, REPO_ROOT, LiveService, free_port, resampled_prompt, stop, wait_until_ready
+from service_live import DEFAULT_PROMPT, REPO_ROOT, free_port, resampled_prompt, running_service
 
 
 @pytest.fixture(scope="session")
@@ -32,16 +30,8 @@ def live_service(tiny_cosyvoice2_dir: Path, tmp_path_factory: pytest.TempPathFac
         "COSYAPP_STORAGE_DATA_DIR": str(workdir / "data"),
         "OMP_NUM_THREADS": "2",
     }
-    log_path = workdir / "service.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "cosyapp", "serve"], cwd=workdir, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, log_path)
-        yield LiveService(url, port, workdir / "data", log_path, env)
-    finally:
-        stop(process)
+    with running_service(workdir, env) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,18 @@ loopback port (configured through COSYAPP_* variables, like tests/service/confte
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 
-from service_live import REPO_ROOT, LiveService, stop, wait_until_ready
+from service_live import REPO_ROOT, running_service
+
+# running_service: the Fish tests start their services with it, configured by fish_env.
+__all__ = ["FISH_GOLDEN", "GOLDEN_TINY", "fish_env", "golden_model_available", "running_service", "tiny_fish_model",
+           "wait_for_status"]
 
 FISH_GOLDEN = REPO_ROOT.parent / "shared" / "golden" / "fish"
 GOLDEN_TINY = FISH_GOLDEN / "tiny"
@@ -50,23 +50,6 @@ def fish_env(port: int, model_dir: Path, data_dir: Path, **settings: str) -> dic
         "OMP_NUM_THREADS": "2",
         **settings,
     }
-
-
-@contextlib.contextmanager
-def running_service(workdir: Path, env: dict[str, str], *args: str) -> Iterator[LiveService]:
-    """`python -m cosyapp serve ARGS` in `workdir` until the block ends (stopped with SIGTERM, like systemd)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = int(env["COSYAPP_SERVER_PORT"])
-    log_path = workdir / f"service-{port}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "cosyapp", "serve", *args], cwd=workdir, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, log_path)
-        yield LiveService(url, port, Path(env["COSYAPP_STORAGE_DATA_DIR"]), log_path, env)
-    finally:
-        stop(process)
 
 
 def wait_for_status(url: str, step_id: str, statuses: set[str], headers: dict[str, str] | None = None,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -15,9 +14,14 @@ import soundfile
 import torch
 import torchaudio
 
+from cosyapp.service_process import ServiceStartError, free_port, start_service
+
+# free_port: for the tests that put the port into a service's environment before starting it.
+__all__ = ["DEFAULT_PROMPT", "REPO_ROOT", "LiveService", "assert_pcm", "free_port", "resampled_prompt",
+           "running_service"]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPT = REPO_ROOT / "asset" / "zero_shot_prompt.wav"
-STARTUP_TIMEOUT_S = 300
 
 
 @dataclass
@@ -35,36 +39,19 @@ class LiveService:
         return httpx.get(f"{self.url}/stats", timeout=10).json()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def running_service(workdir: Path, env: dict[str, str], *args: str) -> Iterator[LiveService]:
+    """`python -m cosyapp serve ARGS` in `workdir` until the block ends (stopped with SIGTERM, like systemd).
 
-
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"service exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            health = httpx.get(f"{url}/health", timeout=5)
-            if health.status_code == 200:
-                return
-            if health.json().get("status") == "error":
-                pytest.fail(f"service failed to load the model: {health.json()}\n{log_path.read_text()}")
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"service not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
+    `env` is its whole environment: COSYAPP_SERVER_PORT says where it listens, COSYAPP_STORAGE_DATA_DIR where
+    it keeps its data. Its log goes to `workdir`; a failed start fails the test and quotes the whole log."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = int(env["COSYAPP_SERVER_PORT"])
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        with start_service(port, env, workdir / f"service-{port}.log", serve_args=args, cwd=workdir) as process:
+            yield LiveService(process.url, port, Path(env["COSYAPP_STORAGE_DATA_DIR"]), process.log_path, env)
+    except ServiceStartError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 def resampled_prompt(path: Path, sample_rate: int) -> None:

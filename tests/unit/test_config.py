@@ -103,9 +103,9 @@ def test_missing_explicit_config_file(tmp_path: Path):
 
 def test_backend_options_come_from_the_backend_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     config = tmp_path / "config.toml"
-    config.write_text('[cosyvoice2]\ntext_frontend = "wetext"\nexact_final = false\n')
+    config.write_text('[cosyvoice2]\ntext_frontend = "wetext"\nexact_final = true\n')
     monkeypatch.setenv("COSYAPP_COSYVOICE2_INCREMENTAL_FLOW", "false")
     options = load_settings(config).backend_options()
     assert options["text_frontend"] == "wetext"
-    assert options["exact_final"] is False and options["incremental_flow"] is False
+    assert options["exact_final"] is True and options["incremental_flow"] is False
     assert options["tensorrt"] is True  # default kept

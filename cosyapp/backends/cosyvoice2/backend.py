@@ -17,6 +17,7 @@ import torch
 
 from cosyapp.accel.trt import load_trt_estimator
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
+from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
@@ -43,7 +44,8 @@ class CosyVoice2Backend:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
                  random_source: bool = True, batching: bool = True, incremental_flow: bool = True,
-                 exact_final: bool = True, flow_left_chunks: int = -1, tensorrt: bool = True) -> None:
+                 exact_final: bool = False, flow_left_chunks: int = 8, tensorrt: bool = True,
+                 cuda_graphs: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
@@ -56,12 +58,16 @@ class CosyVoice2Backend:
         # with torch; the torch estimator otherwise (CPU, no TensorRT, no plan, failed check).
         self.trt_estimator = load_trt_estimator(self.flow, self.model_dir) if tensorrt else None
         self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
+        # Serving draws fresh noise per request; upstream's draw order only matters for reproducing its seeds.
+        self.hift.m_source.upstream_noise_order = False
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
                                    incremental_flow=incremental_flow, exact_final=exact_final,
-                                   flow_left_chunks=flow_left_chunks)
+                                   flow_left_chunks=flow_left_chunks, batching=batching)
         self.lm_context = lm_context
-        # Concurrent streams share LM forwards through the batcher; without it each runs its own.
-        self.lm_batcher = LMBatcher(self.llm, max_streams) if batching else None
+        # Concurrent streams share LM forwards through the batcher; without it each runs its own. On a GPU the
+        # batched decode step replays CUDA graphs (eager on the CPU, or with cuda_graphs=False).
+        static_step = StaticDecodeStep(self.llm) if cuda_graphs and self.device.type == "cuda" else None
+        self.lm_batcher = LMBatcher(self.llm, max_streams, static_step) if batching else None
         # Each stream owns one row of the LM's KV cache for the whole request. The lowest free row is handed
         # out, so the batched decode (rows 0..highest waiting row) stays as small as the number of streams.
         self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
@@ -166,18 +172,21 @@ class CosyVoice2Backend:
         session.stats = stats
         tokens = self.llm.generate(lm_input, min_len, max_len, generator=generator,
                                    fixed_length=request.fixed_length, cache_row=row, step=self.lm_batcher)
-        while True:
+        try:
+            while True:
+                request.check_cancelled()
+                step_start = time.perf_counter() if stats is not None else 0.0
+                token = next(tokens, None)
+                if token is None:
+                    break
+                if stats is not None:
+                    stats.add("lm_token", time.perf_counter() - step_start)
+                for chunk in session.push([token]):
+                    yield chunk.float().cpu().numpy()
             request.check_cancelled()
-            step_start = time.perf_counter() if stats is not None else 0.0
-            token = next(tokens, None)
-            if token is None:
-                break
-            if stats is not None:
-                stats.add("lm_token", time.perf_counter() - step_start)
-            for chunk in session.push([token]):
-                yield chunk.float().cpu().numpy()
-        request.check_cancelled()
-        yield session.finish().float().cpu().numpy()
+            yield session.finish().float().cpu().numpy()
+        finally:
+            session.close()
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice2Backend:

@@ -187,3 +187,74 @@ class ChunkCache:
         """Device memory held, buffer capacity included."""
         tensors = [*self._tails.values(), *self._keys.values(), *self._values.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StackedCaches:
+    """The caches of several streams in the same state (same committed length, same call), seen as the one
+    cache of a batch that runs their calls together.
+
+    Batch rows come in `groups` blocks of one row per stream (CFG: the conditional rows of every stream, then
+    the unconditional ones), and each member holds its stream's `groups` rows. Every read and write goes to
+    the members, so after the call each stream's own cache is exactly as if it had run alone; the price is
+    one copy of the keys and values the call reads.
+    """
+
+    def __init__(self, members: list[ChunkCache], groups: int) -> None:
+        first = members[0]
+        state = (first.length, first.dropped, first.new, first.keep, first.window)
+        for member in members[1:]:
+            if (member.length, member.dropped, member.new, member.keep, member.window) != state:
+                raise ValueError("stacked caches must be in the same state")
+        self.members = members
+        self.groups = groups
+
+    # The position bookkeeping is the same in every member: read it from the first.
+    @property
+    def length(self) -> int:
+        return self.members[0].length
+
+    @property
+    def held(self) -> int:
+        return self.members[0].held
+
+    @property
+    def new(self) -> int:
+        return self.members[0].new
+
+    @property
+    def window(self) -> ChunkWindow | None:
+        return self.members[0].window
+
+    def begin(self, new: int, keep: int) -> None:
+        for member in self.members:
+            member.begin(new, keep)
+
+    def commit(self) -> None:
+        for member in self.members:
+            member.commit()
+
+    def key_positions(self, device: torch.device) -> Tensor:
+        return self.members[0].key_positions(device)
+
+    def key_segments(self) -> list[tuple[int, int]]:
+        return self.members[0].key_segments()
+
+    def window_mask(self, device: torch.device) -> Tensor:
+        return self.members[0].window_mask(device)
+
+    def conv_input(self, conv: nn.Module, x: Tensor, context: int) -> Tensor:
+        return self._join([member.conv_input(conv, part, context)
+                           for member, part in zip(self.members, self._split(x))])
+
+    def extend_kv(self, attention: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = zip(*(member.extend_kv(attention, k_part, v_part)
+                             for member, k_part, v_part in zip(self.members, self._split(k), self._split(v))))
+        return self._join(list(keys)), self._join(list(values))
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        """[groups * n, ...] -> n views [groups, ...], one per member."""
+        return x.unflatten(0, (self.groups, len(self.members))).unbind(1)
+
+    def _join(self, parts: list[Tensor]) -> Tensor:
+        """n tensors [groups, ...] -> [groups * n, ...] in batch row order."""
+        return torch.stack(parts, dim=1).flatten(0, 1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow, StackedCaches
 from cosyapp.backends.cosyvoice2.config import EncoderConfig
 
 
@@ -221,13 +221,19 @@ class EncoderCache:
     """One stream's encoder state: the token-rate part (look-ahead conv, conformer layers) and the
     up-sampled frame-rate part (up-sampling conv, up conformer layers)."""
     upsample_factor: int
-    tokens: ChunkCache = field(default_factory=ChunkCache)
-    frames: ChunkCache = field(default_factory=ChunkCache)
+    tokens: ChunkCache | StackedCaches = field(default_factory=ChunkCache)
+    frames: ChunkCache | StackedCaches = field(default_factory=ChunkCache)
 
     @classmethod
     def windowed(cls, upsample_factor: int, window: ChunkWindow) -> "EncoderCache":
         """Empty caches with a bounded left context; `window` at the token rate."""
         return cls(upsample_factor, ChunkCache(window=window), ChunkCache(window=window.scaled(upsample_factor)))
+
+    @classmethod
+    def stacked(cls, caches: list["EncoderCache"]) -> "EncoderCache":
+        """Several streams' caches in the same state as the cache of one batch over them (StackedCaches)."""
+        return cls(caches[0].upsample_factor, StackedCaches([cache.tokens for cache in caches], groups=1),
+                   StackedCaches([cache.frames for cache in caches], groups=1))
 
     def begin(self, new_tokens: int, keep_tokens: int) -> None:
         self.tokens.begin(new_tokens, keep_tokens)

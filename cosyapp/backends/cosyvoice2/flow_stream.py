@@ -44,15 +44,17 @@ The prompt's 300 frames (0.7 GB) of that are the same in every stream of a voice
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyapp.backends.cosyvoice2.chunk_cache import normalized_left_chunks
+from cosyapp.backends.cosyvoice2.chunk_cache import StackedCaches, normalized_left_chunks
 from cosyapp.backends.cosyvoice2.config import FlowConfig
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache
 
 DEFAULT_CACHE_BUDGET_BYTES = 2 << 30  # per stream
 
@@ -125,6 +127,11 @@ class FlowStream:
     def advance(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> Tensor:
         """Append `tokens` (the speech tokens since the previous call) and return the mel of the tokens now
         final: all of them when `finalize`, else all but the last pre_lookahead_len."""
+        return run_together([self.prepare(tokens, finalize)])[0]
+
+    def prepare(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> "FlowCall":
+        """The first half of `advance`: append the tokens and choose how the call is computed.
+        `run_together` computes it, batched with other streams' calls where their `batch_key`s match."""
         if self.finished:
             raise RuntimeError("advance() after the final call")
         tokens = torch.as_tensor(tokens).to(device=self.tokens.device, dtype=torch.long).reshape(1, -1)
@@ -132,20 +139,16 @@ class FlowStream:
         end = self.tokens.size(1) - (0 if finalize else self.lookahead)
         self.finished = finalize
         if end <= self.emitted:
-            mel = self.spks.new_zeros(1, self.spks.size(1), 0, dtype=torch.float32)
+            path = "empty"
         elif finalize and self.exact_final:
-            mel = self._recompute(streaming=False, finalize=True)
+            path = "exact"
         elif self.recompute or self.ratio * end - self.estimator_caches[0].dropped > self.max_cache_frames:
             self._drop_caches()
             self.recompute = True
-            mel = self._recompute(streaming=True, finalize=finalize)
+            path = "recompute"
         else:
-            start = self.committed
-            mel = self._incremental(end, finalize)[:, :, self.ratio * (self.emitted - start):]
-        self.emitted = max(end, self.emitted)
-        if finalize:
-            self._drop_caches()
-        return mel
+            path = "incremental"
+        return FlowCall(self, end, finalize, path)
 
     @torch.inference_mode()
     def prefill_prompt(self) -> None:
@@ -156,7 +159,7 @@ class FlowStream:
             raise RuntimeError("prefill_prompt() must come before the first advance()")
         boundary = (self.prompt_len - self.lookahead) // self.chunk_size * self.chunk_size
         if boundary > 0 and self.ratio * boundary <= self.max_cache_frames:
-            self._incremental(boundary, finalize=False)
+            _incremental([FlowCall(self, boundary, finalize=False, path="incremental")])
 
     @torch.inference_mode()
     def fork(self) -> "FlowStream":
@@ -172,15 +175,6 @@ class FlowStream:
         """Device memory held by this stream's caches."""
         return self.encoder_cache.nbytes() + sum(cache.nbytes() for cache in self.estimator_caches)
 
-    def _incremental(self, end: int, finalize: bool) -> Tensor:
-        """Mel [1, 80, ratio * (end - committed)] of tokens [committed, end) from the caches; commits up to the
-        last chunk boundary (everything when finalizing: nothing follows)."""
-        start = self.committed
-        keep = end - start if finalize else end // self.chunk_size * self.chunk_size - start
-        context = None if finalize else self.tokens[:, end:end + self.lookahead]
-        return self.flow.forward_cached(self.tokens[:, start:end], context, self.spks, self.prompt_feat,
-                                        self.encoder_cache, self.estimator_caches, keep)
-
     def _recompute(self, streaming: bool, finalize: bool) -> Tensor:
         """Upstream's call: the flow over the prompt and all tokens, sliced after the frames already returned."""
         mel = self.flow.inference(self.tokens[:, self.prompt_len:], self.prompt_token, self.prompt_feat,
@@ -191,6 +185,77 @@ class FlowStream:
     def _drop_caches(self) -> None:
         self.encoder_cache, self.estimator_caches = self.flow.new_caches(self.prompt_len, self.left_chunks,
                                                                          self.max_cache_frames)
+
+    def _compute_alone(self, call: "FlowCall") -> Tensor:
+        if call.path == "empty":
+            return self.spks.new_zeros(1, self.spks.size(1), 0, dtype=torch.float32)
+        if call.path == "exact":
+            return self._recompute(streaming=False, finalize=True)
+        return self._recompute(streaming=True, finalize=call.finalize)
+
+    def _complete(self, call: "FlowCall", mel: Tensor) -> Tensor:
+        self.emitted = max(call.end, self.emitted)
+        if call.finalize:
+            self._drop_caches()
+        return mel
+
+
+@dataclass
+class FlowCall:
+    """One prepared call of a `FlowStream` (mel of its tokens up to `end`) or a `RecomputeFlowStream`."""
+    stream: FlowStream | RecomputeFlowStream
+    end: int
+    finalize: bool
+    path: str  # "empty" (nothing new), "exact" (full attention), "recompute" (caches dropped), "incremental"
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Calls with equal keys are computed in one batch: their streams' caches are in the same state and
+        the calls have the same shape. None: this call runs alone."""
+        if self.path != "incremental":
+            return None
+        stream = self.stream
+        return (id(stream.flow), stream.prompt_len, stream.left_chunks, stream.committed, stream.emitted,
+                stream.estimator_caches[0].dropped, stream.encoder_cache.tokens.dropped, self.end, self.finalize)
+
+
+@torch.inference_mode()
+def run_together(calls: Sequence[FlowCall]) -> list[Tensor]:
+    """Compute prepared calls of different streams -> each one's mel [1, 80, frames], as `advance` returns it.
+    Incremental calls with the same `batch_key` go through the flow as one batch (one forward for all of
+    them, each stream's caches updated as if it had run alone); the others run one by one."""
+    mels: dict[int, Tensor] = {}
+    batches: dict[tuple, list[int]] = {}
+    for index, call in enumerate(calls):
+        key = call.batch_key
+        if key is None:
+            mels[index] = call.stream._compute_alone(call)
+        else:
+            batches.setdefault(key, []).append(index)
+    for indices in batches.values():
+        mels.update(zip(indices, _incremental([calls[index] for index in indices])))
+    return [call.stream._complete(call, mels[index]) for index, call in enumerate(calls)]
+
+
+def _incremental(calls: list[FlowCall]) -> list[Tensor]:
+    """Mel [1, 80, frames] per call of the tokens after those already emitted, from the caches, for calls with
+    one batch key; commits up to the last chunk boundary (everything when finalizing: nothing follows)."""
+    streams = [call.stream for call in calls]
+    first, end, finalize = streams[0], calls[0].end, calls[0].finalize
+    start = first.committed
+    keep = end - start if finalize else end // first.chunk_size * first.chunk_size - start
+    tokens = torch.cat([stream.tokens[:, start:end] for stream in streams])
+    context = None if finalize else torch.cat([stream.tokens[:, end:end + first.lookahead] for stream in streams])
+    spks = torch.cat([stream.spks for stream in streams])
+    prompt_feat = torch.cat([stream.prompt_feat for stream in streams])
+    if len(streams) == 1:
+        encoder_cache, estimator_caches = first.encoder_cache, first.estimator_caches
+    else:  # estimator rows: every stream's conditional row, then every stream's unconditional one
+        encoder_cache = EncoderCache.stacked([stream.encoder_cache for stream in streams])
+        estimator_caches = [StackedCaches([stream.estimator_caches[step] for stream in streams], groups=2)
+                            for step in range(len(first.estimator_caches))]
+    mel = first.flow.forward_cached(tokens, context, spks, prompt_feat, encoder_cache, estimator_caches, keep)
+    return list(mel[:, :, first.ratio * (first.emitted - start):].split(1))
 
 
 class RecomputeFlowStream:
@@ -210,19 +275,28 @@ class RecomputeFlowStream:
         self.finished = False
 
     def advance(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> Tensor:
+        return run_together([self.prepare(tokens, finalize)])[0]
+
+    def prepare(self, tokens: Tensor | Sequence[int], finalize: bool = False) -> "FlowCall":
         if self.finished:
             raise RuntimeError("advance() after the final call")
         tokens = torch.as_tensor(tokens).to(device=self.tokens.device, dtype=torch.long).reshape(1, -1)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         self.finished = finalize
-        streaming = not (finalize and self.exact_final)
+        return FlowCall(self, self.tokens.size(1), finalize, "recompute")
+
+    def _compute_alone(self, call: "FlowCall") -> Tensor:
+        streaming = not (call.finalize and self.exact_final)
         # Passed only when set, so that flows without a window option (test doubles) still fit.
         window = {"left_chunks": self.left_chunks} if streaming and self.left_chunks is not None else {}
         mel = self.flow.inference(token=self.tokens, prompt_token=self.prompt_token, prompt_feat=self.prompt_feat,
-                                  embedding=self.embedding, streaming=streaming, finalize=finalize, **window)
+                                  embedding=self.embedding, streaming=streaming, finalize=call.finalize, **window)
         new = mel[:, :, self.emitted_frames:]
         self.emitted_frames = mel.size(2)
         return new
+
+    def _complete(self, call: "FlowCall", mel: Tensor) -> Tensor:
+        return mel
 
 
 def open_flow_stream(flow: FlowModel, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,

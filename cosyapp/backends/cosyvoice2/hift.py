@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,9 @@ class HarmonicSource(nn.Module):
         self.voiced_threshold = cfg.nsf_voiced_threshold
         self.num_harmonics = cfg.nb_harmonics + 1
         self.l_linear = nn.Linear(self.num_harmonics, 1)
+        # Draw the harmonic noise in upstream's memory order (see forward). False draws the same distribution
+        # contiguously, ~15x faster on the CPU; a seeded generator then gives other (still reproducible) noise.
+        self.upstream_noise_order = True
         self.register_buffer(
             "harmonics", torch.arange(1, self.num_harmonics + 1, dtype=torch.float32), persistent=False
         )
@@ -135,8 +138,12 @@ class HarmonicSource(nn.Module):
             # Upstream's randn_like(sines) inherits the sines' transposed [B, harmonics, L] memory layout, and
             # torch's CPU sampler fills a non-contiguous tensor element by element (other numbers than a
             # contiguous randn): allocate the same layout so a seeded generator gives upstream's noise.
-            noise = torch.empty((batch, self.num_harmonics, length), device=generator.device).transpose(1, 2)
-            sines = sines + noise_amp * noise.normal_(generator=generator).to(f0.device)
+            if self.upstream_noise_order:
+                noise = torch.empty((batch, self.num_harmonics, length), device=generator.device).transpose(1, 2)
+                noise = noise.normal_(generator=generator)
+            else:
+                noise = torch.randn((batch, length, self.num_harmonics), generator=generator, device=generator.device)
+            sines = sines + noise_amp * noise.to(f0.device)
             # Upstream also draws the NSF noise branch, which inference discards; keep the generator in step.
             _draw(torch.randn, (batch, length, 1), generator, f0.device)
         return torch.tanh(self.l_linear(sines))
@@ -198,8 +205,11 @@ class HiFTGenerator(nn.Module):
         check_keys(model, state, str(path))
         return model.to(device).eval()
 
-    def source(self, f0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """f0 [B, T] at the mel frame rate -> excitation [B, 1, T * upsample_scale]."""
+    def source(self, f0: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+        """f0 [B, T] at the mel frame rate -> excitation [B, 1, T * upsample_scale]. `generator` may be one
+        per row (a batch of streams, each drawing from its own generator as if it ran alone)."""
+        if isinstance(generator, Sequence):
+            return torch.cat([self.source(f0[row:row + 1], g) for row, g in enumerate(generator)])
         f0_audio = F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale), mode="nearest")
         return self.m_source(f0_audio.transpose(1, 2), generator).transpose(1, 2)
 
@@ -232,12 +242,12 @@ class HiFTGenerator(nn.Module):
 
     @torch.inference_mode()
     def inference(self, mel: Tensor, cache_source: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator | Sequence[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
         """mel [B, 80, T] -> (speech [B, 480 T], source [B, 1, 480 T]).
 
         `cache_source` [B, 1, S] overwrites the first S source samples: streaming passes the tail of the
         previous chunk's excitation so the harmonic phase continues across chunks. `generator`: see the
-        module docstring (None = zero randomness).
+        module docstring (None = zero randomness; a sequence: one generator per row).
         """
         source = self.source(self.f0_predictor(mel), generator)
         if cache_source is not None and cache_source.shape[2] > 0:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 
 # How long the batcher waits for streams that were in the last batch before running without them. Streams
@@ -37,17 +38,19 @@ class _Step:
 
 
 class LMBatcher:
-    """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward."""
+    """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward; with a
+    `static_step`, at its fixed batch sizes (CUDA graphs, decode_graphs.py)."""
 
-    def __init__(self, llm: CosyVoice2LM, max_rows: int) -> None:
+    def __init__(self, llm: CosyVoice2LM, max_rows: int, static_step: StaticDecodeStep | None = None) -> None:
         self.llm = llm
         self.max_rows = max_rows
+        self.static_step = static_step
         self._cond = threading.Condition()
         self._pending: dict[int, _Step] = {}
         self._active: set[int] = set()
         self._expected: set[int] = set()  # rows of the last batch that are still open
         self._next_position = [0] * max_rows
-        self.batch_sizes: list[int] = []  # decode batch size per forward, for tests and benchmarks
+        self.batch_sizes: dict[int, int] = {}  # decode batch size -> number of forwards, for tests and benchmarks
         self._thread = threading.Thread(target=self._run, name="cosyvoice2-lm-batcher", daemon=True)
         self._thread.start()
 
@@ -108,6 +111,8 @@ class LMBatcher:
         if not decodes:
             return
         rows = max(decodes) + 1
+        fixed_rows = self.static_step.size_for(rows) if self.static_step is not None else None
+        rows = fixed_rows or rows
         hidden_size = next(iter(decodes.values())).x.shape[-1]
         x = torch.zeros(rows, 1, hidden_size, dtype=next(iter(decodes.values())).x.dtype, device=self.llm.device)
         positions = list(self._next_position[:rows])
@@ -115,9 +120,11 @@ class LMBatcher:
             x[row] = step.x[0]
             positions[row] = step.position
         input_pos = torch.tensor(positions, device=self.llm.device).view(rows, 1)
-        hidden = self.llm(x, input_pos, 0, max(positions) + 1)
-        logp = self.llm.speech_logp(hidden[:, -1])
+        if fixed_rows is not None:
+            logp = self.static_step(x, input_pos)
+        else:
+            logp = self.llm.speech_logp(self.llm(x, input_pos, 0, max(positions) + 1)[:, -1])
         for row, step in decodes.items():
             step.logp = logp[row]
             self._next_position[row] = step.position + 1
-        self.batch_sizes.append(len(decodes))
+        self.batch_sizes[len(decodes)] = self.batch_sizes.get(len(decodes), 0) + 1

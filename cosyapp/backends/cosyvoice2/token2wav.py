@@ -23,6 +23,11 @@ starts with a hop of 100. Here the hop lives in the stream, so every request get
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -30,12 +35,22 @@ import torch
 from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
-from cosyapp.backends.cosyvoice2.flow_stream import open_flow_stream
-from cosyapp.engine.stats import StageTimes, timed
+from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.backends.cosyvoice2.flow_stream import (FlowCall, FlowStream, RecomputeFlowStream, open_flow_stream,
+                                                     run_together)
+from cosyapp.engine.stats import StageTimes, timed_each
 
 MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of every chunk after the first
 MAX_HOP_CHUNKS = 4  # the hop grows up to 4 x chunk_size tokens
 HOP_GROWTH = 2
+# Voices whose prompt flow state is kept prefilled (flow_stream.FlowStream.prefill_prompt), most recent first.
+PREFILLED_VOICES = 8
+# How long the first stream to reach a chunk waits for other streams at the same point (ChunkBatcher).
+# Streams in step arrive within a few milliseconds; the wait ends as soon as they are all there.
+GATHER_WINDOW_S = 0.015
+# A stream at most this many tokens short of the same chunk is waited for: a few LM steps away (streams that
+# started together drift by a step or two, e.g. while their prompts are prefilled one after the other).
+GATHER_SLACK_TOKENS = 3
 
 
 class FlowModel(Protocol):
@@ -61,11 +76,14 @@ class Token2Wav:
     noise, seeded from the request seed when there is one; `random_source=False` turns the noise off
     (upstream's output with its randomness patched out, as in the goldens).
     `incremental_flow` and `exact_final` choose the flow path, `flow_left_chunks` its left context (None:
-    all, exact; see flow_stream.py).
+    all, exact; see flow_stream.py). Incremental streams of a voice start from its prompt's prefilled flow
+    state, computed once. `batching=True` computes the chunks of streams that reach the same point of their
+    schedule together, as one flow and one vocoder batch (`ChunkBatcher`).
     """
 
     def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True,
-                 incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None) -> None:
+                 incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None,
+                 batching: bool = False) -> None:
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
@@ -76,7 +94,11 @@ class Token2Wav:
         self.incremental_flow = incremental_flow
         self.exact_final = exact_final
         self.flow_left_chunks = flow_left_chunks
+        self.batcher = ChunkBatcher() if batching else None
         self._windows: dict[torch.device, Tensor] = {}
+        # id(prompt_token) -> (weak reference to it, its voice's prefilled flow state), least recent first.
+        self._prefilled: OrderedDict[int, tuple[weakref.ref, FlowStream]] = OrderedDict()
+        self._prefill_lock = threading.Lock()
 
     def fade_window(self, device: torch.device) -> Tensor:
         """np.hamming(2 * 3840) in float64: fade-in half then fade-out half."""
@@ -96,7 +118,32 @@ class Token2Wav:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-        return Token2WavStream(self, prompt_token, prompt_feat, embedding, stream, generator)
+        session = Token2WavStream(self, prompt_token, prompt_feat, embedding, stream, generator)
+        if self.batcher is not None and stream:
+            self.batcher.add(session)
+        return session
+
+    def open_flow_stream(self, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                         stream: bool) -> FlowStream | RecomputeFlowStream:
+        """One request's flow state. A streaming incremental one is forked from the voice's prefilled state
+        (computed on the voice's first request, kept for the PREFILLED_VOICES most recent voices)."""
+        if not (stream and self.incremental_flow and isinstance(self.flow, CosyVoice2Flow)):
+            # A non-streaming request is upstream's single full-attention call.
+            return open_flow_stream(self.flow, prompt_token, prompt_feat, embedding, incremental=self.incremental_flow,
+                                    exact_final=self.exact_final or not stream, left_chunks=self.flow_left_chunks)
+        with self._prefill_lock:
+            entry = self._prefilled.get(id(prompt_token))
+            if entry is not None and entry[0]() is prompt_token:
+                self._prefilled.move_to_end(id(prompt_token))
+                prefilled = entry[1]
+            else:
+                prefilled = FlowStream(self.flow, prompt_token, prompt_feat, embedding, self.exact_final,
+                                       left_chunks=self.flow_left_chunks)
+                prefilled.prefill_prompt()
+                self._prefilled[id(prompt_token)] = (weakref.ref(prompt_token), prefilled)
+                while len(self._prefilled) > PREFILLED_VOICES:
+                    self._prefilled.popitem(last=False)
+        return prefilled.fork()
 
     def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
              seed: int | None = None) -> Tensor:
@@ -116,11 +163,7 @@ class Token2WavStream:
         self.prompt_feat = prompt_feat
         self.embedding = embedding
         self.stream = stream
-        # A non-streaming request is upstream's single full-attention call.
-        self.flow_stream = open_flow_stream(owner.flow, prompt_token, prompt_feat, embedding,
-                                            incremental=owner.incremental_flow,
-                                            exact_final=owner.exact_final or not stream,
-                                            left_chunks=owner.flow_left_chunks)
+        self.flow_stream = owner.open_flow_stream(prompt_token, prompt_feat, embedding, stream)
         self.flow_tokens = 0  # tokens handed to flow_stream
         self.generator = generator
         self.device = prompt_token.device
@@ -130,7 +173,8 @@ class Token2WavStream:
         self.hop = owner.chunk_size
         self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
         self.cache: tuple[Tensor, Tensor, Tensor] | None = None  # (mel [1,80,8], source [1,1,S], speech [1,S])
-        self.finished = False
+        self.finished = False  # finish() was called
+        self.closed = False  # close() was called: no more calls
         self.stats: StageTimes | None = None  # benchmarks: per-chunk flow and vocoder times
 
     def next_hop(self) -> int:
@@ -167,23 +211,35 @@ class Token2WavStream:
         return self.token_pieces[0]
 
     def vocode(self, num_tokens: int, finalize: bool) -> Tensor:
-        """Upstream `token2wav`: flow on tokens[:num_tokens], HiFT on the new frames, cross-fade, cache."""
-        owner = self.owner
-        with timed(self.stats, "flow_chunk"):
-            mel = self.flow_stream.advance(self.all_tokens()[self.flow_tokens:num_tokens], finalize)
+        """Upstream `token2wav`: flow on tokens[:num_tokens], HiFT on the new frames, cross-fade, cache;
+        batched with other streams at the same point when the owner batches."""
+        call = self.flow_stream.prepare(self.all_tokens()[self.flow_tokens:num_tokens], finalize)
         self.flow_tokens = num_tokens
-        cache_source = None
-        if self.cache is not None:
-            cache_mel, cache_source, _ = self.cache
-            mel = torch.cat([cache_mel, mel], dim=2)
-        with timed(self.stats, "vocoder_chunk"):
-            speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=self.generator)
+        if self.owner.batcher is not None:
+            return self.owner.batcher.vocode(self, call)
+        return vocode_together([self], [call])[0]
+
+    def close(self) -> None:
+        """The request is over (finished, failed or cancelled): stop counting on it for batches."""
+        self.finished = self.closed = True
+        if self.owner.batcher is not None:
+            self.owner.batcher.forget(self)
+
+    def vocoder_input(self, mel: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The new mel prefixed by the previous call's last frames, and the excitation tail to continue."""
+        if self.cache is None:
+            return mel, None
+        cache_mel, cache_source, _ = self.cache
+        return torch.cat([cache_mel, mel], dim=2), cache_source
+
+    def emit(self, mel: Tensor, speech: Tensor, source: Tensor, finalize: bool) -> Tensor:
+        """Cross-fade the vocoded chunk with the withheld tail, keep what the next call needs -> the chunk."""
         if self.cache is not None:
             speech = self.cross_fade(speech, self.cache[2])
         if finalize:
             self.cache = None
             return speech[0]
-        tail = owner.source_cache_len
+        tail = self.owner.source_cache_len
         self.cache = (mel[:, :, -MEL_CACHE_FRAMES:], source[:, :, -tail:], speech[:, -tail:])
         return speech[0, :-tail]
 
@@ -193,3 +249,131 @@ class Token2WavStream:
         n = previous_tail.shape[-1]
         head = speech[:, :n].double() * window[:n] + previous_tail.double() * window[n:]
         return torch.cat([head.to(speech.dtype), speech[:, n:]], dim=1)
+
+
+def vocode_together(streams: Sequence[Token2WavStream], calls: Sequence[FlowCall]) -> list[Tensor]:
+    """The chunks of several streams (each with its prepared flow call): flow calls run together (batched where
+    their states match), then HiFT once per group of equal-length inputs. Each stream's chunk is what it
+    would get alone, up to float rounding."""
+    owner = streams[0].owner
+    with timed_each([s.stats for s in streams], "flow_chunk"):
+        mels = run_together(list(calls))
+    inputs = [stream.vocoder_input(mel) for stream, mel in zip(streams, mels)]
+    outputs: list[tuple[Tensor, Tensor] | None] = [None] * len(streams)
+    groups: dict[tuple, list[int]] = {}
+    for index, (mel, cache_source) in enumerate(inputs):
+        key = (mel.shape[2], None if cache_source is None else cache_source.shape[2])
+        groups.setdefault(key, []).append(index)
+    with timed_each([s.stats for s in streams], "vocoder_chunk"):
+        for indices in groups.values():
+            mel = torch.cat([inputs[i][0] for i in indices])
+            cache_source = None if inputs[indices[0]][1] is None else torch.cat([inputs[i][1] for i in indices])
+            generators = [streams[i].generator for i in indices]
+            generator = None if all(g is None for g in generators) else generators
+            if len(indices) == 1:
+                generator = generators[0]
+            speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=generator)
+            for row, i in enumerate(indices):
+                outputs[i] = (speech[row:row + 1], source[row:row + 1])
+    return [stream.emit(mel, *output, call.finalize)
+            for stream, (mel, _), output, call in zip(streams, inputs, outputs, calls)]
+
+
+@dataclass
+class _Batch:
+    streams: list[Token2WavStream]
+    calls: list[FlowCall]
+    done: threading.Event = field(default_factory=threading.Event)
+    chunks: list[Tensor] | None = None
+    error: BaseException | None = None
+
+
+class ChunkBatcher:
+    """Computes the chunks of streams that reach the same point of their schedule together.
+
+    Streams of one voice that started together (or joined at the same position) make their flow calls with
+    the same shapes and cache states; their flow and vocoder work then runs as one batch, which costs little
+    more than one stream's. The first stream to arrive waits (at most GATHER_WINDOW_S) for the open streams
+    that are at the same point, or one LM step short of it, then computes everyone's chunk. Streams at
+    other points, and calls that cannot be batched (full recomputation), run on their own thread as before,
+    so unrelated streams still run in parallel.
+    """
+
+    def __init__(self, window_s: float = GATHER_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._cond = threading.Condition()
+        self._streams: weakref.WeakSet[Token2WavStream] = weakref.WeakSet()
+        self._gathering: dict[tuple, _Batch] = {}
+        self._busy: set[Token2WavStream] = set()  # streams whose chunk is being computed: not coming
+        self.batch_sizes: dict[int, int] = {}  # batch size -> number of batches, for tests and benchmarks
+
+    def add(self, stream: Token2WavStream) -> None:
+        """A new stream whose chunks may be batched: batches gathering at its point wait for it."""
+        with self._cond:
+            self._streams.add(stream)
+
+    def forget(self, stream: Token2WavStream) -> None:
+        with self._cond:
+            self._streams.discard(stream)
+            self._busy.discard(stream)
+            self._cond.notify_all()
+
+    def vocode(self, stream: Token2WavStream, call: FlowCall) -> Tensor:
+        key = None if call.batch_key is None else (call.batch_key, stream.offset, stream.cache is None,
+                                                   stream.generator is None)
+        with self._cond:
+            self._busy.add(stream)
+            batch = self._gathering.get(key) if key is not None else None
+            if batch is not None:
+                batch.streams.append(stream)
+                batch.calls.append(call)
+                self._cond.notify_all()
+        try:
+            if batch is not None:  # another stream leads this batch
+                batch.done.wait()
+                if batch.error is not None:
+                    raise batch.error
+                return batch.chunks[batch.streams.index(stream)]
+            batch = _Batch([stream], [call])
+            if key is not None:
+                self._gather(key, batch)
+            try:
+                batch.chunks = vocode_together(batch.streams, batch.calls)
+            except BaseException as exc:
+                batch.error = exc
+                raise
+            finally:
+                batch.done.set()
+                with self._cond:
+                    self.batch_sizes[len(batch.streams)] = self.batch_sizes.get(len(batch.streams), 0) + 1
+            return batch.chunks[0]
+        finally:
+            with self._cond:
+                self._busy.discard(stream)
+                self._cond.notify_all()
+
+    def _gather(self, key: tuple, batch: _Batch) -> None:
+        """Let streams at the same point join `batch` until none is missing or the window has passed."""
+        leader = batch.streams[0]
+        deadline = time.monotonic() + self.window_s
+        with self._cond:
+            self._gathering[key] = batch
+            try:
+                while any(self._coming(other, leader) for other in list(self._streams) if other not in self._busy):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                del self._gathering[key]
+
+    @staticmethod
+    def _coming(other: Token2WavStream, leader: Token2WavStream) -> bool:
+        """Whether `other` (not computing a chunk now) is about to make the same call as `leader`."""
+        if other.closed or not isinstance(other.flow_stream, FlowStream):
+            return False
+        mine, theirs = leader.flow_stream, other.flow_stream
+        if (other.owner is not leader.owner or other.offset != leader.offset or theirs.flow is not mine.flow
+                or theirs.committed != mine.committed or theirs.emitted != mine.emitted):
+            return False
+        return other.num_tokens >= leader.num_tokens - GATHER_SLACK_TOKENS

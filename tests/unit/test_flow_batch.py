@@ -1,0 +1,82 @@
+"""Several streams' flow calls computed as one batch (flow_stream.run_together) against each stream alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.backends.cosyvoice2.flow_stream import FlowStream, run_together
+from test_flow_incremental import hop_schedule, max_diff, random_prompt, random_tokens
+
+# Batched and single forwards may sum in another order; the mels agree far below audible differences.
+MEL_ATOL = 1e-5
+PROMPT_TOKENS = 40
+N_TOKENS = 260
+HOP = 50
+STREAMS = 3
+
+
+@pytest.fixture(scope="module")
+def flow(tiny_cosyvoice2_dir: Path) -> CosyVoice2Flow:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return CosyVoice2Flow.from_pretrained(tiny_cosyvoice2_dir)
+
+
+def drive(streams: list[FlowStream], tokens: list[torch.Tensor], together: bool) -> list[list[torch.Tensor]]:
+    """Every stream through the same hop schedule, then the final call; the mels of each call per stream."""
+    mels: list[list[torch.Tensor]] = [[] for _ in streams]
+    pushed = 0
+    for end in [*hop_schedule(PROMPT_TOKENS, N_TOKENS, HOP), None]:
+        finalize = end is None
+        upto = N_TOKENS if finalize else end + 3
+        pieces = [t[pushed:upto] for t in tokens]
+        if together:
+            results = run_together([s.prepare(p, finalize) for s, p in zip(streams, pieces)])
+        else:
+            results = [s.advance(p, finalize) for s, p in zip(streams, pieces)]
+        for per_stream, mel in zip(mels, results):
+            per_stream.append(mel)
+        pushed = upto
+    return mels
+
+
+@pytest.mark.parametrize("left_chunks", [None, 2])
+def test_batched_calls_equal_each_stream_alone(flow: CosyVoice2Flow, left_chunks: int | None) -> None:
+    prompts = [random_prompt(flow, PROMPT_TOKENS, seed=10 + i) for i in range(STREAMS)]
+    tokens = [random_tokens(flow, N_TOKENS, seed=20 + i) for i in range(STREAMS)]
+
+    def streams() -> list[FlowStream]:
+        return [FlowStream(flow, *p, exact_final=False, left_chunks=left_chunks) for p in prompts]
+
+    alone = drive(streams(), tokens, together=False)
+    together = drive(streams(), tokens, together=True)
+    for stream_alone, stream_together in zip(alone, together):
+        assert len(stream_alone) == len(stream_together) >= 4
+        for a, b in zip(stream_alone, stream_together):
+            assert a.shape[2] > 0
+            assert max_diff(a, b) < MEL_ATOL
+    # The streams really differ: a batch that mixed up rows would fail the comparison above.
+    assert max_diff(alone[0][1], alone[1][1]) > 1e-2
+
+
+def test_calls_in_different_states_still_run_right(flow: CosyVoice2Flow) -> None:
+    """Streams at different positions (and one exact final call) in one run_together: each gets its own result."""
+    prompt = random_prompt(flow, PROMPT_TOKENS, seed=3)
+    tokens = random_tokens(flow, N_TOKENS, seed=4)
+    ahead, behind, reference = (FlowStream(flow, *prompt, exact_final=False) for _ in range(3))
+    ahead.advance(tokens[:63])
+    first_ahead, first_behind = ahead.prepare(tokens[63:113]), behind.prepare(tokens[:63])
+    assert first_ahead.batch_key != first_behind.batch_key
+    mel_ahead, mel_behind = run_together([first_ahead, first_behind])
+    assert max_diff(mel_behind, reference.advance(tokens[:63])) < MEL_ATOL
+    assert max_diff(mel_ahead, reference.advance(tokens[63:113])) < MEL_ATOL
+
+    exact = FlowStream(flow, *prompt, exact_final=True)
+    exact.advance(tokens[:63])
+    exact_call = exact.prepare(tokens[63:], finalize=True)
+    assert exact_call.batch_key is None
+    expected = flow.inference(tokens[None], *prompt, streaming=False, finalize=True)[:, :, 2 * 60:]
+    assert max_diff(run_together([exact_call])[0], expected) < MEL_ATOL
