@@ -23,9 +23,11 @@ from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 
 # How long the batcher waits for streams that were in the last batch before running without them. Streams
-# in step submit within microseconds of each other; one that went off to vocode a chunk misses a few
-# batches and rejoins when it submits again, without holding the others up.
-GATHER_WINDOW_S = 0.002
+# in step submit within a few milliseconds of each other (each samples its token on its own thread, under
+# the GIL); a stream that misses a step stays a step behind, and out of its neighbours' chunk batches, so
+# the window covers that spread. One that went off to vocode a chunk misses a batch or two and rejoins
+# when it submits again, without holding the others up.
+GATHER_WINDOW_S = 0.005
 
 
 @dataclass
@@ -41,8 +43,10 @@ class LMBatcher:
     """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward; with a
     `static_step`, at its fixed batch sizes (CUDA graphs, decode_graphs.py)."""
 
-    def __init__(self, llm: CosyVoice2LM, max_rows: int, static_step: StaticDecodeStep | None = None) -> None:
+    def __init__(self, llm: CosyVoice2LM, max_rows: int, static_step: StaticDecodeStep | None = None,
+                 threads: int | None = None) -> None:
         self.llm = llm
+        self.threads = threads  # intra-op threads of the batcher's thread (None: torch's setting)
         self.max_rows = max_rows
         self.static_step = static_step
         self._cond = threading.Condition()
@@ -91,6 +95,8 @@ class LMBatcher:
             return batch
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         while True:
             batch = self._take_batch()
             try:

@@ -78,12 +78,12 @@ class Token2Wav:
     `incremental_flow` and `exact_final` choose the flow path, `flow_left_chunks` its left context (None:
     all, exact; see flow_stream.py). Incremental streams of a voice start from its prompt's prefilled flow
     state, computed once. `batching=True` computes the chunks of streams that reach the same point of their
-    schedule together, as one flow and one vocoder batch (`ChunkBatcher`).
+    schedule together, as one flow and one vocoder batch cut into `batch_workers` parts (`ChunkBatcher`).
     """
 
     def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True,
                  incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None,
-                 batching: bool = False) -> None:
+                 batching: bool = False, batch_workers: int = 1) -> None:
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
@@ -94,7 +94,7 @@ class Token2Wav:
         self.incremental_flow = incremental_flow
         self.exact_final = exact_final
         self.flow_left_chunks = flow_left_chunks
-        self.batcher = ChunkBatcher() if batching else None
+        self.batcher = ChunkBatcher(workers=batch_workers) if batching else None
         self._windows: dict[torch.device, Tensor] = {}
         # id(prompt_token) -> (weak reference to it, its voice's prefilled flow state), least recent first.
         self._prefilled: OrderedDict[int, tuple[weakref.ref, FlowStream]] = OrderedDict()
@@ -281,26 +281,54 @@ def vocode_together(streams: Sequence[Token2WavStream], calls: Sequence[FlowCall
 
 @dataclass
 class _Batch:
+    """Streams computing their chunks together. Once gathered, the batch is cut into parts, one per worker
+    (CPU cores): part p is computed by the thread of its first stream, all parts at the same time."""
     streams: list[Token2WavStream]
     calls: list[FlowCall]
+    gathered: threading.Event = field(default_factory=threading.Event)
+    parts: list[list[int]] = field(default_factory=list)
+    chunks: dict[int, Tensor] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+    parts_left: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
-    chunks: list[Tensor] | None = None
-    error: BaseException | None = None
+
+    def split(self, workers: int) -> None:
+        count = len(self.streams)
+        workers = min(workers, count)
+        bounds = [count * w // workers for w in range(workers + 1)]
+        self.parts = [list(range(bounds[w], bounds[w + 1])) for w in range(workers)]
+        self.parts_left = workers
+        self.gathered.set()
+
+    def run_part(self, part: list[int]) -> None:
+        try:
+            chunks = vocode_together([self.streams[i] for i in part], [self.calls[i] for i in part])
+            self.chunks.update(zip(part, chunks))
+        except BaseException as exc:  # every stream of the batch gets the failure
+            self.errors.append(exc)
+        finally:
+            with self.lock:
+                self.parts_left -= 1
+                if self.parts_left == 0:
+                    self.done.set()
 
 
 class ChunkBatcher:
     """Computes the chunks of streams that reach the same point of their schedule together.
 
     Streams of one voice that started together (or joined at the same position) make their flow calls with
-    the same shapes and cache states; their flow and vocoder work then runs as one batch, which costs little
-    more than one stream's. The first stream to arrive waits (at most GATHER_WINDOW_S) for the open streams
-    that are at the same point, or one LM step short of it, then computes everyone's chunk. Streams at
-    other points, and calls that cannot be batched (full recomputation), run on their own thread as before,
-    so unrelated streams still run in parallel.
+    the same shapes and cache states; their flow and vocoder work then runs as one batch, which costs less
+    than the streams' calls one by one. The first stream to arrive waits (at most GATHER_WINDOW_S) for the
+    open streams that are at the same point, or a few LM steps short of it, then the batch is computed in
+    `workers` parts at once, each by the thread of one of its streams (on a CPU: one part per core, each
+    single-threaded; on a GPU: one part). Streams at other points, and calls that cannot be batched (full
+    recomputation), run on their own thread as before, so unrelated streams still run in parallel.
     """
 
-    def __init__(self, window_s: float = GATHER_WINDOW_S) -> None:
+    def __init__(self, window_s: float = GATHER_WINDOW_S, workers: int = 1) -> None:
         self.window_s = window_s
+        self.workers = workers
         self._cond = threading.Condition()
         self._streams: weakref.WeakSet[Token2WavStream] = weakref.WeakSet()
         self._gathering: dict[tuple, _Batch] = {}
@@ -329,24 +357,25 @@ class ChunkBatcher:
                 batch.calls.append(call)
                 self._cond.notify_all()
         try:
-            if batch is not None:  # another stream leads this batch
-                batch.done.wait()
-                if batch.error is not None:
-                    raise batch.error
-                return batch.chunks[batch.streams.index(stream)]
-            batch = _Batch([stream], [call])
-            if key is not None:
-                self._gather(key, batch)
-            try:
-                batch.chunks = vocode_together(batch.streams, batch.calls)
-            except BaseException as exc:
-                batch.error = exc
-                raise
-            finally:
-                batch.done.set()
+            leads = batch is None
+            if leads:
+                batch = _Batch([stream], [call])
+                if key is not None:
+                    self._gather(key, batch)
+                batch.split(self.workers)
+            else:
+                batch.gathered.wait()
+            index = batch.streams.index(stream)
+            for part in batch.parts:
+                if part[0] == index:
+                    batch.run_part(part)
+            batch.done.wait()
+            if leads:
                 with self._cond:
                     self.batch_sizes[len(batch.streams)] = self.batch_sizes.get(len(batch.streams), 0) + 1
-            return batch.chunks[0]
+            if batch.errors:
+                raise batch.errors[0]
+            return batch.chunks[index]
         finally:
             with self._cond:
                 self._busy.discard(stream)
