@@ -258,3 +258,17 @@ def benchmark(model_dir: Path, n_tokens: int = N_TOKENS, hop: int = HOP, repeats
 if __name__ == "__main__":
     default = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "cosyvoice2" / "tiny"
     benchmark(Path(sys.argv[1]) if len(sys.argv) > 1 else default, int(sys.argv[2]) if len(sys.argv) > 2 else N_TOKENS)
+
+
+def test_reserved_position_tables_give_the_same_projections(tiny_cosyvoice2_dir: Path) -> None:
+    """Tables computed up front (reserve_positions) hold the values growing on demand gives, and cover the
+    reserved length at both rates, so no stream pays for growing them."""
+    grown, reserved = (CosyVoice2Flow.from_pretrained(tiny_cosyvoice2_dir).encoder for _ in range(2))
+    reserved.reserve_positions(300)
+    for grown_layer, reserved_layer, rate in [(grown.encoders[0], reserved.encoders[0], 1),
+                                              (grown.up_encoders[-1], reserved.up_encoders[-1], 2)]:
+        table = reserved_layer.self_attn._projected_positions
+        assert table.size(2) >= 2 * 300 * rate - 1
+        on_demand = grown_layer.self_attn.projected_offsets(40, -7)
+        torch.testing.assert_close(reserved_layer.self_attn.projected_offsets(40, -7), on_demand)
+        assert reserved_layer.self_attn._projected_positions is table  # big enough already: not regrown

@@ -37,6 +37,9 @@ REQUIRED_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.o
                   "CosyVoice-BlankEN/tokenizer_config.json")
 # LM positions per stream: prompt text + text + prompt speech tokens (<= 30 s = 750) + 20x a sentence's tokens.
 DEFAULT_LM_CONTEXT = 4096
+# Prompt + sentence lengths whose flow position tables are computed at load: a 30 s prompt (750 tokens) and a
+# 60 s sentence. Longer ones still work; their tables grow when first needed.
+RESERVED_FLOW_TOKENS = 2250
 
 
 class CosyVoice2Backend:
@@ -61,6 +64,7 @@ class CosyVoice2Backend:
                                                 resolve_dtype(dtype, self.device))
         self.llm.setup_cache(max_streams, lm_context)
         self.flow = CosyVoice2Flow.from_pretrained(self.model_dir, self.config, self.device)
+        self.flow.encoder.reserve_positions(RESERVED_FLOW_TOKENS)
         # TensorRT engines built by `cosyapp models build-trt` for this GPU, when present and they agree
         # with torch; the torch estimator otherwise (CPU, no TensorRT, no plan, failed check).
         self.trt_estimator = load_trt_estimator(self.flow, self.model_dir) if tensorrt else None

@@ -266,6 +266,15 @@ class UpsampleConformerEncoder(nn.Module):
             ConformerLayer(dim, config.attention_heads, config.linear_units) for _ in range(config.num_up_blocks))
         self.after_norm = nn.LayerNorm(dim, eps=1e-5)
 
+    def reserve_positions(self, tokens: int) -> None:
+        """Project the relative positions of sequences up to `tokens` tokens now. The cached path grows each
+        layer's shared table by doubling when a stream first gets that far, a one-off stall of a chunk
+        (several times its cost at 512 and 1024 tokens) that this moves to load time."""
+        for layer in self.encoders:
+            layer.self_attn.projected_offsets(tokens - 1, 0)
+        for layer in self.up_encoders:
+            layer.self_attn.projected_offsets(self.upsample_factor * tokens - 1, 0)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, streaming: bool = False,
                 cache: EncoderCache | None = None) -> torch.Tensor:
         """x [B, T, input_size] token embeddings; context [B, L, input_size] look-ahead tokens (not encoded

@@ -268,10 +268,9 @@ def vocode_together(streams: Sequence[Token2WavStream], calls: Sequence[FlowCall
         for indices in groups.values():
             mel = torch.cat([inputs[i][0] for i in indices])
             cache_source = None if inputs[indices[0]][1] is None else torch.cat([inputs[i][1] for i in indices])
+            # One generator per row; streams of one Token2Wav either all have one or none do.
             generators = [streams[i].generator for i in indices]
-            generator = None if all(g is None for g in generators) else generators
-            if len(indices) == 1:
-                generator = generators[0]
+            generator = generators if len(generators) > 1 and generators[0] is not None else generators[0]
             speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=generator)
             for row, i in enumerate(indices):
                 outputs[i] = (speech[row:row + 1], source[row:row + 1])
