@@ -87,15 +87,16 @@ def test_batcher_with_a_fixed_shape_step_samples_the_same_tokens(tiny_cosyvoice2
 @torch.inference_mode()
 def test_cuda_graph_replay_matches_the_eager_step(tiny_cosyvoice2_dir: Path) -> None:
     lm = load_lm(tiny_cosyvoice2_dir, "cuda")
+    step = StaticDecodeStep(lm, batch_sizes=(2,))  # captured now, before any row is in use
+    assert step.sizes == [2, ROWS]
     lengths = [5, 17]
     for row, prompt in enumerate(prompts(lm, lengths)):
         lm.step_logp(prompt, 0, row)
-    step = StaticDecodeStep(lm, batch_sizes=(2,))
-    for offset in range(3):  # the first call captures, the others replay
+    for offset in range(3):
         x, positions = decode_inputs(lm, [n + offset for n in lengths])
         expected = lm.speech_logp(lm(x, positions, 0, max(lengths) + offset + 1)[:, -1])
         torch.testing.assert_close(step(x, positions), expected, atol=1e-4, rtol=0)
-    lm.setup_cache(ROWS, 2 * CONTEXT)  # a reallocated cache: the graph is captured again
+    lm.setup_cache(ROWS, 2 * CONTEXT)  # a reallocated cache: the graph is captured again on first use
     for row, prompt in enumerate(prompts(lm, lengths)):
         lm.step_logp(prompt, 0, row)
     x, positions = decode_inputs(lm, lengths)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +16,6 @@ PROMPT_TOKENS = 40
 N_TOKENS = 260
 HOP = 50
 STREAMS = 3
-
-
-@pytest.fixture(scope="module")
-def flow(tiny_cosyvoice2_dir: Path) -> CosyVoice2Flow:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    return CosyVoice2Flow.from_pretrained(tiny_cosyvoice2_dir)
 
 
 def drive(streams: list[FlowStream], tokens: list[torch.Tensor], together: bool) -> list[list[torch.Tensor]]:

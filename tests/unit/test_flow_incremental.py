@@ -24,12 +24,6 @@ N_TOKENS = 600
 HOP = 100
 
 
-@pytest.fixture(scope="module")
-def flow(tiny_cosyvoice2_dir: Path) -> CosyVoice2Flow:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    return CosyVoice2Flow.from_pretrained(tiny_cosyvoice2_dir)
-
-
 def random_prompt(flow: CosyVoice2Flow, prompt_tokens: int = PROMPT_TOKENS,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)

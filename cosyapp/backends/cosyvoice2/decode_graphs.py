@@ -8,9 +8,11 @@ row writes a dummy key/value at its own next position, which its next real step 
 batcher already does for rows that are not waiting) and always attends over the whole cache length with
 a mask (instead of the host-side `kv_len` bound of the eager step).
 
-Graphs are captured lazily, per batch size, the first time that size runs, from the real inputs of that
-step: the warm-up runs before the capture then write exactly the keys/values the step itself writes. A
-reallocated KV cache (a longer context) invalidates them; they are captured again on their next use.
+Graphs are captured when the step is built (at model load, before any stream runs: the dummy steps of
+the capture write position 0 of rows that nobody uses yet). A reallocated KV cache (a longer context)
+invalidates them; they are captured again on their next use, from that step's real inputs, so the warm-up
+runs before the capture write exactly the keys/values the step itself writes. Captures only restrict CUDA
+calls of their own thread, so streams computing flow chunks on other threads are not disturbed.
 `capture=False` runs the same fixed-shape step eagerly (any device): the torch fallback, and how the CPU
 tests check the fixed-shape step against the eager one.
 """
@@ -38,6 +40,11 @@ class StaticDecodeStep:
         self.sizes = sorted({size for size in batch_sizes if 0 < size <= max_rows} | {max_rows})
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._cache_buffer = self._kv_buffer()
+        if capture:
+            hidden = llm.config.llm_input_size
+            for size in self.sizes:
+                x = torch.zeros(size, 1, hidden, dtype=llm.llm_decoder.weight.dtype, device=llm.device)
+                self._capture(x, torch.zeros(size, 1, dtype=torch.long, device=llm.device))
 
     def size_for(self, rows: int) -> int | None:
         """The batch size a step over rows 0..rows-1 runs at, or None when it is bigger than every size."""
@@ -76,7 +83,7 @@ class StaticDecodeStep:
                 self._step(static_x, static_pos)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_logp = self._step(static_x, static_pos)
         entry = (graph, static_x, static_pos, static_logp)
         self._graphs[x.shape[0]] = entry
