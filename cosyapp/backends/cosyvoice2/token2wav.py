@@ -325,9 +325,11 @@ class ChunkBatcher:
     recomputation), run on their own thread as before, so unrelated streams still run in parallel.
     """
 
-    def __init__(self, window_s: float = GATHER_WINDOW_S, workers: int = 1) -> None:
+    def __init__(self, window_s: float = GATHER_WINDOW_S, workers: int = 1,
+                 slack_tokens: int = GATHER_SLACK_TOKENS) -> None:
         self.window_s = window_s
         self.workers = workers
+        self.slack_tokens = slack_tokens
         self._cond = threading.Condition()
         self._streams: weakref.WeakSet[Token2WavStream] = weakref.WeakSet()
         self._gathering: dict[tuple, _Batch] = {}
@@ -387,7 +389,8 @@ class ChunkBatcher:
         with self._cond:
             self._gathering[key] = batch
             try:
-                while any(self._coming(other, leader) for other in list(self._streams) if other not in self._busy):
+                while any(self._coming(other, leader, self.slack_tokens)
+                          for other in list(self._streams) if other not in self._busy):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -396,12 +399,13 @@ class ChunkBatcher:
                 del self._gathering[key]
 
     @staticmethod
-    def _coming(other: Token2WavStream, leader: Token2WavStream) -> bool:
-        """Whether `other` (not computing a chunk now) is about to make the same call as `leader`."""
+    def _coming(other: Token2WavStream, leader: Token2WavStream, slack_tokens: int) -> bool:
+        """Whether `other` (not computing a chunk now) is about to make the same call as `leader`: it is at the
+        same point of its schedule, at most `slack_tokens` tokens short of the call."""
         if other.closed or not isinstance(other.flow_stream, FlowStream):
             return False
         mine, theirs = leader.flow_stream, other.flow_stream
         if (other.owner is not leader.owner or other.offset != leader.offset or theirs.flow is not mine.flow
                 or theirs.committed != mine.committed or theirs.emitted != mine.emitted):
             return False
-        return other.num_tokens >= leader.num_tokens - GATHER_SLACK_TOKENS
+        return other.num_tokens >= leader.num_tokens - slack_tokens
