@@ -19,6 +19,9 @@ upstream's numpy window), and every non-final call withholds its own last 3840 s
 
 Upstream keeps `token_hop_len` on the model object and never resets it, so its second streaming request
 starts with a hop of 100. Here the hop lives in the stream, so every request gets the same schedule.
+
+Concurrent streams: `ChunkBatcher` computes the chunks of streams at the same point of the schedule as one
+flow batch and one HiFT batch (`vocode_together`), each stream's result being what it gets alone.
 """
 
 from __future__ import annotations
