@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyapp.backends.cosyvoice2.sampling import RasSampler
+from cosyapp.backends.cosyvoice2.sampling import RasSampler, stable_top_k
 
 VOCAB = 6564
 EOS = 6561
@@ -123,3 +123,18 @@ def test_half_precision_scores_are_sampled_in_float32():
     sample = RasSampler(TOP_P, TOP_K, WIN_SIZE, TAU_R, generator=torch.Generator().manual_seed(0))(scores.bfloat16())
     assert sample.sorted_probs.dtype == torch.float32
     assert 0 <= sample.token_id < VOCAB
+
+
+def test_stable_top_k_is_the_head_of_the_full_stable_sort() -> None:
+    """Random vocabularies with repeated probabilities inside the top 25: same values and ids, equal
+    probabilities ordered by id, as the full stable sort upstream does."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(6564, generator=generator)
+        top = logits.topk(40).indices
+        logits[top[3:9]] = logits[top[3]].item()  # a run of ties well inside the top 25
+        probs = logits.softmax(dim=0)
+        expected_values, expected_ids = probs.sort(descending=True, stable=True)
+        values, ids = stable_top_k(probs, 25)
+        assert torch.equal(ids, expected_ids[:25])
+        assert torch.equal(values, expected_values[:25])
