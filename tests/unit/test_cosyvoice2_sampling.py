@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosyapp.backends.cosyvoice2.sampling import RasSampler, stable_top_k
+from cosyapp.backends.cosyvoice2.sampling import RasSampler, sample_rows, stable_top_k
 
 VOCAB = 6564
 EOS = 6561
@@ -138,3 +138,26 @@ def test_stable_top_k_is_the_head_of_the_full_stable_sort() -> None:
         values, ids = stable_top_k(probs, 25)
         assert torch.equal(ids, expected_ids[:25])
         assert torch.equal(values, expected_values[:25])
+
+
+def test_rows_sampled_together_match_each_stream_alone() -> None:
+    """Three streams with their own seeds and score streams, sampled as rows of one batch step after step:
+    the same tokens, candidate counts and fallbacks (fallbacks do fire) as each sampling alone."""
+    seeds = [0, 1234, 2024]
+
+    def samplers() -> list[RasSampler]:
+        return [RasSampler(TOP_P, TOP_K, WIN_SIZE, TAU_R, generator=torch.Generator().manual_seed(s)) for s in seeds]
+
+    data = [torch.Generator().manual_seed(s + 1) for s in seeds]
+    favourites = [torch.randint(0, EOS, (4,), generator=g) for g in data]
+    steps = [[step_scores(step, g, f) for step in range(60)] for g, f in zip(data, favourites)]
+    alone = [[(r.token_id, r.num_candidates, r.fallback) for r in map(sampler, scores)]
+             for sampler, scores in zip(samplers(), steps)]
+    together_samplers = samplers()
+    together: list[list[tuple[int, int, bool]]] = [[] for _ in seeds]
+    for step in range(60):
+        results = sample_rows(together_samplers, torch.stack([scores[step] for scores in steps]))
+        for per_stream, r in zip(together, results):
+            per_stream.append((r.token_id, r.num_candidates, r.fallback))
+    assert together == alone
+    assert all(any(fallback for *_, fallback in per_stream) for per_stream in alone)

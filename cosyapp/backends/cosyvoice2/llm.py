@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, LLMConfig, Qwen2Config
-from cosyapp.backends.cosyvoice2.sampling import RasSampler
+from cosyapp.backends.cosyvoice2.sampling import RasSampler, SampleResult
 from cosyapp.backends.weights import check_keys, load_state_dict
 
 CACHE_LEN_MULTIPLE = 256  # grow the KV cache in steps, not once per request length
@@ -254,11 +254,16 @@ class CosyVoice2LM(nn.Module):
 
     def step_logp(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor:
         """Run embeddings x [1, T, hidden] at positions position.. of one cache row -> log-probs [V] after the
-        last of them. The default `LMStepRunner`; batching runners share many rows in one forward."""
+        last of them."""
         length = x.shape[1]
         input_pos = torch.arange(position, position + length, device=x.device)[None]
         hidden = self(x, input_pos, cache_row, position + length)
         return self.speech_logp(hidden[0, -1])
+
+    def sample_step(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
+                    banned: tuple[int, int | None] | None) -> SampleResult:
+        """The default `LMStepRunner`: one row alone (`step_logp`), its banned ids masked, then sampled."""
+        return sampler(ban(self.step_logp(x, position, cache_row), banned))
 
     @torch.inference_mode()
     def generate(self, lm_input: torch.Tensor, min_len: int, max_len: int,
@@ -268,31 +273,40 @@ class CosyVoice2LM(nn.Module):
 
         EOS is masked while fewer than min_len tokens were produced. `fixed_length` (benchmarks) masks
         every stop id and yields exactly that many tokens. Uses cache row `cache_row`; one generation
-        per row at a time. `step` runs the transformer (default: `self.step_logp`, one row alone; the
-        backend's batcher decodes all active rows in one forward). The one host sync per step is the
-        sampled id.
+        per row at a time. `step` runs the transformer and samples (default: `self.sample_step`, one row
+        alone; the backend's batcher decodes and samples all active rows at once). The one host sync per
+        step is the sampled id.
         """
-        step = step or self.step_logp
+        step = step or self.sample_step
         eos = self.config.speech_token_size
         length = lm_input.shape[1]
         num_steps = max_len if fixed_length is None else fixed_length
         self._ensure_cache(length + num_steps)
         sampler = RasSampler.from_config(self.config, generator)
-        logp = step(lm_input, 0, cache_row)
+        x, position = lm_input, 0
         for i in range(num_steps):
-            scores = logp  # a fresh tensor from `step`: masked in place
             if fixed_length is not None:
-                scores[eos:] = float("-inf")
+                banned = (eos, None)  # every stop id
             elif i < min_len:
-                scores[eos] = float("-inf")
-            sample = sampler(scores)
+                banned = (eos, eos + 1)
+            else:
+                banned = None
+            sample = step(x, position, cache_row, sampler, banned)
             if fixed_length is None and sample.token_id >= eos:
                 return
             yield sample.token_id
             if i + 1 == num_steps:
                 return
-            logp = step(self.speech_embedding(sample.token).reshape(1, 1, -1), length + i, cache_row)
+            x, position = self.speech_embedding(sample.token).reshape(1, 1, -1), length + i
+
+
+def ban(logp: torch.Tensor, banned: tuple[int, int | None] | None) -> torch.Tensor:
+    """Log-probs with ids [start, stop) set to -inf (stop None: to the end), in place."""
+    if banned is not None:
+        logp[..., banned[0]:banned[1]] = float("-inf")
+    return logp
 
 
 class LMStepRunner(Protocol):
-    def __call__(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
+                 banned: tuple[int, int | None] | None) -> SampleResult: ...

@@ -1,8 +1,9 @@
 """Continuous batching of LM decode steps across concurrent streams.
 
-Every stream keeps its own sampling loop (`CosyVoice2LM.generate`, its own generator and repetition
-window) and its own KV-cache row; only the transformer forward is shared. Streams hand their step to
-the batcher thread, which runs one forward for every waiting stream and hands each its log-probs back.
+Every stream keeps its own decoding loop (`CosyVoice2LM.generate`), its own sampler (generator, repetition
+window, pre-drawn noise) and its own KV-cache row. Streams hand their step to the batcher thread, which runs
+one forward for every waiting stream and samples all of their rows at once (`sample_rows`: each row with
+its own stream's sampler, exactly as alone, one host sync for all), then hands each stream its token.
 Streams join (prefill into their row) and leave between steps.
 
 The decode batch is the contiguous row range 0..highest waiting row, so the cache is read through views
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
-from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, ban
+from cosyapp.backends.cosyvoice2.sampling import RasSampler, SampleResult, sample_rows
 
 # How long the batcher waits for streams that were in the last batch before running without them. Streams
 # in step submit within a few milliseconds of each other (each samples its token on its own thread, under
@@ -34,14 +36,17 @@ GATHER_WINDOW_S = 0.005
 class _Step:
     x: torch.Tensor  # [1, T, hidden]
     position: int
+    sampler: RasSampler
+    banned: tuple[int, int | None] | None
     done: threading.Event = field(default_factory=threading.Event)
-    logp: torch.Tensor | None = None
+    result: SampleResult | None = None
     error: BaseException | None = None
 
 
 class LMBatcher:
-    """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward; with a
-    `static_step`, at its fixed batch sizes (CUDA graphs, decode_graphs.py)."""
+    """An `LMStepRunner` that decodes all waiting rows of `llm`'s KV cache in one forward (with a
+    `static_step`, at its fixed batch sizes: CUDA graphs, decode_graphs.py) and samples them all at once,
+    each with its own stream's sampler."""
 
     def __init__(self, llm: CosyVoice2LM, max_rows: int, static_step: StaticDecodeStep | None = None,
                  threads: int | None = None) -> None:
@@ -70,15 +75,16 @@ class LMBatcher:
             self._expected.discard(row)
             self._cond.notify()
 
-    def __call__(self, x: torch.Tensor, position: int, cache_row: int) -> torch.Tensor:
-        step = _Step(x, position)
+    def __call__(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
+                 banned: tuple[int, int | None] | None) -> SampleResult:
+        step = _Step(x, position, sampler, banned)
         with self._cond:
             self._pending[cache_row] = step
             self._cond.notify()
         step.done.wait()
         if step.error is not None:
             raise step.error
-        return step.logp
+        return step.result
 
     def _take_batch(self) -> dict[int, _Step]:
         with self._cond:
@@ -109,13 +115,22 @@ class LMBatcher:
                 step.done.set()
 
     def _forward(self, batch: dict[int, _Step]) -> None:
+        logp = self._logp(batch)
+        steps = list(batch.values())
+        scores = torch.stack([ban(logp[row], step.banned) for row, step in batch.items()])
+        for step, result in zip(steps, sample_rows([step.sampler for step in steps], scores)):
+            step.result = result
+
+    def _logp(self, batch: dict[int, _Step]) -> dict[int, torch.Tensor]:
+        """Log-probs [V] after each row's step: prefills one by one, decodes in one forward."""
+        logp: dict[int, torch.Tensor] = {}
         decodes = {row: step for row, step in batch.items() if step.x.shape[1] == 1}
         for row, step in batch.items():
             if row not in decodes:  # prefills have their own lengths: one forward each
-                step.logp = self.llm.step_logp(step.x, step.position, row)
+                logp[row] = self.llm.step_logp(step.x, step.position, row)
                 self._next_position[row] = step.position + step.x.shape[1]
         if not decodes:
-            return
+            return logp
         rows = max(decodes) + 1
         fixed_rows = self.static_step.size_for(rows) if self.static_step is not None else None
         rows = fixed_rows or rows
@@ -127,10 +142,11 @@ class LMBatcher:
             positions[row] = step.position
         input_pos = torch.tensor(positions, device=self.llm.device).view(rows, 1)
         if fixed_rows is not None:
-            logp = self.static_step(x, input_pos)
+            decoded = self.static_step(x, input_pos)
         else:
-            logp = self.llm.speech_logp(self.llm(x, input_pos, 0, max(positions) + 1)[:, -1])
+            decoded = self.llm.speech_logp(self.llm(x, input_pos, 0, max(positions) + 1)[:, -1])
         for row, step in decodes.items():
-            step.logp = logp[row]
+            logp[row] = decoded[row]
             self._next_position[row] = step.position + 1
         self.batch_sizes[len(decodes)] = self.batch_sizes.get(len(decodes), 0) + 1
+        return logp

@@ -30,6 +30,7 @@ probability ~1e-6 per step, the second only with exactly equal float32 probabili
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,43 +91,58 @@ class RasSampler:
 
     def __call__(self, scores: torch.Tensor) -> SampleResult:
         """Sample one id from log-probs `scores` [V] (already masked, e.g. EOS = -inf before min_len)."""
-        scores = scores.float()
-        vocab = scores.numel()
-        top_k = min(self.top_k, vocab)
-        device = scores.device
-        if self._window is None:
-            self._window = torch.full((self.win_size,), -1, dtype=torch.long, device=device)
-        self._ensure_pool(top_k + vocab, device)
-        pool = self._pool
+        return sample_rows([self], scores.unsqueeze(0))[0]
 
-        # Nucleus: candidates are a prefix of the stable sort (the cumulative sum only grows).
-        sorted_probs, sorted_ids = stable_top_k(scores.softmax(dim=0), top_k)
-        cum_before = F.pad(sorted_probs.cumsum(0)[:-1], (1, 0))
-        keep = cum_before < self.top_p
-        num_candidates = keep.sum()
-        race = sorted_probs / pool[self._offset:self._offset + top_k]
-        nucleus_pick = sorted_ids[torch.where(keep, race, -1.0).argmax()]
 
-        # RAS fallback, computed every step (cheap) and used only when the pick repeats; its race reads
-        # the pool right after the values the nucleus race consumed.
-        fallback = (self._window == nucleus_pick).sum() >= self.repeat_threshold
-        fallback_probs = scores.index_fill(0, nucleus_pick.view(1), float("-inf")).softmax(dim=0)
-        fallback_noise = pool[self._offset + num_candidates + torch.arange(vocab, device=device)]
-        fallback_pick = (fallback_probs / fallback_noise).argmax()
-        token = torch.where(fallback, fallback_pick, nucleus_pick).view(1)
+def sample_rows(samplers: Sequence[RasSampler], scores: torch.Tensor) -> list[SampleResult]:
+    """One RAS step for several streams at once: row i of log-probs `scores` [B, V] is sampled with
+    `samplers[i]` (all with the same settings), each consuming its own window and Exp(1) pool exactly as if
+    it sampled alone. One host sync for all rows."""
+    first = samplers[0]
+    scores = scores.float()
+    vocab = scores.size(1)
+    top_k = min(first.top_k, vocab)
+    device = scores.device
+    for sampler in samplers:
+        if sampler._window is None:
+            sampler._window = torch.full((sampler.win_size,), -1, dtype=torch.long, device=device)
+        sampler._ensure_pool(top_k + vocab, device)
+    # Row i: the Exp(1) values sampler i has not consumed yet, as many as a step may use.
+    noise = torch.stack([s._pool[s._offset:s._offset + top_k + vocab] for s in samplers])
 
-        token_id, k, fell_back = torch.stack([token[0], num_candidates, fallback.long()]).tolist()  # the one sync
-        self._offset += k + fell_back * vocab
-        self._window[self._num_decoded % self.win_size] = token[0]
-        self._num_decoded += 1
-        return SampleResult(token_id, k, bool(fell_back), token, nucleus_pick, sorted_ids, sorted_probs)
+    # Nucleus: candidates are a prefix of the stable sort (the cumulative sum only grows).
+    sorted_probs, sorted_ids = stable_top_k(scores.softmax(dim=-1), top_k)
+    cum_before = F.pad(sorted_probs.cumsum(-1)[:, :-1], (1, 0))
+    keep = cum_before < first.top_p
+    num_candidates = keep.sum(-1)
+    race = sorted_probs / noise[:, :top_k]
+    nucleus_pick = sorted_ids.gather(1, torch.where(keep, race, -1.0).argmax(-1, keepdim=True)).squeeze(1)
+
+    # RAS fallback, computed every step (cheap) and used only when the pick repeats; its race reads each
+    # row's pool right after the values its nucleus race consumed.
+    windows = torch.stack([s._window for s in samplers])
+    fallback = (windows == nucleus_pick.unsqueeze(1)).sum(-1) >= first.repeat_threshold
+    fallback_probs = scores.scatter(1, nucleus_pick.unsqueeze(1), float("-inf")).softmax(dim=-1)
+    fallback_noise = noise.gather(1, num_candidates.unsqueeze(1) + torch.arange(vocab, device=device))
+    fallback_pick = (fallback_probs / fallback_noise).argmax(-1)
+    tokens = torch.where(fallback, fallback_pick, nucleus_pick)
+
+    token_ids, ks, fell_back = torch.stack([tokens, num_candidates, fallback.long()]).tolist()  # the one sync
+    results = []
+    for row, sampler in enumerate(samplers):
+        sampler._offset += ks[row] + fell_back[row] * vocab
+        sampler._window[sampler._num_decoded % sampler.win_size] = tokens[row]
+        sampler._num_decoded += 1
+        results.append(SampleResult(token_ids[row], ks[row], bool(fell_back[row]), tokens[row:row + 1],
+                                    nucleus_pick[row], sorted_ids[row], sorted_probs[row]))
+    return results
 
 
 def stable_top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first k (values, ids) of `probs.sort(descending=True, stable=True)`, without sorting all of them
-    (see the module docstring for the one case where the two can differ)."""
-    values, ids = probs.topk(k)
-    by_id = ids.argsort()
-    values, ids = values[by_id], ids[by_id]
-    order = values.sort(descending=True, stable=True).indices
-    return values[order], ids[order]
+    """The first k (values, ids) along the last dim of `probs.sort(descending=True, stable=True)`, without
+    sorting all of them (see the module docstring for the one case where the two can differ)."""
+    values, ids = probs.topk(k, dim=-1)
+    by_id = ids.argsort(dim=-1)
+    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), ids.gather(-1, order)
