@@ -47,7 +47,9 @@ MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of every chunk after 
 MAX_HOP_CHUNKS = 4  # the hop grows up to 4 x chunk_size tokens
 HOP_GROWTH = 2
 # Voices whose prompt flow state is kept prefilled (flow_stream.FlowStream.prefill_prompt), most recent first.
-PREFILLED_VOICES = 8
+# Each holds the caches of its prompt's complete chunks: CosyVoice2-0.5B in float32 keeps 4.6 MB per mel
+# frame, about 1 GB for a 5 s prompt; a service mostly serves its default voice and a few others.
+PREFILLED_VOICES = 4
 # How long the first stream to reach a chunk waits for other streams at the same point (ChunkBatcher).
 # Streams in step arrive within a few milliseconds; the wait ends as soon as they are all there.
 GATHER_WINDOW_S = 0.015
