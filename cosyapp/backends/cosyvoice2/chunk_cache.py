@@ -15,10 +15,11 @@ A call runs in three steps: `begin(new, keep)` announces `new` positions startin
 the first `keep` will be committed (the rest, a trailing partial chunk, is recomputed by the next call);
 the forward pass reads and extends the cache; `commit()` advances `length` by `keep`.
 
-With a `ChunkWindow` (bounded left context, an opt-in approximation of upstream), a query in chunk c sees
-the pinned positions (the prompt, which carries the voice) and chunks c - left_chunks .. c only. The cache
-then drops the keys and values no later query can see: after a commit it holds the pinned positions and
-the last left_chunks chunks, so its memory, and the attention cost per call, stop growing with the length.
+With a `ChunkWindow` (bounded left context: an approximation of upstream, the service's default), a query
+in chunk c sees the pinned positions (the prompt, which carries the voice) and chunks c - left_chunks .. c
+only. The cache then drops the keys and values no later query can see: after a commit it holds the pinned
+positions and the last left_chunks chunks, so its memory, and the attention cost per call, stop growing
+with the length.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ mel in 10 Euler steps with classifier-free guidance. Parameter names are those o
 (upstream `CausalMaskedDiffWithXvec`). Outputs match upstream's `flow.inference` for the same flags.
 
 `forward_cached` is the streaming flow over per-stream caches (chunk_cache.py, flow_stream.py); caches with
-a `ChunkWindow` (`new_caches(..., left_chunks)`) bound every chunk's left context, an opt-in departure
-from upstream that `inference(..., left_chunks=k)` computes over a whole sequence.
+a `ChunkWindow` (`new_caches(..., left_chunks)`) bound every chunk's left context, a departure from
+upstream (the service's default, `[cosyvoice2] flow_left_chunks`) that `inference(..., left_chunks=k)`
+computes over a whole sequence.
 """
 
 from __future__ import annotations

@@ -29,16 +29,16 @@ float32), so 20 s of prompt + speech (1000 frames) is 2.3 GB per stream; the enc
 `max_cache_frames` (default: DEFAULT_CACHE_BUDGET_BYTES worth) bounds it: a stream that would grow past
 it drops its caches and recomputes its calls like upstream from then on (exact, quadratic).
 
-Bounded left context (`left_chunks=k`, opt-in; None or -1 is the exact default, upstream's
-`num_decoding_left_chunks: -1`): every attention layer, encoder and estimator, lets a position see the
-prompt (always: it carries the voice) and its own and the k previous chunks (25 tokens, 50 frames) only, so
-each call's cost and the caches stop growing along the utterance. The output equals upstream's up to the
-first chunk whose window starts after the end of the prompt (chunk c with (c - k) x 50 > 2 P frames) and
-departs from it from there on. The caches hold the prompt and the last k chunks between calls, plus the
-new frames during one (`window_cache_frames`): per stream at most cache_bytes_per_frame x (2 P + 50 k +
-2 x the call's tokens). CosyVoice2-0.5B in float16 (2.3 MB per frame), 6 s prompt (P = 150 tokens),
-100-token hops: k = 4 -> 700 frames = 1.6 GB, k = 8 -> 900 frames = 2.1 GB, however long the sentence.
-The prompt's 300 frames (0.7 GB) of that are the same in every stream of a voice (each fork copies them).
+Bounded left context (`left_chunks=k`; None or -1, this class's default, is exact: upstream's
+`num_decoding_left_chunks: -1`; the service defaults to k = 8): every attention layer, encoder and estimator,
+lets a position see the prompt (always: it carries the voice) and its own and the k previous chunks (25
+tokens, 50 frames) only, so each call's cost and the caches stop growing along the utterance. The output
+equals upstream's up to the first chunk whose window starts after the end of the prompt (chunk c with (c - k)
+x 50 > 2 P frames) and departs from it from there on. The caches hold the prompt and the last k chunks between
+calls, plus the new frames during one (`window_cache_frames`): per stream at most cache_bytes_per_frame x (2 P
++ 50 k + 2 x the call's tokens). CosyVoice2-0.5B in float16 (2.3 MB per frame), 6 s prompt (P = 150 tokens),
+100-token hops: k = 4 -> 700 frames = 1.6 GB, k = 8 -> 900 frames = 2.1 GB, however long the sentence. The
+prompt's 300 frames (0.7 GB) of that are the same in every stream of a voice (each fork copies them).
 """
 
 from __future__ import annotations
