@@ -8,7 +8,7 @@ import torch
 
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.flow_stream import FlowStream, run_together
-from test_flow_incremental import hop_schedule, max_diff, random_prompt, random_tokens
+from flow_inputs import hop_schedule, max_diff, random_prompt, random_tokens
 
 # Batched and single forwards may sum in another order; the mels agree far below audible differences.
 MEL_ATOL = 1e-5

@@ -17,6 +17,7 @@ import torch
 from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.flow_stream import FlowStream, cache_bytes_per_frame
+from flow_inputs import hop_schedule, max_diff, random_prompt, random_tokens
 
 MEL_ATOL = 1e-4
 PROMPT_TOKENS = 40
@@ -24,40 +25,12 @@ N_TOKENS = 600
 HOP = 100
 
 
-def random_prompt(flow: CosyVoice2Flow, prompt_tokens: int = PROMPT_TOKENS,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    cfg = flow.config
-    return (torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=generator),
-            torch.randn(1, cfg.token_mel_ratio * prompt_tokens, cfg.output_size, generator=generator),
-            torch.randn(1, cfg.spk_embed_dim, generator=generator))
-
-
-def random_tokens(flow: CosyVoice2Flow, n: int = N_TOKENS, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, flow.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def hop_schedule(prompt_tokens: int, n_tokens: int, hop: int, chunk: int = 25, lookahead: int = 3) -> list[int]:
-    """Token counts after each non-final call: hops of `hop`, the first padded onto the chunk grid."""
-    ends, offset = [], 0
-    first = hop + (-prompt_tokens % chunk)
-    while offset + (first if not ends else hop) + lookahead <= n_tokens:
-        offset += first if not ends else hop
-        ends.append(offset)
-    return ends
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a - b).abs().max())
-
-
 def test_long_stream_matches_recompute_everything(flow: CosyVoice2Flow) -> None:
     """600 random tokens in 100-token hops. Chunk masks make every non-final call's new frames equal to the
     same frames of the chunk-masked call over the whole sequence (their look-ahead tokens are real tokens
     in both), so one recomputation of everything checks all calls, the fast final call included; two calls
     are also checked against upstream's own call (prompt and tokens so far, the last 3 as look-ahead)."""
-    prompt, tokens = random_prompt(flow), random_tokens(flow)
+    prompt, tokens = random_prompt(flow, PROMPT_TOKENS), random_tokens(flow, N_TOKENS)
     everything = flow.inference(tokens[None], *prompt, streaming=True, finalize=True)
     ends = hop_schedule(PROMPT_TOKENS, N_TOKENS, HOP)
     assert len(ends) == 5
@@ -80,7 +53,7 @@ def test_long_stream_matches_recompute_everything(flow: CosyVoice2Flow) -> None:
 def test_each_hop_runs_only_its_frames(flow: CosyVoice2Flow) -> None:
     """Per-chunk work does not grow with the position: every 100-token hop feeds the estimator its 200
     frames and the encoder its 100 tokens, wherever it sits in the utterance."""
-    prompt, tokens = random_prompt(flow), random_tokens(flow)
+    prompt, tokens = random_prompt(flow, PROMPT_TOKENS), random_tokens(flow, N_TOKENS)
     stream = FlowStream(flow, *prompt, exact_final=False)
     ends = hop_schedule(PROMPT_TOKENS, N_TOKENS, HOP)
     pushed = ends[0] + 3
@@ -113,7 +86,7 @@ def test_each_hop_runs_only_its_frames(flow: CosyVoice2Flow) -> None:
 def test_calls_off_the_chunk_grid_match_upstream(flow: CosyVoice2Flow) -> None:
     """Hops of 37 tokens end inside chunks: the trailing partial chunk is recomputed by the next call, and
     every call still returns exactly upstream's new frames for that call."""
-    prompt, tokens = random_prompt(flow, prompt_tokens=30), random_tokens(flow, 160)
+    prompt, tokens = random_prompt(flow, 30), random_tokens(flow, 160)
     stream = FlowStream(flow, *prompt, exact_final=True)
     emitted = pushed = 0
     for end in range(37, 150, 37):
@@ -129,7 +102,7 @@ def test_calls_off_the_chunk_grid_match_upstream(flow: CosyVoice2Flow) -> None:
 
 
 def test_cache_limit_falls_back_to_recompute(flow: CosyVoice2Flow) -> None:
-    prompt, tokens = random_prompt(flow), random_tokens(flow, 150)
+    prompt, tokens = random_prompt(flow, PROMPT_TOKENS), random_tokens(flow, 150)
     stream = FlowStream(flow, *prompt, exact_final=False, max_cache_frames=250)
     offset = pushed = 0
     for end in hop_schedule(PROMPT_TOKENS, 150, 50):  # 200 frames cached, then 300: over the limit
@@ -146,7 +119,7 @@ def test_cache_limit_falls_back_to_recompute(flow: CosyVoice2Flow) -> None:
 
 
 def test_forks_of_a_prefilled_prompt_are_independent(flow: CosyVoice2Flow) -> None:
-    prompt = random_prompt(flow, prompt_tokens=60)
+    prompt = random_prompt(flow, 60)
     voice = FlowStream(flow, *prompt, exact_final=False)
     voice.prefill_prompt()
     assert voice.committed == 50  # (60 - 3) // 25 * 25
@@ -163,7 +136,7 @@ def test_forks_of_a_prefilled_prompt_are_independent(flow: CosyVoice2Flow) -> No
 
 
 def test_lifecycle_errors(flow: CosyVoice2Flow) -> None:
-    prompt = random_prompt(flow)
+    prompt = random_prompt(flow, PROMPT_TOKENS)
     stream = FlowStream(flow, *prompt)
     with pytest.raises(ValueError, match="prompt_feat"):
         FlowStream(flow, prompt[0], prompt[1][:, :-1], prompt[2])
@@ -207,7 +180,7 @@ def test_cache_budget_of_the_real_model(flow: CosyVoice2Flow) -> None:
 
 
 def test_nbytes_is_bounded_by_the_per_frame_budget(flow: CosyVoice2Flow) -> None:
-    prompt, tokens = random_prompt(flow), random_tokens(flow, 203)
+    prompt, tokens = random_prompt(flow, PROMPT_TOKENS), random_tokens(flow, 203)
     stream = FlowStream(flow, *prompt)
     stream.advance(tokens)
     frames = 2 * stream.committed
@@ -221,7 +194,7 @@ def benchmark(model_dir: Path, n_tokens: int = N_TOKENS, hop: int = HOP, repeats
     process CPU time, so that other load on the machine disturbs the comparison less."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     flow = CosyVoice2Flow.from_pretrained(model_dir)
-    prompt, tokens = random_prompt(flow, prompt_tokens=102), random_tokens(flow, n_tokens)
+    prompt, tokens = random_prompt(flow, 102), random_tokens(flow, n_tokens)
     stream = FlowStream(flow, *prompt, exact_final=False)
     flow.inference(tokens[None, :60], *prompt, streaming=True, finalize=False)  # warm-up
 
