@@ -25,9 +25,9 @@ from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, ban
 from cosyapp.backends.cosyvoice2.sampling import RasSampler, SampleResult, sample_rows
 
 # How long the batcher waits for streams that were in the last batch before running without them. Streams
-# in step submit within a few milliseconds of each other (each samples its token on its own thread, under
-# the GIL); a stream that misses a step stays a step behind, and out of its neighbours' chunk batches, so
-# the window covers that spread. One that went off to vocode a chunk misses a batch or two and rejoins
+# in step submit within a few milliseconds of each other (each takes its token, pushes it through its chunk
+# schedule and embeds it on its own thread, under the GIL); a stream that misses a step stays a step behind,
+# and out of its neighbours' chunk batches, so the window covers that spread. One that went off to vocode a chunk misses a batch or two and rejoins
 # when it submits again, without holding the others up.
 GATHER_WINDOW_S = 0.005
 

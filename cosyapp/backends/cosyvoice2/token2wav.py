@@ -257,30 +257,23 @@ class Token2WavStream:
 
 
 def vocode_together(streams: Sequence[Token2WavStream], calls: Sequence[FlowCall]) -> list[Tensor]:
-    """The chunks of several streams (each with its prepared flow call): flow calls run together (batched where
-    their states match), then HiFT once per group of equal-length inputs. Each stream's chunk is what it
-    would get alone, up to float rounding."""
-    owner = streams[0].owner
-    with timed_each([s.stats for s in streams], "flow_chunk"):
+    """The chunks of streams at the same point of their schedule (one stream, or the streams of a
+    `ChunkBatcher` batch), each with its prepared flow call: one flow batch (`run_together`), then one HiFT
+    batch. Each stream's chunk is what it would get alone, up to float rounding."""
+    stats = [stream.stats for stream in streams]
+    with timed_each(stats, "flow_chunk"):
         mels = run_together(list(calls))
-    inputs = [stream.vocoder_input(mel) for stream, mel in zip(streams, mels)]
-    outputs: list[tuple[Tensor, Tensor] | None] = [None] * len(streams)
-    groups: dict[tuple, list[int]] = {}
-    for index, (mel, cache_source) in enumerate(inputs):
-        key = (mel.shape[2], None if cache_source is None else cache_source.shape[2])
-        groups.setdefault(key, []).append(index)
-    with timed_each([s.stats for s in streams], "vocoder_chunk"):
-        for indices in groups.values():
-            mel = torch.cat([inputs[i][0] for i in indices])
-            cache_source = None if inputs[indices[0]][1] is None else torch.cat([inputs[i][1] for i in indices])
-            # One generator per row; streams of one Token2Wav either all have one or none do.
-            generators = [streams[i].generator for i in indices]
-            generator = generators if len(generators) > 1 and generators[0] is not None else generators[0]
-            speech, source = owner.hift.inference(mel=mel, cache_source=cache_source, generator=generator)
-            for row, i in enumerate(indices):
-                outputs[i] = (speech[row:row + 1], source[row:row + 1])
-    return [stream.emit(mel, *output, call.finalize)
-            for stream, (mel, _), output, call in zip(streams, inputs, outputs, calls)]
+    # Each stream's new mel prefixed by its previous frames, and its excitation tail (None on a first chunk).
+    vocoder_mels, cache_sources = zip(*(stream.vocoder_input(mel) for stream, mel in zip(streams, mels)))
+    # One generator per row; streams of one Token2Wav either all have one or none do.
+    generators = [stream.generator for stream in streams]
+    generator = generators if len(generators) > 1 and generators[0] is not None else generators[0]
+    with timed_each(stats, "vocoder_chunk"):
+        speech, source = streams[0].owner.hift.inference(
+            mel=torch.cat(vocoder_mels), cache_source=None if cache_sources[0] is None else torch.cat(cache_sources),
+            generator=generator)
+    return [stream.emit(mel, speech[row:row + 1], source[row:row + 1], call.finalize)
+            for row, (stream, mel, call) in enumerate(zip(streams, vocoder_mels, calls))]
 
 
 @dataclass
@@ -410,7 +403,6 @@ class ChunkBatcher:
         if other.closed or not isinstance(other.flow_stream, FlowStream):
             return False
         mine, theirs = leader.flow_stream, other.flow_stream
-        if (other.owner is not leader.owner or other.offset != leader.offset or theirs.flow is not mine.flow
-                or theirs.committed != mine.committed or theirs.emitted != mine.emitted):
+        if other.offset != leader.offset or theirs.committed != mine.committed or theirs.emitted != mine.emitted:
             return False
         return other.num_tokens >= leader.num_tokens - slack_tokens
