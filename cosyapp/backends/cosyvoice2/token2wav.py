@@ -39,8 +39,8 @@ from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
-from cosyapp.backends.cosyvoice2.flow_stream import (FlowCall, FlowStream, RecomputeFlowStream, open_flow_stream,
-                                                     run_together)
+from cosyapp.backends.cosyvoice2.flow_stream import (FlowCall, FlowModel, FlowStream, RecomputeFlowStream,
+                                                     open_flow_stream, run_together)
 from cosyapp.engine.stats import StageTimes, timed_each
 
 MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of every chunk after the first
@@ -56,11 +56,6 @@ GATHER_WINDOW_S = 0.015
 # A stream at most this many tokens short of the same chunk is waited for: a few LM steps away (streams that
 # started together drift by a step or two, e.g. while their prompts are prefilled one after the other).
 GATHER_SLACK_TOKENS = 3
-
-
-class FlowModel(Protocol):
-    def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                  streaming: bool, finalize: bool) -> Tensor: ...
 
 
 class Vocoder(Protocol):
