@@ -70,6 +70,16 @@ def relative_shift_rows(scores: torch.Tensor, keys: int) -> torch.Tensor:
     return scores.as_strided((*batch, n, keys), (*strides[:-2], width - 1, 1), scores.storage_offset() + n - 1)
 
 
+def scores_against_offsets(query: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """query [B, H, T, d] . offsets [1, H, n, d] -> [B, H, T, n]. Batch rows are folded into one matrix per
+    head: broadcasting the shared offsets table over the batch would copy it once per row."""
+    b, h, t, d = query.shape
+    if b == 1:
+        return query @ offsets.transpose(-2, -1)
+    rows = query.transpose(0, 1).reshape(h, b * t, d)
+    return (rows @ offsets[0].transpose(-2, -1)).view(h, b, t, -1).transpose(0, 1)
+
+
 class LinearEmbed(nn.Module):
     """Linear -> LayerNorm -> x sqrt(dim) (upstream `LinearNoSubsampling` with rel-pos scaling)."""
 
@@ -114,24 +124,26 @@ class RelPositionAttention(nn.Module):
         v = self.linear_v(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.extend_kv(self, k, v)
-        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        # The positional term enters the attention as an additive bias, scaled like the content term: one
+        # fused attention call instead of separate passes (add, scale, mask, softmax) over the scores.
+        query_v = ((q + self.pos_bias_v) * scale).transpose(1, 2)
         if cache is None:
             p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
-            position = relative_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
+            bias = relative_shift(query_v @ p.transpose(-2, -1))
         else:
             # Query r sits at cache.length + r. Per run of consecutive keys from position `first`, the offsets
             # run from (cache.length - first) + t - 1 down to (cache.length - first) - count + 1.
-            query_v = (q + self.pos_bias_v).transpose(1, 2)
             runs = []
             for first, count in cache.key_segments():
                 distance = cache.length - first
                 p = self.projected_offsets(distance + t - 1, distance - count + 1)
-                runs.append(relative_shift_rows(query_v @ p.transpose(-2, -1), count))
-            position = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1)
-        scores = (content + position) / math.sqrt(self.head_dim)
+                runs.append(relative_shift_rows(scores_against_offsets(query_v, p), count))
+            bias = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v
+            bias = bias.masked_fill(~mask, float("-inf"))
+        query_u = (q + self.pos_bias_u).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query_u, k, v, attn_mask=bias, scale=scale)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, -1))
 
     def projected_offsets(self, highest: int, lowest: int) -> torch.Tensor:
