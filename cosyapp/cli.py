@@ -119,6 +119,7 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     uvicorn."""
     import uvicorn
 
+    from cosyapp.allocator import restart_with_tcmalloc
     from cosyapp.engine.registry import backend_names
     from cosyapp.server import configure_logging, create_app
 
@@ -137,9 +138,13 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     if model_dir:
         model = dataclasses.replace(model, model_dir=model_dir.resolve())
     settings = dataclasses.replace(settings, server=server, model=model)
+    if server.tcmalloc:
+        allocator = restart_with_tcmalloc()  # returns only when it does not restart
+    else:
+        allocator = "memory allocator: the system's ([server] tcmalloc = false)"
     configure_logging(settings.server.log_level)
     click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
-               f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'})")
+               f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
                 log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
 

@@ -52,6 +52,8 @@ class ServerSettings:
     log_level: str = field(default="info", metadata=_rule(choices=("debug", "info", "warning", "error")))
     # Bearer token required on every route but /health and /v1/health ("" = no authentication).
     api_key: str = ""
+    # Run on tcmalloc when it is installed (`cosyapp serve` restarts itself once with it preloaded; allocator.py).
+    tcmalloc: bool = True
 
 
 @dataclass(frozen=True)

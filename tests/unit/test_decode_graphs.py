@@ -64,21 +64,18 @@ def test_batcher_with_a_fixed_shape_step_samples_the_same_tokens(tiny_cosyvoice2
     lm = load_lm(tiny_cosyvoice2_dir, "cpu")
     (prompt,) = prompts(lm, [9])
 
-    def tokens(step) -> list[int]:
-        generator = torch.Generator().manual_seed(3)
-        return list(lm.generate(prompt, 0, 40, generator=generator, fixed_length=40, cache_row=1, step=step))
-
-    alone = tokens(None)
+    alone = list(lm.generate(prompt, 0, 40, generator=torch.Generator().manual_seed(3), fixed_length=40, cache_row=1))
     static_step = StaticDecodeStep(lm, capture=False)
     fixed_batches: list[int] = []
     fixed_step = static_step._step
     static_step._step = lambda x, pos: fixed_batches.append(x.shape[0]) or fixed_step(x, pos)
     batcher = LMBatcher(lm, ROWS, static_step)
-    batcher.open(1)
-    try:
-        assert tokens(batcher) == alone
-    finally:
-        batcher.close(1)
+    decoding = batcher.start(1, prompt, lm.stop_rule(0, 40, fixed_length=40), torch.Generator().manual_seed(3))
+    batched: list[int] = []
+    while (tokens := decoding.take()) is not None:
+        batched.extend(tokens)
+    batcher.stop(decoding)
+    assert batched == alone
     # Row 1 decoding alone runs as rows 0..1 (the fixed size 2); the prefill runs eagerly.
     assert fixed_batches == [2] * 39
 

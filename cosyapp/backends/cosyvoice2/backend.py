@@ -47,12 +47,12 @@ class CosyVoice2Backend:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
-                 random_source: bool = True, batching: bool = True, incremental_flow: bool = True,
+                 random_source: bool = True, incremental_flow: bool = True,
                  exact_final: bool = False, flow_left_chunks: int = 8, tensorrt: bool = True,
                  cuda_graphs: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        # On the CPU every thread that runs model work (each stream and the LM batcher) gets an equal share of
+        # On the CPU every thread that runs model work (each stream's vocoding, the LM batcher) gets an equal share of
         # the cores as intra-op threads: threads with a thread team of every core each would fight over the
         # cores (their idle team threads spin). With 2 cores and one stream, two threads each made a request
         # 1.6x slower than one (510 vs 325 ms). Batched chunks are cut into one part per share, computed at once.
@@ -73,14 +73,16 @@ class CosyVoice2Backend:
         self.hift.m_source.upstream_noise_order = False
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
                                    incremental_flow=incremental_flow, exact_final=exact_final,
-                                   flow_left_chunks=flow_left_chunks, batching=batching, batch_workers=batch_workers)
+                                   flow_left_chunks=flow_left_chunks, batching=True, batch_workers=batch_workers)
         self.lm_context = lm_context
-        # Concurrent streams share LM forwards through the batcher; without it each runs its own. On a GPU the
+        # Every stream's LM decoding runs on the batcher's thread, all streams in shared forwards. On a GPU the
         # batched decode step replays CUDA graphs (eager on the CPU, or with cuda_graphs=False).
         static_step = StaticDecodeStep(self.llm) if cuda_graphs and self.device.type == "cuda" else None
-        self.lm_batcher = LMBatcher(self.llm, max_streams, static_step, self.cpu_threads) if batching else None
+        # On a GPU the LM decodes up to one full chunk ahead of each stream's vocoding (LMBatcher).
+        run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
+        self.lm_batcher = LMBatcher(self.llm, max_streams, static_step, self.cpu_threads, run_ahead)
         # Each stream owns one row of the LM's KV cache for the whole request. The lowest free row is handed
-        # out, so the batched decode (rows 0..highest waiting row) stays as small as the number of streams.
+        # out, so the batched decode (rows 0..highest running row) stays as small as the number of streams.
         self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
         for row in range(max_streams):
             self._free_rows.put(row)
@@ -149,8 +151,6 @@ class CosyVoice2Backend:
             row = self._free_rows.get_nowait()
         except queue.Empty:
             raise RuntimeError("more concurrent streams than the backend's max_streams") from None
-        if self.lm_batcher is not None:
-            self.lm_batcher.open(row)
         try:
             pieces: list[np.ndarray] = []
             for text_ids in sentences:
@@ -162,8 +162,6 @@ class CosyVoice2Backend:
             if not request.stream:
                 yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         finally:
-            if self.lm_batcher is not None:
-                self.lm_batcher.close(row)
             self._free_rows.put(row)
 
     def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
@@ -183,22 +181,20 @@ class CosyVoice2Backend:
         session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
                                             model_input.flow_embedding, stream=request.stream, seed=request.seed)
         session.stats = stats
-        tokens = self.llm.generate(lm_input, min_len, max_len, generator=generator,
-                                   fixed_length=request.fixed_length, cache_row=row, step=self.lm_batcher)
+        # The batcher decodes this stream's tokens together with the other streams' while this thread vocodes
+        # the ones that came: neither waits for the other between chunks.
+        decoding = self.lm_batcher.start(row, lm_input, self.llm.stop_rule(min_len, max_len, request.fixed_length),
+                                         generator, stats, on_token=session.count_produced)
         try:
-            while True:
-                request.check_cancelled()
-                step_start = time.perf_counter() if stats is not None else 0.0
-                token = next(tokens, None)
-                if token is None:
-                    break
-                if stats is not None:
-                    stats.add("lm_token", time.perf_counter() - step_start)
-                for chunk in session.push([token]):
-                    yield chunk.float().cpu().numpy()
+            while (tokens := decoding.take(session.tokens_wanted())) is not None:
+                for token in tokens:  # one at a time, so each chunk is handed out as soon as it is ready
+                    request.check_cancelled()
+                    for chunk in session.push([token]):
+                        yield chunk.float().cpu().numpy()
             request.check_cancelled()
             yield session.finish().float().cpu().numpy()
         finally:
+            self.lm_batcher.stop(decoding)  # before the caller frees the LM cache row
             session.close()
 
 

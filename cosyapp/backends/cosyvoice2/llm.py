@@ -9,8 +9,9 @@ decoded together in one forward, each at its own position.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -262,42 +263,54 @@ class CosyVoice2LM(nn.Module):
 
     def sample_step(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
                     banned: tuple[int, int | None] | None) -> SampleResult:
-        """The default `LMStepRunner`: one row alone (`step_logp`), its banned ids masked, then sampled."""
+        """One row alone (`step_logp`), its banned ids masked, then sampled."""
         return sampler(ban(self.step_logp(x, position, cache_row), banned))
+
+    def stop_rule(self, min_len: int, max_len: int, fixed_length: int | None = None) -> "StopRule":
+        return StopRule(self.config.speech_token_size, min_len, max_len if fixed_length is None else fixed_length,
+                        fixed_length is not None)
 
     @torch.inference_mode()
     def generate(self, lm_input: torch.Tensor, min_len: int, max_len: int,
                  generator: torch.Generator | None = None, fixed_length: int | None = None,
-                 cache_row: int = 0, step: "LMStepRunner | None" = None) -> Iterator[int]:
-        """Upstream's decoding loop: yield speech token ids until a stop id (>= speech_token_size) or max_len.
-
-        EOS is masked while fewer than min_len tokens were produced. `fixed_length` (benchmarks) masks
-        every stop id and yields exactly that many tokens. Uses cache row `cache_row`; one generation
-        per row at a time. `step` runs the transformer and samples (default: `self.sample_step`, one row
-        alone; the backend's batcher decodes and samples all active rows at once). The one host sync per
-        step is the sampled id.
+                 cache_row: int = 0) -> Iterator[int]:
+        """Upstream's decoding loop for one stream: yield speech token ids until a stop id or max_len (see
+        `StopRule`). Uses cache row `cache_row`; one generation per row at a time. The one host sync per step
+        is the sampled id. (The service decodes its streams together: lm_batcher.py.)
         """
-        step = step or self.sample_step
-        eos = self.config.speech_token_size
+        rule = self.stop_rule(min_len, max_len, fixed_length)
         length = lm_input.shape[1]
-        num_steps = max_len if fixed_length is None else fixed_length
-        self._ensure_cache(length + num_steps)
+        self._ensure_cache(length + rule.num_steps)
         sampler = RasSampler.from_config(self.config, generator)
         x, position = lm_input, 0
-        for i in range(num_steps):
-            if fixed_length is not None:
-                banned = (eos, None)  # every stop id
-            elif i < min_len:
-                banned = (eos, eos + 1)
-            else:
-                banned = None
-            sample = step(x, position, cache_row, sampler, banned)
-            if fixed_length is None and sample.token_id >= eos:
+        for i in range(rule.num_steps):
+            sample = self.sample_step(x, position, cache_row, sampler, rule.banned(i))
+            if rule.is_stop(sample.token_id):
                 return
             yield sample.token_id
-            if i + 1 == num_steps:
-                return
             x, position = self.speech_embedding(sample.token).reshape(1, 1, -1), length + i
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When upstream's decoding stops: at a stop id (>= `eos`, the speech vocabulary size), which is banned
+    while fewer than `min_len` tokens were made, or after `num_steps` (max_len) tokens. `fixed` (benchmarks)
+    bans every stop id, so exactly num_steps tokens come out whatever the weights."""
+    eos: int
+    min_len: int
+    num_steps: int
+    fixed: bool = False
+
+    def banned(self, made: int) -> tuple[int, int | None] | None:
+        """Ids [start, stop) masked in the step after `made` tokens (stop None: to the end)."""
+        if self.fixed:
+            return (self.eos, None)  # every stop id
+        if made < self.min_len:
+            return (self.eos, self.eos + 1)
+        return None
+
+    def is_stop(self, token_id: int) -> bool:
+        return not self.fixed and token_id >= self.eos
 
 
 def ban(logp: torch.Tensor, banned: tuple[int, int | None] | None) -> torch.Tensor:
@@ -305,8 +318,3 @@ def ban(logp: torch.Tensor, banned: tuple[int, int | None] | None) -> torch.Tens
     if banned is not None:
         logp[..., banned[0]:banned[1]] = float("-inf")
     return logp
-
-
-class LMStepRunner(Protocol):
-    def __call__(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
-                 banned: tuple[int, int | None] | None) -> SampleResult: ...

@@ -169,6 +169,9 @@ class Token2WavStream:
         self.device = prompt_token.device
         self.token_pieces: list[Tensor] = []
         self.num_tokens = 0
+        # Tokens the LM (on its own thread) has made for this stream, pushed or still on their way: a chunk
+        # batch waits for streams that will have its call's tokens as soon as they push what they hold.
+        self.produced_tokens = 0
         self.offset = 0  # tokens whose audio has been emitted (up to the withheld tail)
         self.hop = owner.chunk_size
         self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
@@ -176,6 +179,16 @@ class Token2WavStream:
         self.finished = False  # finish() was called
         self.closed = False  # close() was called: no more calls
         self.stats: StageTimes | None = None  # benchmarks: per-chunk flow and vocoder times
+
+    def count_produced(self) -> None:
+        """One more token was made for this stream (called by the LM's thread)."""
+        self.produced_tokens += 1
+
+    def tokens_wanted(self) -> int | None:
+        """How many more tokens the next chunk needs (at least 1); None when not streaming (all of them)."""
+        if not self.stream:
+            return None
+        return max(1, self.offset + self.next_hop() + self.owner.pre_lookahead - self.num_tokens)
 
     def next_hop(self) -> int:
         return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
@@ -400,4 +413,4 @@ class ChunkBatcher:
         mine, theirs = leader.flow_stream, other.flow_stream
         if other.offset != leader.offset or theirs.committed != mine.committed or theirs.emitted != mine.emitted:
             return False
-        return other.num_tokens >= leader.num_tokens - slack_tokens
+        return max(other.num_tokens, other.produced_tokens) >= leader.num_tokens - slack_tokens

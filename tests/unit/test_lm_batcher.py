@@ -1,0 +1,120 @@
+"""The LM batcher (lm_batcher.py): every stream's decoding on one thread, in shared forwards, each stream
+getting exactly the tokens `CosyVoice2LM.generate` gives it alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+from cosyapp.backends.cosyvoice2.lm_batcher import Decoding, LMBatcher
+
+ROWS = 4
+CONTEXT = 256
+# (prompt length, seed, fixed length): the 9-token prompt with seed 2 samples a stop id after 19 tokens.
+STREAMS = [(23, 0, 30), (40, 1, None), (9, 2, None)]
+MIN_LEN, MAX_LEN = 5, 80
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_cosyvoice2_dir: Path) -> CosyVoice2LM:
+    model = CosyVoice2LM.from_pretrained(tiny_cosyvoice2_dir)
+    model.setup_cache(ROWS, CONTEXT)
+    return model
+
+
+def prompt(lm: CosyVoice2LM, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(length)
+    return torch.randn(1, length, lm.config.llm_input_size, generator=generator)
+
+
+def alone(lm: CosyVoice2LM, length: int, seed: int, fixed_length: int | None) -> list[int]:
+    return list(lm.generate(prompt(lm, length), MIN_LEN, MAX_LEN, generator=torch.Generator().manual_seed(seed),
+                            fixed_length=fixed_length, cache_row=ROWS - 1))
+
+
+def start(batcher: LMBatcher, lm: CosyVoice2LM, row: int, length: int, seed: int,
+          fixed_length: int | None) -> Decoding:
+    return batcher.start(row, prompt(lm, length), lm.stop_rule(MIN_LEN, MAX_LEN, fixed_length),
+                         torch.Generator().manual_seed(seed))
+
+
+def take_all(decoding: Decoding, at_least: int | None = 1) -> list[int]:
+    tokens: list[int] = []
+    while (new := decoding.take(at_least)) is not None:
+        tokens.extend(new)
+    return tokens
+
+
+def test_streams_joining_at_different_steps_get_their_own_tokens(lm: CosyVoice2LM) -> None:
+    expected = [alone(lm, *stream) for stream in STREAMS]
+    assert len(expected[2]) < MAX_LEN  # that stream ends at a sampled stop id
+    batcher = LMBatcher(lm, ROWS)
+    results: list[list[int]] = [[] for _ in STREAMS]
+    # Each stream takes a first batch of tokens, then all go on together: the first one joined earliest, so
+    # the rows are at different positions, and a row does not decode while its stream is away.
+    first_batch_taken = threading.Barrier(len(STREAMS))
+
+    def run(index: int) -> None:
+        decoding = start(batcher, lm, index, *STREAMS[index])
+        try:
+            results[index] = decoding.take(at_least=7)
+            first_batch_taken.wait()
+            results[index] += take_all(decoding, at_least=7)
+        finally:
+            batcher.stop(decoding)
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    time.sleep(0.02)
+    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join()
+    assert results == expected
+    assert max(batcher.batch_sizes) > 1  # rows really shared forwards
+
+
+def test_a_stopped_row_can_be_used_again_at_once(lm: CosyVoice2LM) -> None:
+    batcher = LMBatcher(lm, ROWS)
+    decoding = start(batcher, lm, 0, 23, 1, None)
+    assert len(decoding.take(at_least=4)) >= 4
+    batcher.stop(decoding)
+    assert decoding.ended.is_set()
+    leftover = decoding.take()  # what was made before the stop, then the end
+    assert leftover is None or decoding.take() is None
+    again = start(batcher, lm, 0, *STREAMS[2])
+    try:
+        assert take_all(again) == alone(lm, *STREAMS[2])
+    finally:
+        batcher.stop(again)
+
+
+@pytest.mark.parametrize("run_ahead", [0, 6])
+def test_a_row_decodes_ahead_of_its_stream_only_by_run_ahead(lm: CosyVoice2LM, run_ahead: int) -> None:
+    batcher = LMBatcher(lm, ROWS, run_ahead=run_ahead)
+    decoding = start(batcher, lm, 1, 9, 0, 30)
+    try:
+        taken = len(decoding.take(at_least=5))
+        time.sleep(0.1)  # the stream is busy elsewhere: the row decodes at most run_ahead tokens meanwhile
+        assert decoding.produced == taken + run_ahead
+    finally:
+        batcher.stop(decoding)
+
+
+def test_a_failed_forward_reaches_the_stream_and_the_batcher_goes_on(lm: CosyVoice2LM) -> None:
+    batcher = LMBatcher(lm, ROWS)
+    decoding = batcher.start(0, torch.zeros(1, 5, 3), lm.stop_rule(MIN_LEN, MAX_LEN), None)  # wrong width
+    with pytest.raises(RuntimeError):
+        take_all(decoding)
+    batcher.stop(decoding)
+    healthy = start(batcher, lm, 0, *STREAMS[0])
+    try:
+        assert take_all(healthy) == alone(lm, *STREAMS[0])
+    finally:
+        batcher.stop(healthy)
