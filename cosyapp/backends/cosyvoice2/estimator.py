@@ -175,7 +175,7 @@ class CausalConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(dim, config.out_channels, 1)
 
     def attention_bias(self, mask: torch.Tensor, streaming: bool, cache: ChunkCache | None = None) -> torch.Tensor:
-        """Additive attention bias from the frame mask [B, 1, T]: 0 where visible, -1e10 where not
+        """Additive attention bias from the frame mask [B, 1, T] (B may be 1): 0 where visible, -1e10 where not
         ([B, 1, T, T] with chunk masking, else [B, 1, 1, T]). With `cache` the T frames follow the cached
         ones, which are all valid: [B, 1, T, held + T] over the keys the cache holds (all earlier frames,
         or with a window the prompt's and the window's, masked per query chunk).
@@ -196,7 +196,7 @@ class CausalConditionalDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
                 cond: torch.Tensor, streaming: bool = False, cache: ChunkCache | None = None) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T].
+        """x, mu, cond [B, 80, T]; mask [B, 1, T] or [1, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T].
 
         `cache` (streaming only; the caller brackets the call with cache.begin/commit): the T frames follow
         the cached ones."""

@@ -60,7 +60,8 @@ class CausalFlowMatching(nn.Module):
 
     def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
                 streaming: bool = False, start: int = 0, caches: list[ChunkCache] | None = None) -> torch.Tensor:
-        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T] (float32).
+        """mu, cond [B, 80, T]; mask [B, 1, T] or [1, 1, T] (the same for every row); spks [B, 80] -> mel
+        [B, 80, T] (float32).
 
         `start` is the absolute index of the first frame (it selects the noise); `caches` (streaming only)
         holds one estimator cache per Euler step, for frames that follow `start` cached ones.
@@ -73,7 +74,7 @@ class CausalFlowMatching(nn.Module):
             raise ValueError(f"{len(caches)} estimator caches for {self.n_timesteps} Euler steps")
         x = self.noise[:, :, start:start + frames].to(mu.dtype).expand(b, -1, -1)
         # One estimator batch per step: rows [0, B) conditional, rows [B, 2B) with mu/spks/cond zeroed.
-        mask_in = torch.cat([mask, mask])
+        mask_in = mask if mask.size(0) == 1 else torch.cat([mask, mask])
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
@@ -206,7 +207,9 @@ class CosyVoice2Flow(nn.Module):
             cond[:, :, :prompt_frames] = prompt_feat[:, first_frame:first_frame + prompt_frames].transpose(1, 2)
         for cache in estimator_caches:
             cache.begin(frames, ratio * keep)
-        mel = self.decoder(mu, torch.ones_like(mu[:, :1]), spks, cond, streaming=True, start=first_frame,
+        # No padding here: one all-ones frame mask for every row, so the attention bias is built once per call
+        # and broadcast over the batch (one [T, keys] bias instead of one per stream and CFG row).
+        mel = self.decoder(mu, torch.ones_like(mu[:1, :1]), spks, cond, streaming=True, start=first_frame,
                            caches=estimator_caches)
         for cache in estimator_caches:
             cache.commit()
