@@ -5,13 +5,14 @@
   queueing without bound.
 - Streaming: a worker thread iterates `backend.synthesize(request)` and hands each chunk to the event loop
   with `call_soon_threadsafe` into an asyncio queue, so the loop never blocks and never polls.
-- Cancellation: `SynthesisStream.cancel()` (client gone) sets `request.cancel`; the backend stops at its next
-  chunk or LM step with `Cancelled`, and the slot is freed when the worker thread has really stopped.
+- Cancellation: `SynthesisStream.cancel()` (client gone) sets `request.cancel`; the backend stops with
+  `Cancelled` at its next chunk (CosyVoice2: once it has the tokens of the chunk it is waiting for), and the slot is freed when the worker thread has really stopped.
 - Voices: prepared prompt voices are cached by a caller-chosen key (a content hash of an upload, a speaker
   id + version); concurrent requests for the same key share one preparation.
 
-Issue 5 replaces the one-thread-per-stream internals with a batching scheduler behind the same API:
-`admit`, `voice`, `start`, `stats`, `close`.
+Streams share the model inside the backend (CosyVoice2: every stream's LM decoding on one batcher thread,
+lm_batcher.py; chunks at the same point of their schedule computed together, token2wav.py); the engine only
+admits, feeds and cancels the worker threads.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 from cosyapp.backends.cosyvoice2.lm_batcher import Decoding, LMBatcher
+from cosyapp.backends.cosyvoice2.sampling import RasSampler
 
 ROWS = 4
 CONTEXT = 256
@@ -105,6 +106,16 @@ def test_a_row_decodes_ahead_of_its_stream_only_by_run_ahead(lm: CosyVoice2LM, r
         assert decoding.produced == taken + run_ahead
     finally:
         batcher.stop(decoding)
+
+
+def test_a_cancelled_stream_stops_waiting_for_its_tokens(lm: CosyVoice2LM) -> None:
+    # A decoding no batcher serves: its tokens never come, only the cancel ends the wait.
+    decoding = Decoding(0, prompt(lm, 9), lm.stop_rule(MIN_LEN, MAX_LEN), RasSampler.from_config(lm.config))
+    cancel = threading.Event()
+    threading.Timer(0.05, cancel.set).start()
+    started = time.monotonic()
+    assert decoding.take(at_least=5, cancel=cancel) == []
+    assert cancel.is_set() and time.monotonic() - started < 1.0
 
 
 def test_a_failed_forward_reaches_the_stream_and_the_batcher_goes_on(lm: CosyVoice2LM) -> None:

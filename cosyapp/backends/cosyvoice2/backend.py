@@ -52,9 +52,9 @@ class CosyVoice2Backend:
                  cuda_graphs: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        # On the CPU every thread that runs model work (each stream's vocoding, the LM batcher) gets an equal share of
-        # the cores as intra-op threads: threads with a thread team of every core each would fight over the
-        # cores (their idle team threads spin). With 2 cores and one stream, two threads each made a request
+        # On the CPU every thread that runs model work (each stream's vocoding, the LM batcher) gets an equal
+        # share of the cores as intra-op threads: threads with a thread team of every core each would fight over
+        # the cores (their idle team threads spin). With 2 cores and one stream, two threads each made a request
         # 1.6x slower than one (510 vs 325 ms). Batched chunks are cut into one part per share, computed at once.
         self.cpu_threads = max(1, cpu_cores() // (max_streams + 1)) if self.device.type == "cpu" else None
         batch_workers = max(1, cpu_cores() // self.cpu_threads) if self.cpu_threads else 1
@@ -181,14 +181,14 @@ class CosyVoice2Backend:
         session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
                                             model_input.flow_embedding, stream=request.stream, seed=request.seed)
         session.stats = stats
-        # The batcher decodes this stream's tokens together with the other streams' while this thread vocodes
-        # the ones that came: neither waits for the other between chunks.
+        # The batcher decodes this stream's tokens in forwards shared with the other streams'; this thread takes
+        # them a chunk's worth at a time and vocodes them.
         decoding = self.lm_batcher.start(row, lm_input, self.llm.stop_rule(min_len, max_len, request.fixed_length),
                                          generator, stats, on_token=session.count_produced)
         try:
-            while (tokens := decoding.take(session.tokens_wanted())) is not None:
+            while (tokens := decoding.take(session.tokens_wanted(), request.cancel)) is not None:
+                request.check_cancelled()
                 for token in tokens:  # one at a time, so each chunk is handed out as soon as it is ready
-                    request.check_cancelled()
                     for chunk in session.push([token]):
                         yield chunk.float().cpu().numpy()
             request.check_cancelled()

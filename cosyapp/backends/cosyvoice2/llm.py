@@ -267,6 +267,7 @@ class CosyVoice2LM(nn.Module):
         return sampler(ban(self.step_logp(x, position, cache_row), banned))
 
     def stop_rule(self, min_len: int, max_len: int, fixed_length: int | None = None) -> "StopRule":
+        """Upstream's stop conditions for a sentence (`length_limits`), or exactly `fixed_length` tokens."""
         return StopRule(self.config.speech_token_size, min_len, max_len if fixed_length is None else fixed_length,
                         fixed_length is not None)
 

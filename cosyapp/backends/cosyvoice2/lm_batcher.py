@@ -7,9 +7,9 @@ stopped ones leave; each step then decodes every running row in one forward, sam
 (`sample_rows`: each row with its own stream's sampler, exactly as alone, one host sync for all) and hands
 each stream its token (`Decoding.take`).
 
-So the LM never waits for the vocoder: a stream's thread takes its tokens as they come (`Decoding.take`) and
-computes its audio chunks while the batcher goes on decoding its next tokens. And streams hand nothing to
-the batcher per step (no per-token thread hand-off), so no step waits for a stream.
+A stream's thread takes its tokens once it holds what its next audio chunk needs (`Decoding.take`): it is
+woken once per chunk, not once per token, and hands nothing to the batcher per step, so no step waits for a
+stream. Whether a row decodes on while its stream computes a chunk is `LMBatcher.run_ahead`.
 
 The decode batch is the contiguous row range 0..highest running row, so the cache is read through views and
 not gathered. A row in that range that is not running (free, or being prefilled) gets a dummy input at the
@@ -30,6 +30,10 @@ from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, StopRule, ban
 from cosyapp.backends.cosyvoice2.sampling import RasSampler, sample_rows
 from cosyapp.engine.stats import StageTimes
+
+# How often a stream waiting for its tokens looks at its cancel event.
+CANCEL_POLL_S = 0.05
+
 
 @dataclass(eq=False)
 class Decoding:
@@ -56,22 +60,27 @@ class Decoding:
     def __post_init__(self) -> None:
         self.prompt_len = self.lm_input.shape[1]
 
-    def take(self, at_least: int | None = 1) -> list[int] | None:
+    def take(self, at_least: int | None = 1, cancel: threading.Event | None = None) -> list[int] | None:
         """The tokens made and not taken yet, once there are `at_least` of them (None: all, at the end) or
         decoding has ended (then maybe fewer); None when it has ended and every token was taken. Raises the
         decoding's error. Waiting for as many as the next audio chunk needs wakes the caller once per chunk,
-        not once per token."""
+        not once per token. Returns early, with what there is (maybe nothing), once `cancel` is set."""
         with self._changed:
             self._wanted = math.inf if at_least is None else max(1, at_least)
-            if not (len(self._tokens) >= self._wanted or self._done):
+            if not self._ready():
                 self._waiting = True
                 self._wake_batcher()
-                self._changed.wait_for(lambda: len(self._tokens) >= self._wanted or self._done)
+                while not self._changed.wait_for(self._ready, timeout=CANCEL_POLL_S):
+                    if cancel is not None and cancel.is_set():
+                        break
                 self._waiting = False
             if self._error is not None:
                 raise self._error
             tokens, self._tokens = self._tokens, []
-            return tokens or None
+            return None if self._done and not tokens else tokens
+
+    def _ready(self) -> bool:
+        return len(self._tokens) >= self._wanted or self._done
 
     def _put(self, token_id: int) -> None:
         with self._changed:
@@ -161,7 +170,9 @@ class LMBatcher:
             try:
                 with torch.inference_mode():
                     got_token = self._step(joining, running)
-            except BaseException as exc:  # every decoding of the step gets the failure; the batcher goes on
+            except BaseException as exc:
+                # A failed forward may have half-written any row: every running decoding fails with it, and the
+                # batcher goes on with new ones.
                 for decoding in self._running.values():
                     decoding._finish(exc)
                 self._running = {}
