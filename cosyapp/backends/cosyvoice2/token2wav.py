@@ -53,9 +53,10 @@ PREFILLED_VOICES = 4
 # How long the first stream to reach a chunk waits for other streams at the same point (ChunkBatcher).
 # Streams in step arrive within a few milliseconds; the wait ends as soon as they are all there.
 GATHER_WINDOW_S = 0.015
-# A stream at most this many tokens short of the same chunk is waited for: a few LM steps away (streams that
-# started together drift by a step or two, e.g. while their prompts are prefilled one after the other).
-GATHER_SLACK_TOKENS = 3
+# A stream at most this many tokens short of the same chunk is waited for: a few LM steps away (requests that
+# arrive a few milliseconds apart join the LM a few steps apart). While the others wait, the LM goes on decoding
+# for the streams still short (on a CPU only for them: LMBatcher), a step every millisecond or two.
+GATHER_SLACK_TOKENS = 8
 
 
 class Vocoder(Protocol):
