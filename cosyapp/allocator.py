@@ -5,8 +5,8 @@ large (batched attention scores, stacked per-stream caches). glibc's malloc serv
 mappings or hands freed heap tops back to the OS, so the next chunk page-faults the same memory in again,
 in every worker thread's arena. tcmalloc keeps freed memory for reuse: at 8 concurrent streams on a 2-core
 CPU, glibc's malloc made four times its page faults, spent 7 % of the CPU time in the kernel against its 3 %,
-and gave 7 % less audio per second. An allocator has to be in place before
-the interpreter starts, so `cosyapp serve` starts itself again, once, with tcmalloc preloaded.
+and gave 7 % less audio per second. An allocator has to be in place before the interpreter starts, so
+`cosyapp serve` starts itself again, once, with tcmalloc preloaded.
 """
 
 from __future__ import annotations
