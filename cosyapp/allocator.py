@@ -43,5 +43,4 @@ def restart_with_tcmalloc() -> str:
     env = dict(os.environ, LD_PRELOAD=preload, **{RESTARTED_MARKER: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
-    raise AssertionError("unreachable")  # execve does not return
+    os.execve(sys.executable, sys.orig_argv, env)  # does not return

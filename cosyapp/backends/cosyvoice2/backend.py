@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import queue
-import time
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -222,7 +222,8 @@ class CosyVoice2LM(nn.Module):
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
         self.qwen.setup_cache(max_batch, max_seq_len)
 
-    def _ensure_cache(self, seq_len: int) -> None:
+    def ensure_cache(self, seq_len: int) -> None:
+        """Reallocate the KV cache (every row) to hold `seq_len` positions, rounded up, if it holds fewer."""
         if self.qwen.max_seq_len < seq_len:
             rounded = -(-seq_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
             self.setup_cache(max(self.qwen.max_batch, 1),
@@ -281,7 +282,7 @@ class CosyVoice2LM(nn.Module):
         """
         rule = self.stop_rule(min_len, max_len, fixed_length)
         length = lm_input.shape[1]
-        self._ensure_cache(length + rule.num_steps)
+        self.ensure_cache(length + rule.num_steps)
         sampler = RasSampler.from_config(self.config, generator)
         x, position = lm_input, 0
         for i in range(rule.num_steps):

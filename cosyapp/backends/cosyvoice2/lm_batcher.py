@@ -125,7 +125,7 @@ class LMBatcher:
     def start(self, row: int, lm_input: torch.Tensor, rule: StopRule, generator: torch.Generator | None,
               stats: StageTimes | None = None, on_token: Callable[[], None] | None = None) -> Decoding:
         """Decode from `lm_input` [1, L, hidden] in KV-cache row `row` (the caller's until `stop` returns)."""
-        self.llm._ensure_cache(lm_input.shape[1] + rule.num_steps)
+        self.llm.ensure_cache(lm_input.shape[1] + rule.num_steps)
         decoding = Decoding(row, lm_input, rule, RasSampler.from_config(self.llm.config, generator), stats, on_token)
         decoding._wake_batcher = self._wake
         with self._cond:

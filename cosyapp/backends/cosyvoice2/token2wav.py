@@ -189,7 +189,11 @@ class Token2WavStream:
         """How many more tokens the next chunk needs (at least 1); None when not streaming (all of them)."""
         if not self.stream:
             return None
-        return max(1, self.offset + self.next_hop() + self.owner.pre_lookahead - self.num_tokens)
+        return max(1, self._tokens_short())
+
+    def _tokens_short(self) -> int:
+        """Tokens still missing before the next chunk can be computed (<= 0: it can)."""
+        return self.offset + self.next_hop() + self.owner.pre_lookahead - self.num_tokens
 
     def next_hop(self) -> int:
         return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
@@ -203,7 +207,7 @@ class Token2WavStream:
             self.token_pieces.append(tokens)
             self.num_tokens += tokens.numel()
         chunks: list[Tensor] = []
-        while self.stream and self.num_tokens - self.offset >= self.next_hop() + self.owner.pre_lookahead:
+        while self.stream and self._tokens_short() <= 0:
             hop = self.next_hop()
             chunks.append(self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False))
             self.offset += hop
