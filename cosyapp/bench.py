@@ -10,19 +10,22 @@ from __future__ import annotations
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
 from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+from cosyapp.backends.cosyvoice2.token2wav import Token2WavStream
 from cosyapp.engine.registry import load_backend, make_tiny
 from cosyapp.engine.stats import StageTimes
-from cosyapp.engine.types import Mode, SynthesisRequest
+from cosyapp.engine.types import Mode, SynthesisRequest, Voice
 
 BENCH_TEXT = "Streaming speech synthesis turns text into audio while the rest is still being generated."
 # Warm-up length before the chunk profile: enough for CosyVoice2's schedule (25 + 50, then 100-token hops) to
@@ -42,11 +45,13 @@ def machine_description() -> str:
 def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: str = "cosyvoice2",
                      device: str = "auto", dtype: str = "auto", prompt_wav: Path | None = None,
                      tokens: int = 100, runs: int = 3, text: str = BENCH_TEXT, long_tokens: int = 0,
+                     batch_streams: Sequence[int] = (),
                      backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load (or make) a model, prepare one voice, then stream `runs` requests of `tokens` LM tokens each.
 
     `long_tokens` > 0 adds one streaming request of that many LM tokens, profiled chunk by chunk
-    (`chunk_profile`). `backend_options` go to the backend as its own options (e.g. flow_left_chunks)."""
+    (`chunk_profile`). `batch_streams` (CosyVoice2) times the vocoding of that many streams at once
+    (`chunk_batching_times`). `backend_options` go to the backend as its own options (e.g. flow_left_chunks)."""
     model_label = str(model_dir) if model_dir is not None else f"random {size} {backend_name} model"
     backend_options = dict(backend_options or {})
     with tempfile.TemporaryDirectory(prefix="cosyapp-bench-") as scratch:
@@ -106,6 +111,8 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
             profile = chunk_profile(chunk_samples, long_stats.seconds["flow_chunk"],
                                     long_stats.seconds["vocoder_chunk"], long_tokens, rate,
                                     elapsed_s=time.perf_counter() - start)
+        batching = chunk_batching_times(backend, voice, tokens, batch_streams, runs) \
+            if batch_streams and isinstance(backend, CosyVoice2Backend) else None
     stages = stats.summary()
     report = {
         "machine": machine_description(),
@@ -126,7 +133,76 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
         report["decode_step"] = decode_steps
     if profile is not None:
         report["chunk_profile"] = profile
+    if batching is not None:
+        report["chunk_batching"] = batching
     return report
+
+
+def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, stream_counts: Sequence[int],
+                         runs: int) -> dict[str, Any]:
+    """Vocoding (flow + HiFT) of `tokens` random LM tokens for n streams at once, all in step, each on its own
+    thread through the backend's chunk batcher, as concurrent requests are computed; best of `runs`.
+
+    n x (one stream's time) / (n streams' time) is how much more audio per second n streams get out of the
+    vocoding than one stream: with the vocoding most of a request's work, it bounds what concurrency can gain.
+    """
+    features = voice.features
+    batcher = backend.token2wav.batcher
+    generator = torch.Generator().manual_seed(0)
+    token_ids = torch.randint(0, backend.config.llm.speech_token_size, (max(stream_counts), tokens),
+                              generator=generator)
+
+    def vocode(session: Token2WavStream, tokens: torch.Tensor) -> None:
+        if backend.cpu_threads is not None:
+            torch.set_num_threads(backend.cpu_threads)  # the share synthesize gives each stream's thread
+        try:
+            with torch.inference_mode():
+                session.push(tokens)
+                session.finish()
+        finally:
+            session.close()
+
+    def all_at_once(count: int) -> float:
+        sessions = [backend.token2wav.new_stream(features.speech_token, features.speech_feat, features.embedding,
+                                                 seed=index) for index in range(count)]
+        for session in sessions:  # every token is made already: the batcher waits for each stream's first chunk
+            for _ in range(tokens):
+                session.count_produced()
+        threads = [threading.Thread(target=vocode, args=(session, token_ids[index].to(backend.device)))
+                   for index, session in enumerate(sessions)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if backend.device.type == "cuda":
+            torch.cuda.synchronize(backend.device)
+        return time.perf_counter() - start
+
+    rows = {}
+    for count in sorted(set(stream_counts)):
+        all_at_once(count)  # warm-up: first runs of these batch shapes
+        batcher.batch_sizes.clear()
+        wall_s = min(all_at_once(count) for _ in range(runs))
+        rows[count] = {"wall_ms": 1000.0 * wall_s, "batches": dict(sorted(batcher.batch_sizes.items()))}
+    alone_ms = rows[min(rows)]["wall_ms"] / min(rows)
+    for count, row in rows.items():
+        row["per_stream_ms"] = row["wall_ms"] / count
+        row["speed_up"] = count * alone_ms / row["wall_ms"]
+    return {"tokens": tokens, "batch_workers": batcher.workers if batcher is not None else 1, "streams": rows}
+
+
+def format_chunk_batching(batching: dict[str, Any]) -> str:
+    lines = [
+        f"vocoding of {batching['tokens']} LM tokens per stream, all streams in step (flow + HiFT, chunks "
+        f"batched, {batching['batch_workers']} part(s) at once):",
+        "  streams   wall ms  per stream ms  audio/s vs the fewest  batches (size: count)",
+    ]
+    for count, row in batching["streams"].items():
+        batches = ", ".join(f"{size}: {number}" for size, number in row["batches"].items())
+        lines.append(f"  {count:7d}  {row['wall_ms']:8.1f}  {row['per_stream_ms']:13.1f}  "
+                     f"{row['speed_up']:20.2f}x  {batches}")
+    return "\n".join(lines)
 
 
 @torch.inference_mode()
@@ -269,6 +345,8 @@ def format_engine_report(report: dict[str, Any]) -> str:
         for size, times in decode["steps"].items():
             lines.append(f"  batch {size:3d}  eager {times['eager_ms']:7.2f} ms  fixed {times['fixed_ms']:7.2f} ms"
                          f"  ({times['eager_ms'] / times['fixed_ms']:.2f}x)")
+    if "chunk_batching" in report:
+        lines.append(format_chunk_batching(report["chunk_batching"]))
     if "chunk_profile" in report:
         lines.append(format_chunk_profile(report["chunk_profile"]))
     return "\n".join(lines)

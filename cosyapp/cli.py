@@ -540,6 +540,17 @@ def bench() -> None:
     """Benchmarks: one backend in-process (engine), or the HTTP service under concurrent load (service)."""
 
 
+def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """A comma-separated list of counts (concurrency levels, stream counts); none given: ()."""
+    try:
+        counts = tuple(int(part) for part in (value or "").split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated counts like 1,2,4,8; got {value!r}") from None
+    if any(count < 1 for count in counts):
+        raise click.BadParameter("counts must be >= 1")
+    return counts
+
+
 @bench.command("engine")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="model directory (default: make a random model of --size)")
@@ -556,16 +567,20 @@ def bench() -> None:
 @click.option("--long-tokens", type=click.IntRange(0), default=0, show_default=True,
               help="also profile one streaming request of this many LM tokens chunk by chunk (flow and vocoder "
                    "time per chunk along the utterance; 1100 = 44 s of audio); 0: off")
+@click.option("--batch-streams", callback=_counts,
+              help="cosyvoice2: also time the vocoding of this many streams at once, all in step, e.g. 1,2,4,8 "
+                   "(per-stream cost and audio per second against the first count: what batching gains)")
 @click.option("--flow-left-chunks", type=click.IntRange(-1),
               help="cosyvoice2 backend option flow_left_chunks: left context of streaming flow calls in chunks "
                    "(-1: all, exact; default: the backend's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @user_errors
 def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, dtype: str, prompt_wav: Path | None,
-                 tokens: int, runs: int, long_tokens: int, flow_left_chunks: int | None,
-                 json_path: Path | None) -> None:
+                 tokens: int, runs: int, long_tokens: int, batch_streams: tuple[int, ...],
+                 flow_left_chunks: int | None, json_path: Path | None) -> None:
     """Time to first chunk, real-time factor and per-stage times of one backend, in this process; with
-    --long-tokens also the time of every streamed chunk along one long utterance."""
+    --long-tokens also the time of every streamed chunk along one long utterance, with --batch-streams the
+    vocoding of several streams at once."""
     from cosyapp.bench import format_engine_report, run_engine_bench
 
     backend_options: dict[str, int] = {}
@@ -573,22 +588,14 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
         if backend != "cosyvoice2":
             raise click.BadParameter("only the cosyvoice2 backend has this option", param_hint="--flow-left-chunks")
         backend_options["flow_left_chunks"] = flow_left_chunks
+    if batch_streams and backend != "cosyvoice2":
+        raise click.BadParameter("only the cosyvoice2 backend batches streams' chunks", param_hint="--batch-streams")
     report = run_engine_bench(model_dir, size=size, backend_name=backend, device=device, dtype=dtype,
                               prompt_wav=prompt_wav, tokens=tokens, runs=runs, long_tokens=long_tokens,
-                              backend_options=backend_options)
+                              batch_streams=batch_streams, backend_options=backend_options)
     click.echo(format_engine_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
-
-
-def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated concurrency levels like 1,2,4,8; got {value!r}") from None
-    if any(level < 1 for level in levels):
-        raise click.BadParameter("concurrency levels must be >= 1")
-    return levels
 
 
 @bench.command("service")
@@ -602,7 +609,7 @@ def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int
               "(default: the highest level)")
 @click.option("--max-queue", type=click.IntRange(0), help="[engine] max_queue of the started service "
               "(default: max(16, --poisson-requests))")
-@click.option("--levels", default="1,2,4,8,16", show_default=True, callback=_levels,
+@click.option("--levels", default="1,2,4,8,16", show_default=True, callback=_counts,
               help="closed-loop concurrency levels; empty: none")
 @click.option("--requests", type=click.IntRange(1), default=4, show_default=True,
               help="requests per client at each closed-loop level")

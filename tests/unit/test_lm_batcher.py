@@ -81,6 +81,40 @@ def test_streams_joining_at_different_steps_get_their_own_tokens(lm: CosyVoice2L
     assert max(batcher.batch_sizes) > 1  # rows really shared forwards
 
 
+def test_prompts_of_different_lengths_prefill_together_as_alone(lm: CosyVoice2LM) -> None:
+    lengths = [23, 40, 9]
+    together = lm.prefill_logp([prompt(lm, n) for n in lengths], 0)
+    # The 9-token prompt was padded to 40: its first decode step must not see the padding's keys.
+    token = lm.speech_embedding(torch.tensor([[17]]))
+    after_padding = lm.step_logp(token, 9, 2)
+    for row, length in enumerate(lengths):
+        alone_logp = lm.step_logp(prompt(lm, length), 0, ROWS - 1)
+        torch.testing.assert_close(together[row], alone_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after_padding, lm.step_logp(token, 9, ROWS - 1), rtol=1e-5, atol=1e-5)
+
+
+def test_streams_joining_in_one_step_share_a_prefill(lm: CosyVoice2LM, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefills: list[tuple[int, int]] = []  # (first row, prompts) of each prefill forward
+    real_prefill = lm.prefill_logp
+
+    def counting_prefill(inputs: list[torch.Tensor], first_row: int) -> torch.Tensor:
+        prefills.append((first_row, len(inputs)))
+        return real_prefill(inputs, first_row)
+
+    monkeypatch.setattr(lm, "prefill_logp", counting_prefill)
+    batcher = LMBatcher(lm, ROWS)
+    rows = [0, 1, 3]  # rows 0-1 are one run, row 3 another
+    expected = [alone(lm, *stream) for stream in STREAMS]
+    with batcher._cond:  # the batcher takes all three joiners in the same step
+        decodings = [start(batcher, lm, row, *stream) for row, stream in zip(rows, STREAMS)]
+    try:
+        assert [take_all(d) for d in decodings] == expected
+    finally:
+        for decoding in decodings:
+            batcher.stop(decoding)
+    assert prefills == [(0, 2), (3, 1)]
+
+
 def test_a_stopped_row_can_be_used_again_at_once(lm: CosyVoice2LM) -> None:
     batcher = LMBatcher(lm, ROWS)
     decoding = start(batcher, lm, 0, 23, 1, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +261,22 @@ class CosyVoice2LM(nn.Module):
         input_pos = torch.arange(position, position + length, device=x.device)[None]
         hidden = self(x, input_pos, cache_row, position + length)
         return self.speech_logp(hidden[0, -1])
+
+    def prefill_logp(self, inputs: Sequence[torch.Tensor], first_row: int) -> torch.Tensor:
+        """Prefill cache rows first_row.. with one prompt each (embeddings [1, L_i, hidden]) in one forward
+        -> log-probs [len(inputs), V] after each prompt's last position.
+
+        Shorter prompts are padded at the end to the longest. A query never sees a later position, so the
+        padding changes no real position's output; the keys/values it leaves past a prompt's end are
+        overwritten by that row's decode steps before any query reaches them.
+        """
+        lengths = [x.shape[1] for x in inputs]
+        longest = max(lengths)
+        x = torch.cat([F.pad(x, (0, 0, 0, longest - x.shape[1])) for x in inputs])
+        input_pos = torch.arange(longest, device=x.device).expand(len(inputs), longest)
+        hidden = self(x, input_pos, first_row, longest)
+        last = torch.tensor(lengths, device=x.device) - 1
+        return self.speech_logp(hidden[torch.arange(len(inputs), device=x.device), last])
 
     def sample_step(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
                     banned: tuple[int, int | None] | None) -> SampleResult:

@@ -186,9 +186,12 @@ class LMBatcher:
                     del self._running[decoding.row]
 
     def _step(self, joining: list[Decoding], running: list[Decoding]) -> list[Decoding]:
-        """One token for every decoding (prefills one by one, their own lengths; decodes in one forward)
-        -> the decodings that got one (the others stopped)."""
-        logp = [self.llm.step_logp(d.lm_input, 0, d.row) for d in joining]
+        """One token for every decoding (joining ones prefilled, one forward per run of consecutive rows; running
+        ones decoded in one forward) -> the decodings that got one (the others stopped)."""
+        joining = sorted(joining, key=lambda d: d.row)
+        logp: list[torch.Tensor] = []
+        for run in consecutive_rows(joining):
+            logp.extend(self.llm.prefill_logp([d.lm_input for d in run], run[0].row).unbind(0))
         for decoding in joining:
             decoding.lm_input = None  # the prompt is in the cache now
             self._next_position[decoding.row] = decoding.prompt_len
@@ -231,3 +234,14 @@ class LMBatcher:
             decoded = self.llm.speech_logp(self.llm(x, input_pos, 0, max(positions) + 1)[:, -1])
         self.batch_sizes[len(running)] = self.batch_sizes.get(len(running), 0) + 1
         return decoded[index]
+
+
+def consecutive_rows(decodings: list[Decoding]) -> list[list[Decoding]]:
+    """Decodings sorted by row -> runs of them in consecutive cache rows (one prefill forward each)."""
+    runs: list[list[Decoding]] = []
+    for decoding in decodings:
+        if runs and runs[-1][-1].row + 1 == decoding.row:
+            runs[-1].append(decoding)
+        else:
+            runs.append([decoding])
+    return runs
