@@ -152,12 +152,12 @@ def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, 
     token_ids = torch.randint(0, backend.config.llm.speech_token_size, (max(stream_counts), tokens),
                               generator=generator)
 
-    def vocode(session: Token2WavStream, tokens: torch.Tensor) -> None:
+    def vocode(session: Token2WavStream, stream_tokens: torch.Tensor) -> None:
         if backend.cpu_threads is not None:
             torch.set_num_threads(backend.cpu_threads)  # the share synthesize gives each stream's thread
         try:
             with torch.inference_mode():
-                session.push(tokens)
+                session.push(stream_tokens)
                 session.finish()
         finally:
             session.close()
@@ -165,7 +165,8 @@ def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, 
     def all_at_once(count: int) -> float:
         sessions = [backend.token2wav.new_stream(features.speech_token, features.speech_feat, features.embedding,
                                                  seed=index) for index in range(count)]
-        for session in sessions:  # every token is made already: the batcher waits for each stream's first chunk
+        # As if the LM had made every token already: a batch then waits for all streams at its point.
+        for session in sessions:
             for _ in range(tokens):
                 session.count_produced()
         threads = [threading.Thread(target=vocode, args=(session, token_ids[index].to(backend.device)))
@@ -189,7 +190,7 @@ def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, 
     for count, row in rows.items():
         row["per_stream_ms"] = row["wall_ms"] / count
         row["speed_up"] = count * alone_ms / row["wall_ms"]
-    return {"tokens": tokens, "batch_workers": batcher.workers if batcher is not None else 1, "streams": rows}
+    return {"tokens": tokens, "batch_workers": batcher.workers, "streams": rows}
 
 
 def format_chunk_batching(batching: dict[str, Any]) -> str:
