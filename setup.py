@@ -33,8 +33,9 @@ setup(
         # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
-        # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models).
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic"],
+        # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
+        # openai: the OpenAI API tests drive the service with OpenAI's own SDK.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,11 +18,15 @@ import torchaudio
 from cosyapp.service_process import ServiceStartError, free_port, start_service
 
 # free_port: for the tests that put the port into a service's environment before starting it.
-__all__ = ["DEFAULT_PROMPT", "REPO_ROOT", "LiveService", "assert_pcm", "free_port", "resampled_prompt",
-           "running_service"]
+__all__ = ["DEFAULT_PROMPT", "LONG_TEXT", "REPO_ROOT", "LiveService", "assert_pcm", "free_port", "resampled_prompt",
+           "running_service", "wait_idle"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPT = REPO_ROOT / "asset" / "zero_shot_prompt.wav"
+
+# Long enough that synthesizing all of it takes far longer than the tests wait after disconnecting.
+LONG_TEXT = "。".join(["欢迎光临本店", "今天的特价菜是红烧肉和清蒸鱼", "请问您几位用餐", "这边请坐",
+                      "我们的服务员马上为您点菜", "祝您用餐愉快"] * 8) + "。"
 
 
 @dataclass
@@ -68,3 +73,14 @@ def assert_pcm(body: bytes) -> int:
     assert not body.startswith(b"{"), f"got an error body instead of audio: {body[:200]!r}"
     assert len(body) % 2 == 0, f"{len(body)} bytes is not a whole number of 16-bit samples"
     return len(body) // 2
+
+
+def wait_idle(service, timeout: float = 30.0) -> dict:
+    """Wait until the service has no request in flight; its /stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = service.stats()
+        if stats["in_flight"] == 0 and stats["active"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"engine still busy: {stats}"
+        time.sleep(0.05)

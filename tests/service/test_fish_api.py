@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import ormsgpack
 import pytest
 import soundfile
@@ -456,13 +457,25 @@ def test_async_errors(service):
 
 @pytest.mark.parametrize("method,path", [("POST", "/v1/tts"), ("GET", "/v1/references/list"),
                                          ("POST", "/v1/vqgan/encode"), ("GET", "/get_task_status/task_001"),
-                                         ("POST", "/stop_generation"), ("POST", "/synthesize"), ("GET", "/stats")])
+                                         ("POST", "/stop_generation"), ("POST", "/synthesize"), ("GET", "/stats"),
+                                         ("POST", "/v1/audio/speech"), ("GET", "/v1/models")])
 def test_every_route_but_health_needs_the_key(service, method, path):
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {API_KEY}"},
                     {"authorization": API_KEY}):
         answer = httpx.request(method, f"{service.url}{path}", headers=headers)
         assert answer.status_code == 401 and "detail" in answer.json()
         assert answer.headers["www-authenticate"] == "Bearer"
+
+
+def test_openai_sdk_sends_the_key(service):
+    def speech(api_key: str) -> bytes:
+        client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+        return client.audio.speech.create(model="tts-1", voice="alloy", input="Hello.", response_format="wav").content
+
+    audio = speech(API_KEY)
+    assert audio[:4] == b"RIFF" and int.from_bytes(audio[24:28], "little") == SAMPLE_RATE  # the Fish backend
+    with pytest.raises(openai.AuthenticationError):
+        speech("wrong")
 
 
 def test_health_needs_no_key(service):

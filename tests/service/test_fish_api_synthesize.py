@@ -1,6 +1,7 @@
 """Issue 4: one service, two backends (one engine each). `[model] backend = cosyvoice2` with
 `extra_backend = fish`: /synthesize picks the backend with its `backend` field (prompt_wav + prompt_text become
-a Fish reference; an instruction is a clear 400 for Fish), and the Fish API runs on the extra backend."""
+a Fish reference; an instruction is a clear 400 for Fish), the OpenAI speech API by its `model`, and the Fish
+API runs on the extra backend."""
 
 from __future__ import annotations
 
@@ -56,3 +57,15 @@ def test_fish_api_runs_on_the_extra_backend(service):
     assert httpx.get(f"{service.url}/v1/health").json() == {"status": "ok"}
     answer = httpx.post(f"{service.url}/v1/tts", json={"text": "Hello.", "seed": 1, "max_new_tokens": 8}, timeout=120)
     assert answer.status_code == 200 and answer.content[:4] == b"RIFF"
+
+
+def test_openai_speech_picks_the_backend_by_model(service):
+    models = httpx.get(f"{service.url}/v1/models", timeout=10).json()
+    assert [model["id"] for model in models["data"]] == ["cosyvoice2", "fish"]
+    for model, rate in (("fish", "44100"), ("tts-1", "24000"), ("cosyvoice2", "24000")):
+        answer = httpx.post(f"{service.url}/v1/audio/speech", timeout=120,
+                            json={"model": model, "voice": "alloy", "input": "Hello.", "response_format": "pcm"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-sample-rate"] == rate
+        assert_pcm(answer.content)
+

@@ -10,19 +10,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-# Long enough that synthesizing all of it takes far longer than the tests wait after disconnecting.
-LONG_TEXT = "。".join(["欢迎光临本店", "今天的特价菜是红烧肉和清蒸鱼", "请问您几位用餐", "这边请坐",
-                      "我们的服务员马上为您点菜", "祝您用餐愉快"] * 8) + "。"
-
-
-def _wait_idle(service, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = service.stats()
-        if stats["in_flight"] == 0 and stats["active"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"engine still busy: {stats}"
-        time.sleep(0.05)
+from service_live import LONG_TEXT, wait_idle
 
 
 def _multipart(text: str) -> bytes:
@@ -30,7 +18,7 @@ def _multipart(text: str) -> bytes:
 
 
 def test_disconnect_stops_generation_and_frees_the_slot(live_service):
-    before = _wait_idle(live_service)
+    before = wait_idle(live_service)
     body = _multipart(LONG_TEXT)
     host, port = urlsplit(live_service.url).hostname, urlsplit(live_service.url).port
     # A raw socket, so "the client went away" is exactly a closed TCP connection.
@@ -45,7 +33,7 @@ def test_disconnect_stops_generation_and_frees_the_slot(live_service):
         assert received.startswith(b"HTTP/1.1 200"), received[:300]
         assert live_service.stats()["active"] == 1
     disconnected_at = time.monotonic()
-    after = _wait_idle(live_service)
+    after = wait_idle(live_service)
     freed_after_s = time.monotonic() - disconnected_at
     assert after["cancelled"] == before["cancelled"] + 1, after  # the backend stopped with Cancelled...
     assert after["completed"] == before["completed"]  # ...instead of finishing the text
@@ -59,7 +47,7 @@ def test_disconnect_stops_generation_and_frees_the_slot(live_service):
 
 
 def test_more_requests_than_the_limit_get_orderly_503s(live_service):
-    _wait_idle(live_service)
+    wait_idle(live_service)
     before = live_service.stats()
     assert before["max_concurrent"] == 1 and before["max_queue"] == 1
 
@@ -95,6 +83,6 @@ def test_more_requests_than_the_limit_get_orderly_503s(live_service):
             assert headers["retry-after"] == "2"
             assert headers["content-type"] == "application/json"
             assert "busy" in httpx.Response(503, content=body).json()["detail"]
-    after = _wait_idle(live_service)
+    after = wait_idle(live_service)
     assert after["rejected"] == before["rejected"] + 3
     assert httpx.get(f"{live_service.url}/health", timeout=10).json()["status"] == "ok"

@@ -35,13 +35,12 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import math
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import ormsgpack
@@ -51,17 +50,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from cosyapp.audio import AUDIO_MEDIA_TYPES, check_duration, decode_audio, encode_audio, to_s16le, wav_header
+from cosyapp.audio import AUDIO_MEDIA_TYPES, check_duration, decode_audio, encode_audio, wav_header
 from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
 from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
+from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, stream_body, whole_audio
 from cosyapp.server.bodies import limited_request, media_type
 from cosyapp.server.errors import ApiError, as_api_error
 from cosyapp.server.fish_tasks import COMPLETED, STEP_ID, Job, Task, TaskConflict, TaskManager
-from cosyapp.server.routes.synthesize import AudioStreamResponse, RequestRecord
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import StoredVoice, make_voice_files, validate_speaker_id
-
-log = logging.getLogger("cosyapp.request")
 
 FISH = "fish"
 NOT_SERVED = ("this service does not run the Fish backend: set [model] backend = \"fish\" (or extra_backend = "
@@ -384,27 +381,6 @@ async def health(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- /v1/tts
 
 
-async def _stream_body(stream: SynthesisStream, first: np.ndarray, header: bytes, record: RequestRecord
-                       ) -> AsyncIterator[bytes]:
-    result = "ok"
-    try:
-        if header:
-            yield header
-        yield to_s16le(first)
-        async for chunk in stream:
-            record.audio_samples += chunk.shape[0]
-            yield to_s16le(chunk)
-    except Exception as e:  # the status is sent: end the stream early and log why
-        result = f"failed({type(e).__name__}: {e})"
-        log.error("request id=%s failed mid-stream", record.id, exc_info=e)
-    except BaseException:  # the client went away
-        result = "cancelled"
-        raise
-    finally:
-        stream.cancel()
-        record.finish(200, result)
-
-
 async def tts(request: Request) -> Response:
     state: ServiceState = request.app.state.service
     record = RequestRecord(uuid.uuid4().hex[:12])
@@ -430,13 +406,16 @@ async def tts(request: Request) -> Response:
             record.audio_samples += first.shape[0]
             header = wav_header(record.sample_rate) if params.format == "wav" and \
                 state.settings.fishapi.wav_stream_header else b""
-            return AudioStreamResponse(_stream_body(stream, first, header, record),
+            return AudioStreamResponse(stream_body(stream, first, record, header),
                                        on_close=lambda: (stream.cancel(), record.finish(200, "cancelled")),
                                        media_type=media_type, headers=headers)
-        chunks = [chunk async for chunk in stream]
-        if not chunks:
+        first = await anext(stream, None)
+        if first is None:
             raise ApiError(400, NO_AUDIO)
-        audio = np.concatenate(chunks)
+        audio = await whole_audio(request, stream, first)
+        if audio is None:  # the client went away: nobody is there to read an answer
+            record.finish(499, "cancelled")
+            return Response(status_code=499)
         record.ttfb_s = time.perf_counter() - record.started
         record.audio_samples = audio.shape[0]
         body = await asyncio.to_thread(encode_audio, audio, record.sample_rate, params.format)

@@ -16,27 +16,24 @@ backend's rate, streamed as the backend produces it. One log line per request.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable
 
+import numpy as np
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from cosyapp.audio import pcm_headers, to_s16le, wav_header
+from cosyapp.audio import pcm_headers, wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.scheduler import Engine, SynthesisStream
 from cosyapp.engine.types import Mode, SynthesisRequest, Voice
+from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, rejected, stream_body
 from cosyapp.server.bodies import limited_request, media_type
-from cosyapp.server.errors import ApiError, as_api_error, error_response
+from cosyapp.server.errors import ApiError, error_response
 from cosyapp.server.state import ServiceState
-
-log = logging.getLogger("cosyapp.request")
 
 FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format", "fixed_length", "backend")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -150,70 +147,8 @@ def choose_mode(form: SynthesisForm, speaker_text: str | None, default_instructi
     return Mode.CROSS_LINGUAL, None, None
 
 
-class RequestRecord:
-    """Timing of one request, written as one log line when it ends (however it ends)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.id = request_id
-        self.started = time.perf_counter()
-        self.mode = "-"
-        self.text_chars = 0
-        self.ttfb_s: float | None = None
-        self.audio_samples = 0
-        self.sample_rate = 0
-        self._done = False
-
-    def finish(self, status: int, result: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        wall_s = time.perf_counter() - self.started
-        audio_s = self.audio_samples / self.sample_rate if self.sample_rate else 0.0
-        ttfb = f"{1000 * self.ttfb_s:.0f}" if self.ttfb_s is not None else "-"
-        rtf = f"{wall_s / audio_s:.3f}" if audio_s > 0 else "-"
-        log.info("request id=%s status=%d mode=%s text_chars=%d ttfb_ms=%s audio_s=%.2f wall_s=%.2f rtf=%s result=%s",
-                 self.id, status, self.mode, self.text_chars, ttfb, audio_s, wall_s, rtf, result)
-
-
-class AudioStreamResponse(StreamingResponse):
-    """A StreamingResponse that runs `on_close` however the response ends, even when the client left before
-    the body started (Starlette then never starts the body iterator, so its `finally` would not run)."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            self._on_close()
-
-
-async def _stream_body(stream: SynthesisStream, first: bytes, audio_format: str, record: RequestRecord
-                       ) -> AsyncIterator[bytes]:
-    result = "ok"
-    try:
-        if audio_format == "wav":
-            yield wav_header(record.sample_rate)
-        yield first
-        async for chunk in stream:
-            record.audio_samples += chunk.shape[0]
-            yield to_s16le(chunk)
-    except Exception as e:  # after the first byte the status is sent: end the stream early, log why
-        result = f"failed({type(e).__name__}: {e})"
-        log.error("request id=%s failed mid-stream", record.id, exc_info=e)
-    except BaseException:  # the client went away (task cancelled) or the generator was closed
-        result = "cancelled"
-        raise
-    finally:
-        stream.cancel()
-        record.finish(200, result)
-
-
-async def _voice_and_mode(state: ServiceState, form: SynthesisForm, engine: Engine
-                          ) -> tuple[Voice, Mode, str | None, str | None]:
+async def voice_and_mode(state: ServiceState, form: SynthesisForm, engine: Engine
+                         ) -> tuple[Voice, Mode, str | None, str | None]:
     if form.instruction and Mode.INSTRUCT2.value not in engine.info.modes:
         raise ApiError(400, f"the {engine.info.model_type} model takes no 'instruction' (no instruct2 mode); "
                             "send prompt_wav with prompt_text, or a speaker, to choose the voice")
@@ -234,46 +169,51 @@ async def _voice_and_mode(state: ServiceState, form: SynthesisForm, engine: Engi
     return voice, mode, instruction, prompt_text
 
 
+async def start_stream(state: ServiceState, engine: Engine, form: SynthesisForm, record: RequestRecord
+                       ) -> tuple[SynthesisStream, np.ndarray]:
+    """Admit the request, choose its voice and mode, start it and wait for its first chunk, so that every error
+    up to the first audio is still answered with an error status. The caller owns the stream from here."""
+    record.text_chars = len(form.text)
+    record.sample_rate = engine.info.sample_rate
+    admission = engine.admit()
+    try:
+        voice, mode, instruction, prompt_text = await voice_and_mode(state, form, engine)
+        record.mode = mode.value
+        synthesis = SynthesisRequest(text=form.text, voice=voice, mode=mode, instruction=instruction,
+                                     prompt_text=prompt_text, fixed_length=form.fixed_length)
+        stream = await engine.start(synthesis, admission)
+    except BaseException:
+        admission.release()  # start() never ran or failed: give the place back
+        raise
+    try:
+        first_chunk = await anext(stream, None)  # backend errors up to here still become a 4xx
+        if first_chunk is None:
+            raise ApiError(400, "the text produced no audio (is there anything speakable in it?)")
+    except BaseException:
+        stream.cancel()
+        raise
+    record.ttfb_s = time.perf_counter() - record.started
+    record.audio_samples += first_chunk.shape[0]
+    return stream, first_chunk
+
+
 async def synthesize(request: Request) -> Response:
     state: ServiceState = request.app.state.service
     record = RequestRecord(uuid.uuid4().hex[:12])
     headers = {"X-Request-Id": record.id}
-    stream: SynthesisStream | None = None
     try:
         engine = state.ready_engine()
         form = await read_form(request, state.settings.limits)
         if form.backend is not None:
             engine = state.ready_engine(form.backend)
-        record.text_chars = len(form.text)
-        record.sample_rate = engine.info.sample_rate
-        admission = engine.admit()
-        try:
-            voice, mode, instruction, prompt_text = await _voice_and_mode(state, form, engine)
-            record.mode = mode.value
-            synthesis = SynthesisRequest(text=form.text, voice=voice, mode=mode, instruction=instruction,
-                                         prompt_text=prompt_text, fixed_length=form.fixed_length)
-            stream = await engine.start(synthesis, admission)
-        except BaseException:
-            admission.release()  # start() never ran or failed: give the place back
-            raise
-        first_chunk = await anext(stream, None)  # backend errors up to here still become a 4xx
-        record.ttfb_s = time.perf_counter() - record.started
-        if first_chunk is None:
-            raise ApiError(400, "the text produced no audio (is there anything speakable in it?)")
-        record.audio_samples += first_chunk.shape[0]
+        stream, first_chunk = await start_stream(state, engine, form, record)
     except Exception as e:
-        if stream is not None:
-            stream.cancel()
-        error = as_api_error(e)
-        if error is None:
-            record.finish(500, f"error({type(e).__name__})")
-            raise
-        record.finish(error.status_code, f"rejected({error.detail})")
-        return error_response(ApiError(error.status_code, error.detail, {**error.headers, **headers}))
+        return error_response(rejected(e, record, headers))
 
     headers.update(pcm_headers(engine.info.sample_rate))
+    header = wav_header(record.sample_rate) if form.format == "wav" else b""
     return AudioStreamResponse(
-        _stream_body(stream, to_s16le(first_chunk), form.format, record),
+        stream_body(stream, first_chunk, record, header),
         on_close=lambda: (stream.cancel(), record.finish(200, "cancelled")),
         media_type=FORMATS[form.format],
         headers=headers,

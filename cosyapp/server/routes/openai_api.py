@@ -1,0 +1,205 @@
+"""The OpenAI speech API, so that OpenAI's SDKs and the tools built on them (Home Assistant's bridges, chat
+front-ends) can use the service:
+
+    POST /v1/audio/speech   JSON {input, model, voice, instructions, response_format, speed, stream_format}
+    GET  /v1/audio/voices   {"voices": ["default", <registered speakers>...]}
+    GET  /v1/models         the loaded backends, as OpenAI's model list
+
+A speech request becomes the same form as POST /synthesize (same voices, modes and engine):
+- model: a backend's name (cosyvoice2, fish) picks it (a 400 when the service does not load it); any other name
+  (tts-1, tts-1-hd, gpt-4o-mini-tts: what OpenAI clients send) means `[model] backend`.
+- voice: a registered speaker id (`cosyapp speakers add`), a string or {"id": ...}; "default" and OpenAI's
+  built-in voice names (alloy, ash, ...) mean the default prompt voice.
+- instructions: the style instruction (/synthesize's `instruction`: the instruct2 mode).
+- response_format: mp3 (the default, as in OpenAI's API), opus and flac come as one file once the text is
+  synthesized; pcm and wav stream as the audio is made (pcm: s16le mono at the backend's rate, named in
+  X-Sample-Rate, 24 kHz for CosyVoice2 as in OpenAI's API; wav: a header of unknown length, then the
+  samples); aac is refused.
+- speed: 1.0 only: the models have no speed control, and refusing says so where ignoring would not.
+- stream_format: "audio" (default), or "sse": Server-Sent Events `speech.audio.delta` {audio: base64 of a
+  pcm chunk} as the audio is made, then `speech.audio.done` (response_format pcm only).
+
+Errors come before any audio, in OpenAI's shape: a 4xx/5xx status with JSON `{"error": {"message": ...,
+"type": "invalid_request_error" (4xx) or "server_error" (5xx), "param": null, "code": null}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le, wav_header
+from cosyapp.config import LimitsSettings
+from cosyapp.engine.registry import backend_names
+from cosyapp.server.bodies import limited_request, media_type
+from cosyapp.server.errors import ApiError
+from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, rejected, stream_body, whole_audio
+from cosyapp.server.routes.synthesize import SynthesisForm, start_stream
+from cosyapp.server.state import ServiceState
+
+FIELDS = ("input", "model", "voice", "instructions", "response_format", "speed", "stream_format")
+DEFAULT_VOICE = "default"
+OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
+                 "shimmer", "verse")
+STREAMED_FORMATS = ("pcm", "wav")
+FILE_FORMATS = ("mp3", "opus", "flac")
+# Room for the JSON framing and the short fields on top of the text (4 bytes per character at most in UTF-8).
+BODY_ALLOWANCE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class SpeechParams:
+    form: SynthesisForm
+    backend: str | None  # None: [model] backend
+    sse: bool
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string; got {type(value).__name__}")
+    return value.strip()
+
+
+def _speaker(body: dict[str, Any]) -> str | None:
+    """The registered speaker the voice names; None for the default voice."""
+    voice = body.get("voice")
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+        if not isinstance(voice, str):
+            raise ApiError(400, "voice as an object must be {\"id\": \"<voice id>\"}")
+    elif voice is not None and not isinstance(voice, str):
+        raise ApiError(400, f"voice must be a string or {{\"id\": ...}}; got {type(voice).__name__}")
+    voice = (voice or "").strip()
+    if not voice or voice == DEFAULT_VOICE or voice in OPENAI_VOICES:
+        return None
+    return voice
+
+
+def parse_speech(body: Any, limits: LimitsSettings) -> SpeechParams:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}")
+    text = _string(body, "input")
+    if not text:
+        raise ApiError(400, "input is missing or empty: give the text to speak")
+    if len(text) > limits.max_text_chars:
+        raise ApiError(400, f"input is too long: {len(text)} characters, the limit is {limits.max_text_chars}")
+    model = _string(body, "model")
+    audio_format = (_string(body, "response_format") or "mp3").lower()
+    if audio_format not in (*STREAMED_FORMATS, *FILE_FORMATS):
+        raise ApiError(400, f"response_format must be one of {', '.join((*STREAMED_FORMATS, *FILE_FORMATS))}; "
+                            f"got {audio_format!r}")
+    speed = body.get("speed", 1.0)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise ApiError(400, f"speed must be a number; got {speed!r}")
+    if speed != 1.0:
+        raise ApiError(400, f"speed {speed:g} is not supported: the model speaks at its own pace (speed 1.0)")
+    stream_format = (_string(body, "stream_format") or "audio").lower()
+    if stream_format not in ("audio", "sse"):
+        raise ApiError(400, f"stream_format must be audio or sse; got {stream_format!r}")
+    if stream_format == "sse" and audio_format != "pcm":
+        raise ApiError(400, "stream_format sse sends base64 pcm chunks: use response_format pcm with it")
+    form = SynthesisForm(text=text, instruction=_string(body, "instructions") or None, prompt_text=None,
+                         prompt_wav=None, speaker=_speaker(body), format=audio_format)
+    return SpeechParams(form=form, backend=model if model in backend_names() else None, sse=stream_format == "sse")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    content_type = media_type(request)
+    if content_type != "application/json":
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send application/json")
+    body = await limited_request(request, limit).body()
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def openai_error(error: ApiError) -> JSONResponse:
+    """An error in OpenAI's shape: OpenAI's SDKs show its message (of a `{"detail": ...}` body only the status)."""
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return JSONResponse({"error": {"message": error.detail, "type": kind, "param": None, "code": None}},
+                        status_code=error.status_code, headers=error.headers)
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def sse_delta(chunk: np.ndarray) -> bytes:
+    return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(to_s16le(chunk)).decode("ascii")})
+
+
+async def speech(request: Request) -> Response:
+    state: ServiceState = request.app.state.service
+    record = RequestRecord(uuid.uuid4().hex[:12])
+    headers = {"X-Request-Id": record.id}
+    try:
+        limit = 4 * state.settings.limits.max_text_chars + BODY_ALLOWANCE
+        params = parse_speech(await read_json(request, limit), state.settings.limits)
+        engine = state.ready_engine(params.backend)
+        stream, first_chunk = await start_stream(state, engine, params.form, record)
+    except Exception as e:
+        return openai_error(rejected(e, record, headers))
+
+    audio_format = params.form.format
+
+    def on_close() -> None:
+        stream.cancel()
+        record.finish(200, "cancelled")
+
+    if params.sse or audio_format in STREAMED_FORMATS:
+        headers.update(pcm_headers(record.sample_rate))
+    if params.sse:
+        body = stream_body(stream, first_chunk, record, encode=sse_delta,
+                           trailer=sse_event({"type": "speech.audio.done"}))
+        return AudioStreamResponse(body, on_close=on_close, media_type="text/event-stream", headers=headers)
+    if audio_format in STREAMED_FORMATS:
+        header = wav_header(record.sample_rate) if audio_format == "wav" else b""
+        return AudioStreamResponse(stream_body(stream, first_chunk, record, header), on_close=on_close,
+                                   media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
+    try:
+        audio = await whole_audio(request, stream, first_chunk)
+    except Exception as e:
+        return openai_error(rejected(e, record, headers))
+    if audio is None:
+        record.finish(499, "cancelled")
+        return Response(status_code=499)  # nobody is there to read it
+    record.audio_samples = audio.shape[0]
+    data = await asyncio.to_thread(encode_audio, audio, record.sample_rate, audio_format)
+    record.finish(200, "ok")
+    return Response(data, media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
+
+
+async def voices(request: Request) -> JSONResponse:
+    state: ServiceState = request.app.state.service
+    return JSONResponse({"voices": [DEFAULT_VOICE, *state.speakers.ids()], "default_aliases": list(OPENAI_VOICES)})
+
+
+async def models(request: Request) -> JSONResponse:
+    state: ServiceState = request.app.state.service
+    created = int(time.time())
+    return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                                     "owned_by": "cosyapp"} for name in state.backends]})
+
+
+routes = [
+    Route("/v1/audio/speech", speech, methods=["POST"]),
+    Route("/v1/audio/voices", voices, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+]
