@@ -43,6 +43,16 @@ class LiveService:
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/stats", timeout=10).json()
 
+    def log_line(self, request_id: str) -> str:
+        """The log line of one request (written when it ends: waits up to 5 s for it)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if f"request id={request_id}" in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line for request {request_id}")
+
 
 @contextlib.contextmanager
 def running_service(workdir: Path, env: dict[str, str], *args: str) -> Iterator[LiveService]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -13,21 +12,11 @@ import pytest
 from service_live import DEFAULT_PROMPT, assert_pcm
 
 
-def _log_line(service, request_id: str) -> str:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in service.log().splitlines():
-            if f"request id={request_id}" in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line for request {request_id}")
-
-
 def _synthesize(service, data: dict, files: dict | None = None) -> tuple[bytes, str]:
     response = httpx.post(f"{service.url}/synthesize", data=data, files=files, timeout=300)
     assert response.status_code == 200, response.text
     assert_pcm(response.content)
-    return response.content, _log_line(service, response.headers["x-request-id"])
+    return response.content, service.log_line(response.headers["x-request-id"])
 
 
 ANCHOR = "你是一位专业的新闻主播,声音清晰,语调平稳,充满权威感。<|endofprompt|>"

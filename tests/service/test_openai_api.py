@@ -37,16 +37,6 @@ def speaker(live_service) -> str:
     return SPEAKER
 
 
-def _log_line(service, request_id: str) -> str:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in service.log().splitlines():
-            if f"request id={request_id}" in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line for request {request_id}")
-
-
 def _speech(service, **body) -> httpx.Response:
     return httpx.post(f"{service.url}/v1/audio/speech", json=body, timeout=300)
 
@@ -58,7 +48,7 @@ def test_sdk_streams_pcm(live_service, client: openai.OpenAI) -> None:
         pieces = list(response.iter_bytes())
         request_id = response.headers["x-request-id"]
     assert assert_pcm(b"".join(pieces)) > 24000 // 10
-    line = _log_line(live_service, request_id)
+    line = live_service.log_line(request_id)
     # OpenAI's built-in voice names mean the default voice, with the default instruction (instruct2).
     assert "mode=instruct2 " in line and "result=ok" in line, line
 
@@ -104,11 +94,11 @@ def test_registered_speaker_and_instructions(live_service, client: openai.OpenAI
         response = _speech(live_service, model="tts-1", voice=voice, input=TEXT, response_format="pcm")
         assert response.status_code == 200, response.text
         # The stored transcript makes it zero-shot, as on /synthesize.
-        assert "mode=zero_shot " in _log_line(live_service, response.headers["x-request-id"])
+        assert "mode=zero_shot " in live_service.log_line(response.headers["x-request-id"])
     response = _speech(live_service, model="cosyvoice2", voice=speaker, input=TEXT, response_format="pcm",
                        instructions="用开心的语气说")
     assert response.status_code == 200, response.text
-    assert "mode=instruct2 " in _log_line(live_service, response.headers["x-request-id"])
+    assert "mode=instruct2 " in live_service.log_line(response.headers["x-request-id"])
 
 
 def test_models_lists_the_loaded_backends(client: openai.OpenAI) -> None:
