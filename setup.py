@@ -21,6 +21,7 @@ setup(
         "regex",
         "starlette",
         "uvicorn",
+        "websockets",  # uvicorn's WebSocket protocol (the Fish live TTS socket)
         "python-multipart",
         "httpx",
         "click",
@@ -34,8 +35,8 @@ setup(
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
-        # openai: the OpenAI API tests drive the service with OpenAI's own SDK.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai"],
+        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

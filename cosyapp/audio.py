@@ -148,3 +148,33 @@ def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> by
             sample_rate = 48000
         return _sndfile_bytes(samples, sample_rate, "OGG", "OPUS")
     raise ValueError(f"unknown audio format {audio_format!r}; known: {', '.join(AUDIO_MEDIA_TYPES)}")
+
+
+# MPEG audio layer III frame headers: kbit/s by bitrate index, and Hz by sample-rate index, per MPEG version
+# (header bits 19-20: 3 = MPEG-1, 2 = MPEG-2, 0 = MPEG-2.5).
+_MP3_KBPS = {3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+             2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def mp3_frame_length(data: bytes, at: int = 0) -> int | None:
+    """Bytes of the MPEG layer III frame whose header starts at `at`; None when no such header is there."""
+    header = data[at:at + 4]
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0 or (header[1] >> 1) & 3 != 1:
+        return None
+    version, bitrate_index, rate_index = (header[1] >> 3) & 3, header[2] >> 4, (header[2] >> 2) & 3
+    if version == 1 or bitrate_index in (0, 15) or rate_index == 3:
+        return None
+    kbps = _MP3_KBPS[3 if version == 3 else 2][bitrate_index]
+    samples_per_frame = 1152 if version == 3 else 576
+    return samples_per_frame // 8 * kbps * 1000 // _MP3_RATES[version][rate_index] + ((header[2] >> 1) & 1)
+
+
+def mp3_stream_piece(data: bytes) -> bytes:
+    """An MP3 file from `encode_audio` as a piece of a longer MP3 stream: without its leading Xing/Info frame,
+    which gives the frame count of this piece alone (a player that reads it stops there when pieces follow
+    one another in one stream). Data that does not start with such a frame is returned as it is."""
+    length = mp3_frame_length(data)
+    if length is not None and (b"Xing" in data[:length] or b"Info" in data[:length]):
+        return data[length:]
+    return data

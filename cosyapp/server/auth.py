@@ -1,4 +1,4 @@
-"""Optional bearer-token authentication for every route but the health checks.
+"""Optional bearer-token authentication for every route but the health checks, WebSockets included.
 
 With `[server] api_key` (or `cosyapp serve --api-key`) set, a request must carry `Authorization: Bearer <key>`;
 anything else is answered 401 `{"detail": ...}` before it reaches a route. The token is compared with
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 
 from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Load balancers and systemd probes check these without credentials.
@@ -32,7 +33,7 @@ class ApiKeyMiddleware:
         self.api_key = api_key.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
@@ -45,4 +46,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await WebSocket(scope, receive, send).send_denial_response(response)  # the handshake gets the 401
+        else:  # a server without the denial extension: the handshake gets a 403
+            await send({"type": "websocket.close", "code": 1008, "reason": detail})

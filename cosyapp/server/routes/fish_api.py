@@ -9,6 +9,7 @@
     POST /generate_audio_enhanced_async     AsyncGenerateRequest -> a task (`fish_tasks.py`)
     GET  /get_task_status/{step_id}, GET /download_result/{step_id}
     POST /stop_generation, POST /stop_async_task/{step_id}
+    WebSocket /v1/tts/live                  Fish's live text-in, audio-out protocol (`fish_live.py`)
 
 Bodies are application/msgpack (ormsgpack) or application/json; bytes fields (audio) are msgpack binary or
 base64 strings. Answers are JSON unless the client asks for msgpack (`?format=msgpack`, or an Accept header
@@ -262,10 +263,11 @@ def _references(fields: Fields, max_bytes: int) -> tuple[InlineReference, ...]:
 
 
 def parse_tts(fields: Fields, max_text_length: int, max_upload_bytes: int, default_format: str = "wav",
-              default_max_new_tokens: int = 1024) -> TTSParams:
-    """ServeTTSRequest (and AsyncGenerateRequest, with its defaults) with the seed's defaults and ranges."""
-    text = fields.string("text")
-    if not text.strip():
+              default_max_new_tokens: int = 1024, text_required: bool = True) -> TTSParams:
+    """ServeTTSRequest (and AsyncGenerateRequest, with its defaults) with the seed's defaults and ranges. A live
+    session's request (`text_required=False`) may have no text: its text comes in events."""
+    text = fields.string("text") if text_required else fields.string("text", "")
+    if text_required and not text.strip():
         raise ApiError(400, "text is empty")
     if max_text_length > 0 and len(text) > max_text_length:
         raise ApiError(400, f"Text is too long, max length is {max_text_length}")

@@ -1,0 +1,253 @@
+"""Fish Audio's live WebSocket TTS, `/v1/tts/live`: text streams in (an LLM's answer, as it is written) and audio
+streams out. The Fish SDKs' WebSocket sessions speak it (`fish_audio_sdk.WebSocketSession.tts`, fishaudio's
+`stream_websocket`) with the base URL pointed here.
+
+Every frame is MessagePack. Client -> server: {"event": "start", "request": TTSRequest} first, then any number
+of {"event": "text", "text": ...}, {"event": "flush"} (speak what is buffered now) and finally {"event": "stop"}
+(speak the rest). Server -> client: {"event": "audio", "audio": <bytes>} as audio is made, then {"event":
+"finish", "reason": "stop"}; a bad request or a failure ends the session with {"event": "error", "error": why}
+and {"event": "finish", "reason": "error"}. The server closes the socket after the finish event.
+
+Text is spoken in segments, in order, each one synthesis on the Fish engine with the session's voice
+(`references` or `reference_id`, as on /v1/tts): a segment ends at a sentence end once it holds at least
+`min_chunk_length` characters, or at the last break before `chunk_length` characters when no sentence ends in
+time (`TextSegmenter`); flush and stop speak whatever is buffered.
+
+Formats: pcm (s16le mono at the model's 44.1 kHz) and wav (the same, with a WAV header of unknown length at the
+start of the first audio event) stream as each segment is synthesized; mp3 (the Fish default) comes as each
+segment's MP3 frames once it is synthesized, without the header frame that would give a player the length of
+that segment alone, so the pieces make one MP3 stream; opus and flac are refused (their containers do not
+join). `sample_rate` must be the model's rate or absent; `prosody` must be absent or neutral (speed 1, volume
+0). `mp3_bitrate`, `opus_bitrate`, `latency`, `normalize`, `condition_on_previous_chunks` and
+`early_stop_threshold` are validated and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import ormsgpack
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le, wav_header
+from cosyapp.engine.scheduler import Engine
+from cosyapp.server.audio_responses import RequestRecord
+from cosyapp.server.errors import ApiError, as_api_error
+from cosyapp.server.routes.fish_api import TTS_FIELDS, Fields, TTSParams, fish_engine, parse_tts, start_synthesis
+from cosyapp.server.state import ServiceState
+
+# The live TTSRequest: /v1/tts's fields (less `streaming`: a live session always streams) and the cloud API's.
+LIVE_FIELDS = (*(name for name in TTS_FIELDS if name != "streaming"), "sample_rate", "mp3_bitrate", "opus_bitrate",
+               "prosody", "min_chunk_length", "condition_on_previous_chunks", "early_stop_threshold")
+LIVE_FORMATS = ("pcm", "wav", "mp3")
+# Sentence ends: CJK ones stand alone; ASCII ones count only before white space (not "3.14", not "e.g" mid-word,
+# and not at the end of the buffer, where the next text event may go on with the same word). Closing quotes and
+# brackets stay with their sentence.
+SENTENCE_END = re.compile(r"(?:[。！？；…]+|[.!?;]+(?=\s))[\"'”’)）\]]*")
+BREAK = re.compile(r"[\s,，、:：]")
+
+
+class TextSegmenter:
+    """Cuts streamed text into the segments spoken one after another (see the module docstring)."""
+
+    def __init__(self, min_chars: int, max_chars: int) -> None:
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+        self.buffer = ""
+
+    def add(self, text: str) -> list[str]:
+        """Buffer `text`; the segments now complete."""
+        self.buffer += text
+        segments = []
+        while (cut := self._cut()) is not None:
+            segments.append(self.buffer[:cut].strip())
+            self.buffer = self.buffer[cut:]
+        return [segment for segment in segments if segment]
+
+    def flush(self) -> list[str]:
+        """Everything buffered, as segments of at most max_chars characters."""
+        segments = self.add("")
+        while self.buffer.strip():
+            cut = self._break_before_max() if len(self.buffer) > self.max_chars else len(self.buffer)
+            segments.append(self.buffer[:cut].strip())
+            self.buffer = self.buffer[cut:]
+        self.buffer = ""
+        return [segment for segment in segments if segment]
+
+    def _cut(self) -> int | None:
+        for end in SENTENCE_END.finditer(self.buffer):
+            if end.end() > self.max_chars:
+                break
+            if len(self.buffer[:end.end()].strip()) >= self.min_chars:
+                return end.end()
+        if len(self.buffer) > self.max_chars:
+            return self._break_before_max()
+        return None
+
+    def _break_before_max(self) -> int:
+        breaks = [match.end() for match in BREAK.finditer(self.buffer, 0, self.max_chars + 1)]
+        return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars
+
+
+@dataclass(frozen=True)
+class LiveParams:
+    tts: TTSParams  # text: what the start request already holds (usually "")
+    min_chunk_length: int
+    chunk_length: int
+
+
+def parse_start(payload: Any, state: ServiceState, sample_rate: int) -> LiveParams:
+    """The session's start event: its TTSRequest with /v1/tts's defaults and ranges (mp3 by default, as the Fish
+    cloud), and the live-only fields checked (see the module docstring)."""
+    if not isinstance(payload, dict) or payload.get("event") != "start":
+        raise ApiError(400, "the first event must be {\"event\": \"start\", \"request\": {...}}")
+    fields = Fields(payload.get("request"), LIVE_FIELDS)
+    tts = parse_tts(fields, 0, state.settings.limits.max_upload_bytes, default_format="mp3", text_required=False)
+    if tts.format not in LIVE_FORMATS:
+        raise ApiError(400, f"format {tts.format} cannot be streamed live; use one of {', '.join(LIVE_FORMATS)}")
+    requested_rate = fields.integer("sample_rate", None, nullable=True)
+    if requested_rate not in (None, sample_rate):
+        raise ApiError(400, f"sample_rate {requested_rate} is not offered: the model speaks at {sample_rate} Hz "
+                            "(leave sample_rate out)")
+    bitrates = (("mp3_bitrate", 128, (64, 128, 192)), ("opus_bitrate", 32, (-1000, 24, 32, 48, 64)))
+    for name, default, choices in bitrates:
+        if fields.integer(name, default) not in choices:
+            raise ApiError(400, f"{name} must be one of {', '.join(map(str, choices))}")
+    prosody = fields.get("prosody", None, nullable=True)
+    if prosody is not None:
+        neutral = Fields(prosody, ("speed", "volume", "normalize_loudness"))
+        if neutral.number("speed", 1.0, 0.5, 2.0) != 1.0 or neutral.number("volume", 0.0, -20.0, 20.0) != 0.0:
+            raise ApiError(400, "prosody is not supported: the model speaks at its own speed and volume "
+                                "(leave prosody out, or speed 1 and volume 0)")
+    fields.boolean("condition_on_previous_chunks", True)
+    fields.number("early_stop_threshold", 1.0, 0.0, 1.0)
+    chunk_length = tts.options["chunk_length"]
+    min_chunk_length = fields.integer("min_chunk_length", 50, 0, chunk_length)
+    return LiveParams(tts=tts, min_chunk_length=min_chunk_length, chunk_length=chunk_length)
+
+
+async def receive_event(websocket: WebSocket) -> dict[str, Any]:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    data = message.get("bytes")
+    if data is None:
+        raise ApiError(400, "every frame must be binary MessagePack")
+    try:
+        event = ormsgpack.unpackb(data)
+    except ormsgpack.MsgpackDecodeError as e:
+        raise ApiError(400, f"a frame is not valid MessagePack: {e}") from None
+    if not isinstance(event, dict):
+        raise ApiError(400, "every event must be a map with an 'event' field")
+    return event
+
+
+async def send_event(websocket: WebSocket, event: dict[str, Any]) -> None:
+    await websocket.send_bytes(ormsgpack.packb(event))
+
+
+async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments: asyncio.Queue[str | None],
+                       record: RequestRecord) -> None:
+    """Text, flush and stop events -> segments to speak, then None after stop."""
+    while True:
+        event = await receive_event(websocket)
+        kind = event.get("event")
+        if kind == "text":
+            text = event.get("text")
+            if not isinstance(text, str):
+                raise ApiError(400, "a text event needs a string 'text'")
+            record.text_chars += len(text)
+            ready = segmenter.add(text)
+        elif kind == "flush":
+            ready = segmenter.flush()
+        elif kind == "stop":
+            for segment in segmenter.flush():
+                segments.put_nowait(segment)
+            segments.put_nowait(None)
+            return
+        else:
+            raise ApiError(400, f"unknown event {kind!r}: send text, flush or stop events")
+        for segment in ready:
+            segments.put_nowait(segment)
+
+
+async def speak(websocket: WebSocket, state: ServiceState, engine: Engine, params: LiveParams,
+                segments: asyncio.Queue[str | None], record: RequestRecord) -> None:
+    """Synthesize the segments in order, sending their audio as it is made (mp3: once per segment)."""
+    rate = engine.info.sample_rate
+    header = wav_header(rate) if params.tts.format == "wav" else b""
+
+    async def send_audio(data: bytes) -> None:
+        nonlocal header
+        if record.ttfb_s is None:
+            record.ttfb_s = time.perf_counter() - record.started
+        await send_event(websocket, {"event": "audio", "audio": header + data})
+        header = b""
+
+    while (text := await segments.get()) is not None:
+        stream = await start_synthesis(state, engine, replace(params.tts, text=text), True, engine.admit())
+        try:
+            if params.tts.format == "mp3":
+                audio = np.concatenate([chunk async for chunk in stream])
+                record.audio_samples += audio.shape[0]
+                await send_audio(mp3_stream_piece(await asyncio.to_thread(encode_audio, audio, rate, "mp3")))
+            else:
+                async for chunk in stream:
+                    record.audio_samples += chunk.shape[0]
+                    await send_audio(to_s16le(chunk))
+        finally:
+            stream.cancel()
+
+
+async def live(websocket: WebSocket) -> None:
+    state: ServiceState = websocket.app.state.service
+    record = RequestRecord(uuid.uuid4().hex[:12])
+    record.mode = "fish_live"
+    await websocket.accept()
+    tasks: list[asyncio.Task] = []
+    try:
+        engine = fish_engine(state)
+        record.sample_rate = engine.info.sample_rate
+        params = parse_start(await receive_event(websocket), state, record.sample_rate)
+        segmenter = TextSegmenter(params.min_chunk_length, params.chunk_length)
+        segments: asyncio.Queue[str | None] = asyncio.Queue()
+        record.text_chars = len(params.tts.text)
+        for segment in segmenter.add(params.tts.text):
+            segments.put_nowait(segment)
+        tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record)),
+                 asyncio.create_task(speak(websocket, state, engine, params, segments, record))]
+        pending = set(tasks)
+        while pending:  # the first failure (a bad event, a failed synthesis, the client leaving) ends the session
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        await send_event(websocket, {"event": "finish", "reason": "stop"})
+        record.finish(101, "ok")
+    except WebSocketDisconnect:
+        record.finish(101, "cancelled")
+    except Exception as e:
+        error = as_api_error(e)
+        record.finish(101, f"failed({error.detail if error else type(e).__name__})")
+        detail = error.detail if error is not None else "internal server error; see the service log"
+        with contextlib.suppress(WebSocketDisconnect):  # the client may be gone already
+            await send_event(websocket, {"event": "error", "error": detail})
+            await send_event(websocket, {"event": "finish", "reason": "error"})
+        if error is None:
+            raise
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if websocket.client_state is WebSocketState.CONNECTED:
+            await websocket.close()
+
+
+routes = [WebSocketRoute("/v1/tts/live", live)]
