@@ -5,8 +5,8 @@ loaded (on a thread, never on the event loop) and warmed up, then {"status": "ok
 to load leaves the service up with /health 503 {"status": "error", "detail": why}.
 
 Routes: the seed's /synthesize, the status routes, the Fish Speech API (`routes/fish_api.py`), Fish's live
-WebSocket (`routes/fish_live.py`) and the OpenAI speech API (`routes/openai_api.py`), every one behind the
-optional API key (`auth.py`) except the health checks.
+WebSocket (`routes/fish_live.py`), the Flash-TTS API (`routes/flash_api.py`) and the OpenAI speech API
+(`routes/openai_api.py`), every one behind the optional API key (`auth.py`) except the health checks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cosyapp.config import Settings
 from cosyapp.server.auth import ApiKeyMiddleware
 from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
-from cosyapp.server.routes import fish_api, fish_live, openai_api, status, synthesize
+from cosyapp.server.routes import fish_api, fish_live, flash_api, openai_api, status, synthesize
 from cosyapp.server.state import ServiceState
 
 log = logging.getLogger("cosyapp.server")
@@ -60,7 +60,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> Starlette:
     api_key = settings.server.api_key
     middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
-    routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_live.routes, *openai_api.routes]
+    routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_live.routes, *flash_api.routes,
+              *openai_api.routes]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.service = ServiceState(settings)
     app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)

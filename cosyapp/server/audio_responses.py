@@ -1,6 +1,6 @@
 """What every audio route shares once it has a stream: the request's log line, the streamed answer (ended and
-logged however the client leaves), the answer sent in one piece (abandoned when the client leaves first), and
-the error answer of a request that failed before its first byte."""
+logged however the client leaves), the answer sent as one file (abandoned when the client leaves first), and
+the error of a request that failed before its first byte."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cosyapp.audio import to_s16le
+from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le
 from cosyapp.engine.scheduler import SynthesisStream
 from cosyapp.server.errors import ApiError, as_api_error
 
@@ -88,6 +88,34 @@ async def stream_body(stream: SynthesisStream, first: np.ndarray, record: Reques
         record.finish(200, result)
 
 
+def streamed_response(stream: SynthesisStream, first: np.ndarray, record: RequestRecord, media_type: str,
+                      headers: dict[str, str], header: bytes = b"", encode: Callable[[np.ndarray], bytes] = to_s16le,
+                      trailer: bytes = b"") -> AudioStreamResponse:
+    """The answer that streams the audio as it is made (`stream_body`), with the PCM layout in its headers."""
+
+    def on_close() -> None:
+        stream.cancel()
+        record.finish(200, "cancelled")
+
+    return AudioStreamResponse(stream_body(stream, first, record, header, encode, trailer), on_close=on_close,
+                               media_type=media_type, headers={**headers, **pcm_headers(record.sample_rate)})
+
+
+async def file_response(request: Request, stream: SynthesisStream, first: np.ndarray, record: RequestRecord,
+                        audio_format: str, headers: dict[str, str]) -> Response:
+    """The answer that sends all of the audio as one `audio_format` file once it is made; 499 (to nobody) when
+    the client left first. Errors before the answer is ready are raised."""
+    audio = await whole_audio(request, stream, first)
+    if audio is None:
+        record.finish(499, "cancelled")
+        return Response(status_code=499)
+    record.audio_samples = audio.shape[0]
+    data = await asyncio.to_thread(encode_audio, audio, record.sample_rate, audio_format)
+    record.ttfb_s = time.perf_counter() - record.started  # the client's first byte is the file's
+    record.finish(200, "ok")
+    return Response(data, media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
+
+
 async def whole_audio(request: Request, stream: SynthesisStream, first: np.ndarray) -> np.ndarray | None:
     """All of the stream's audio (the first chunk already taken) for an answer sent in one piece; None when the
     client went away first (the synthesis is cancelled then). Cancels the stream on any error."""
@@ -120,3 +148,8 @@ def rejected(error: Exception, record: RequestRecord, headers: dict[str, str]) -
         raise error
     record.finish(api_error.status_code, f"rejected({api_error.detail})")
     return ApiError(api_error.status_code, api_error.detail, {**api_error.headers, **headers})
+
+
+def base64_size(raw_bytes: int) -> int:
+    """Length of the base64 text of `raw_bytes` bytes (body limits for recordings sent inside JSON or forms)."""
+    return -(-raw_bytes // 3) * 4

@@ -1,7 +1,12 @@
-"""Request-body size limits shared by the routes: refuse what is declared too large before reading it, and
-what grows too large while it is read (chunked uploads declare nothing)."""
+"""Request bodies as the routes read them: size limits (refuse what is declared too large before reading it,
+and what grows too large while it is read: chunked uploads declare nothing), and audio files sent inside a
+body as bytes or base64."""
 
 from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Message
@@ -30,3 +35,20 @@ def limited_request(request: Request, limit: int) -> Request:
         return message
 
     return Request(request.scope, receive_limited)
+
+
+def audio_bytes(value: Any, what: str, max_bytes: int) -> bytes:
+    """An audio file given as bytes (msgpack binary) or as a base64 string (JSON)."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{what} must be bytes or a base64 string; the string is not valid base64") from None
+    if not isinstance(value, bytes):
+        raise ApiError(400, f"{what} must be bytes or a base64 string")
+    if not value:
+        raise ApiError(400, f"{what} is empty")
+    if len(value) > max_bytes:
+        raise ApiError(413, f"{what} is too large: {len(value) / 2**20:.1f} MiB, the limit is "
+                            f"{max_bytes / 2**20:g} MiB")
+    return value

@@ -14,7 +14,7 @@ from cosyapp.engine.registry import load_backend
 from cosyapp.engine.scheduler import Engine
 from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
 from cosyapp.server.errors import ApiError
-from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, load_voice
+from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, load_voice, make_voice_files
 
 log = logging.getLogger("cosyapp.server")
 
@@ -129,6 +129,26 @@ class ServiceState:
 
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())  # up to MBs: off the loop
         return await engine.voice(f"upload:{digest}", prepare)
+
+    async def add_speaker(self, engine: Engine, speaker_id: str, data: bytes, text: str | None, what: str,
+                          meta: dict[str, str], taken: str) -> StoredVoice:
+        """Register an uploaded recording (`what` names it in errors) as speaker `speaker_id`, its features computed
+        with `engine`'s model off the event loop: 400 for audio that cannot be a prompt, 409 `taken` when the id
+        is registered already (also when another request registered it meanwhile)."""
+        limits = self.settings.limits
+
+        def store() -> StoredVoice:
+            samples, sample_rate = decode_audio(data, what)
+            check_duration(samples, sample_rate, limits.min_prompt_s, limits.max_prompt_s, what)
+            files = make_voice_files(engine.backend, samples, sample_rate, text, meta)
+            try:
+                return self.speakers.add(speaker_id, files)
+            except InputError:
+                raise ApiError(409, taken) from None
+
+        if speaker_id in self.speakers.ids():
+            raise ApiError(409, taken)
+        return await asyncio.to_thread(store)
 
     async def speaker_voice(self, engine: Engine, speaker_id: str) -> tuple[Voice, StoredVoice]:
         stored = self.speakers.get(speaker_id)  # InputError for a bad or unknown id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def resampled_prompt(path: Path, sample_rate: int) -> None:
 def assert_pcm(body: bytes) -> int:
     """Non-empty PCM s16le: a whole number of samples, not a JSON error. Returns the sample count."""
     assert len(body) > 0, "empty audio"
-    assert not body.startswith(b"{"), f"got an error body instead of audio: {body[:200]!r}"
+    assert not is_json_object(body), f"got an error body instead of audio: {body[:200]!r}"
     assert len(body) % 2 == 0, f"{len(body)} bytes is not a whole number of 16-bit samples"
     return len(body) // 2
 
@@ -94,3 +95,11 @@ def wait_idle(service, timeout: float = 30.0) -> dict:
             return stats
         assert time.monotonic() < deadline, f"engine still busy: {stats}"
         time.sleep(0.05)
+
+
+def is_json_object(body: bytes) -> bool:
+    """Whether `body` is a JSON object (an error answer); audio may start with "{" too."""
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:  # UnicodeDecodeError included
+        return False

@@ -133,15 +133,15 @@ def test_a_bad_start_request_ends_the_session_with_an_error(service, request_fie
     assert words in events[0]["error"] and events[1]["reason"] == "error"
 
 
-@pytest.mark.parametrize("first, words", [
-    ({"event": "text", "text": "hi"}, "the first event must be"),
-    ({"event": "start", "request": {"text": ""}}, "unknown event 'shout'"),
+@pytest.mark.parametrize("sent, words", [
+    ([{"event": "text", "text": "hi"}], "the first event must be"),
+    ([{"event": "start", "request": {"text": ""}}, {"event": "shout"}], "unknown event 'shout'"),
 ])
-def test_protocol_mistakes_end_the_session_with_an_error(service, first: dict, words: str) -> None:
+def test_protocol_mistakes_end_the_session_with_an_error(service, sent: list[dict], words: str) -> None:
     with live(service) as ws:
         socket = Socket(ws)
-        socket.send(first)
-        socket.send({"event": "shout"})
+        for event in sent:  # the last one is the mistake: nothing is sent after it, the server closes
+            socket.send(event)
         events = socket.events()
     assert events[-2]["event"] == "error" and words in events[-2]["error"]
     assert events[-1] == {"event": "finish", "reason": "error"}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import json
 import math
@@ -54,12 +53,12 @@ from starlette.routing import Route
 from cosyapp.audio import AUDIO_MEDIA_TYPES, check_duration, decode_audio, encode_audio, wav_header
 from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
 from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
-from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, stream_body, whole_audio
-from cosyapp.server.bodies import limited_request, media_type
+from cosyapp.server.audio_responses import RequestRecord, file_response, streamed_response
+from cosyapp.server.bodies import audio_bytes, limited_request, media_type
 from cosyapp.server.errors import ApiError, as_api_error
 from cosyapp.server.fish_tasks import COMPLETED, STEP_ID, Job, Task, TaskConflict, TaskManager
 from cosyapp.server.state import ServiceState
-from cosyapp.voices import StoredVoice, make_voice_files, validate_speaker_id
+from cosyapp.voices import StoredVoice, validate_speaker_id
 
 FISH = "fish"
 NOT_SERVED = ("this service does not run the Fish backend: set [model] backend = \"fish\" (or extra_backend = "
@@ -200,23 +199,6 @@ class Fields:
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise ApiError(400, f"{name} must be {bounds}; got {value!r}")
-
-
-def audio_bytes(value: Any, what: str, max_bytes: int) -> bytes:
-    """An audio file given as bytes (msgpack binary) or as a base64 string (JSON)."""
-    if isinstance(value, str):
-        try:
-            value = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{what} must be bytes or a base64 string; the string is not valid base64") from None
-    if not isinstance(value, bytes):
-        raise ApiError(400, f"{what} must be bytes or a base64 string")
-    if not value:
-        raise ApiError(400, f"{what} is empty")
-    if len(value) > max_bytes:
-        raise ApiError(413, f"{what} is too large: {len(value) / 2**20:.1f} MiB, the limit is "
-                            f"{max_bytes / 2**20:g} MiB")
-    return value
 
 
 def _audio_list(fields: Fields, name: str, max_bytes: int) -> list[bytes]:
@@ -400,29 +382,16 @@ async def tts(request: Request) -> Response:
         stream = await start_synthesis(state, engine, params, params.streaming, engine.admit())
         headers = {"Content-Disposition": f"attachment; filename=audio.{params.format}", "X-Request-Id": record.id}
         media_type = AUDIO_MEDIA_TYPES[params.format]
-        if params.streaming:
-            first = await anext(stream, None)  # errors up to the first audio still become a 4xx
-            if first is None:
-                raise ApiError(400, NO_AUDIO)
-            record.ttfb_s = time.perf_counter() - record.started
-            record.audio_samples += first.shape[0]
-            header = wav_header(record.sample_rate) if params.format == "wav" and \
-                state.settings.fishapi.wav_stream_header else b""
-            return AudioStreamResponse(stream_body(stream, first, record, header),
-                                       on_close=lambda: (stream.cancel(), record.finish(200, "cancelled")),
-                                       media_type=media_type, headers=headers)
-        first = await anext(stream, None)
+        first = await anext(stream, None)  # errors up to the first audio still become a 4xx
         if first is None:
             raise ApiError(400, NO_AUDIO)
-        audio = await whole_audio(request, stream, first)
-        if audio is None:  # the client went away: nobody is there to read an answer
-            record.finish(499, "cancelled")
-            return Response(status_code=499)
+        if not params.streaming:
+            return await file_response(request, stream, first, record, params.format, headers)
         record.ttfb_s = time.perf_counter() - record.started
-        record.audio_samples = audio.shape[0]
-        body = await asyncio.to_thread(encode_audio, audio, record.sample_rate, params.format)
-        record.finish(200, "ok")
-        return Response(body, media_type=media_type, headers=headers)
+        record.audio_samples += first.shape[0]
+        header = wav_header(record.sample_rate) if params.format == "wav" and \
+            state.settings.fishapi.wav_stream_header else b""
+        return streamed_response(stream, first, record, media_type, headers, header)
     except BaseException as e:
         if stream is not None:
             stream.cancel()
@@ -521,21 +490,9 @@ async def references_add(request: Request) -> Response:
     check_reference_id(reference_id, "id")
     if not text.strip():
         raise ApiError(400, "text is empty: the transcript of the reference audio is required")
-    if reference_id in state.speakers.ids():
-        raise ApiError(409, f"Reference voice '{reference_id}' already exists")
-    limits = state.settings.limits
-
-    def store() -> None:
-        samples, sample_rate = decode_audio(data, "audio")
-        check_duration(samples, sample_rate, limits.min_prompt_s, limits.max_prompt_s, "audio")
-        files = make_voice_files(engine.backend, samples, sample_rate, text.strip(),
-                                 {"source_file": filename or "", "added_via": "/v1/references/add"})
-        try:
-            state.speakers.add(reference_id, files)
-        except InputError:  # added by someone else while the features were computed
-            raise ApiError(409, f"Reference voice '{reference_id}' already exists") from None
-
-    await asyncio.to_thread(store)
+    await state.add_speaker(engine, reference_id, data, text.strip(), "audio",
+                            {"source_file": filename or "", "added_via": "/v1/references/add"},
+                            taken=f"Reference voice '{reference_id}' already exists")
     return reply(request, {"success": True, "message": f"Reference voice '{reference_id}' added successfully",
                            "reference_id": reference_id})
 

@@ -214,9 +214,10 @@ async def live(websocket: WebSocket) -> None:
     await websocket.accept()
     tasks: list[asyncio.Task] = []
     try:
+        start = await receive_event(websocket)  # answered even when there is no Fish engine to serve it
         engine = fish_engine(state)
         record.sample_rate = engine.info.sample_rate
-        params = parse_start(await receive_event(websocket), state, record.sample_rate)
+        params = parse_start(start, state, record.sample_rate)
         segmenter = TextSegmenter(params.min_chunk_length, params.chunk_length)
         segments: asyncio.Queue[str | None] = asyncio.Queue()
         record.text_chars = len(params.tts.text)

@@ -9,7 +9,8 @@ A speech request becomes the same form as POST /synthesize (same voices, modes a
 - model: a backend's name (cosyvoice2, fish) picks it (a 400 when the service does not load it); any other name
   (tts-1, tts-1-hd, gpt-4o-mini-tts: what OpenAI clients send) means `[model] backend`.
 - voice: a registered speaker id (`cosyapp speakers add`), a string or {"id": ...}; "default" and OpenAI's
-  built-in voice names (alloy, ash, ...) mean the default prompt voice.
+  built-in voice names (alloy, ash, ...) mean the default prompt voice; a recording as base64 is cloned (the
+  cross-lingual mode: no transcript comes with it), as Flash-TTS's OpenAI route does.
 - instructions: the style instruction (/synthesize's `instruction`: the instruct2 mode).
 - response_format: mp3 (the default, as in OpenAI's API), opus and flac come as one file once the text is
   synthesized; pcm and wav stream as the audio is made (pcm: s16le mono at the backend's rate, named in
@@ -25,7 +26,6 @@ Errors come before any audio, in OpenAI's shape: a 4xx/5xx status with JSON `{"e
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -38,14 +38,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le, wav_header
+from cosyapp.audio import AUDIO_MEDIA_TYPES, to_s16le, wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
-from cosyapp.server.bodies import limited_request, media_type
+from cosyapp.server.audio_responses import RequestRecord, base64_size, file_response, rejected, streamed_response
+from cosyapp.server.bodies import audio_bytes, limited_request, media_type
 from cosyapp.server.errors import ApiError
-from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, rejected, stream_body, whole_audio
 from cosyapp.server.routes.synthesize import SynthesisForm, start_stream
 from cosyapp.server.state import ServiceState
+from cosyapp.voices import SPEAKER_ID
 
 FIELDS = ("input", "model", "voice", "instructions", "response_format", "speed", "stream_format")
 DEFAULT_VOICE = "default"
@@ -73,8 +74,8 @@ def _string(body: dict[str, Any], name: str) -> str | None:
     return value.strip()
 
 
-def _speaker(body: dict[str, Any]) -> str | None:
-    """The registered speaker the voice names; None for the default voice."""
+def _voice(body: dict[str, Any], max_bytes: int) -> tuple[str | None, bytes | None]:
+    """(registered speaker, None), (None, recording to clone) or (None, None) for the default voice."""
     voice = body.get("voice")
     if isinstance(voice, dict):
         voice = voice.get("id")
@@ -84,8 +85,18 @@ def _speaker(body: dict[str, Any]) -> str | None:
         raise ApiError(400, f"voice must be a string or {{\"id\": ...}}; got {type(voice).__name__}")
     voice = (voice or "").strip()
     if not voice or voice == DEFAULT_VOICE or voice in OPENAI_VOICES:
-        return None
-    return voice
+        return None, None
+    if SPEAKER_ID.fullmatch(voice):
+        return voice, None
+    if voice.lower().startswith(("http://", "https://")):
+        raise ApiError(400, "voice URLs are not fetched: send the recording itself as base64")
+    try:
+        return None, audio_bytes(voice, "voice", max_bytes)
+    except ApiError as e:
+        if e.status_code == 413:
+            raise
+        raise ApiError(400, f"voice {voice[:40]!r} is neither a registered speaker id (letters, digits, '_', '.', '-') "
+                            "nor base64 audio") from None
 
 
 def parse_speech(body: Any, limits: LimitsSettings) -> SpeechParams:
@@ -114,8 +125,9 @@ def parse_speech(body: Any, limits: LimitsSettings) -> SpeechParams:
         raise ApiError(400, f"stream_format must be audio or sse; got {stream_format!r}")
     if stream_format == "sse" and audio_format != "pcm":
         raise ApiError(400, "stream_format sse sends base64 pcm chunks: use response_format pcm with it")
+    speaker, prompt_wav = _voice(body, limits.max_upload_bytes)
     form = SynthesisForm(text=text, instruction=_string(body, "instructions") or None, prompt_text=None,
-                         prompt_wav=None, speaker=_speaker(body), format=audio_format)
+                         prompt_wav=prompt_wav, speaker=speaker, format=audio_format)
     return SpeechParams(form=form, backend=model if model in backend_names() else None, sse=stream_format == "sse")
 
 
@@ -150,40 +162,25 @@ async def speech(request: Request) -> Response:
     record = RequestRecord(uuid.uuid4().hex[:12])
     headers = {"X-Request-Id": record.id}
     try:
-        limit = 4 * state.settings.limits.max_text_chars + BODY_ALLOWANCE
-        params = parse_speech(await read_json(request, limit), state.settings.limits)
+        limits = state.settings.limits
+        limit = 4 * limits.max_text_chars + base64_size(limits.max_upload_bytes) + BODY_ALLOWANCE
+        params = parse_speech(await read_json(request, limit), limits)
         engine = state.ready_engine(params.backend)
         stream, first_chunk = await start_stream(state, engine, params.form, record)
     except Exception as e:
         return openai_error(rejected(e, record, headers))
 
     audio_format = params.form.format
-
-    def on_close() -> None:
-        stream.cancel()
-        record.finish(200, "cancelled")
-
-    if params.sse or audio_format in STREAMED_FORMATS:
-        headers.update(pcm_headers(record.sample_rate))
     if params.sse:
-        body = stream_body(stream, first_chunk, record, encode=sse_delta,
-                           trailer=sse_event({"type": "speech.audio.done"}))
-        return AudioStreamResponse(body, on_close=on_close, media_type="text/event-stream", headers=headers)
+        return streamed_response(stream, first_chunk, record, "text/event-stream", headers, encode=sse_delta,
+                                 trailer=sse_event({"type": "speech.audio.done"}))
     if audio_format in STREAMED_FORMATS:
         header = wav_header(record.sample_rate) if audio_format == "wav" else b""
-        return AudioStreamResponse(stream_body(stream, first_chunk, record, header), on_close=on_close,
-                                   media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
+        return streamed_response(stream, first_chunk, record, AUDIO_MEDIA_TYPES[audio_format], headers, header)
     try:
-        audio = await whole_audio(request, stream, first_chunk)
+        return await file_response(request, stream, first_chunk, record, audio_format, headers)
     except Exception as e:
         return openai_error(rejected(e, record, headers))
-    if audio is None:
-        record.finish(499, "cancelled")
-        return Response(status_code=499)  # nobody is there to read it
-    record.audio_samples = audio.shape[0]
-    data = await asyncio.to_thread(encode_audio, audio, record.sample_rate, audio_format)
-    record.finish(200, "ok")
-    return Response(data, media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
 
 
 async def voices(request: Request) -> JSONResponse:

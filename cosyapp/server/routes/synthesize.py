@@ -26,11 +26,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cosyapp.audio import pcm_headers, wav_header
+from cosyapp.audio import wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.scheduler import Engine, SynthesisStream
 from cosyapp.engine.types import Mode, SynthesisRequest, Voice
-from cosyapp.server.audio_responses import AudioStreamResponse, RequestRecord, rejected, stream_body
+from cosyapp.server.audio_responses import RequestRecord, rejected, streamed_response
 from cosyapp.server.bodies import limited_request, media_type
 from cosyapp.server.errors import ApiError, error_response
 from cosyapp.server.state import ServiceState
@@ -210,14 +210,8 @@ async def synthesize(request: Request) -> Response:
     except Exception as e:
         return error_response(rejected(e, record, headers))
 
-    headers.update(pcm_headers(engine.info.sample_rate))
     header = wav_header(record.sample_rate) if form.format == "wav" else b""
-    return AudioStreamResponse(
-        stream_body(stream, first_chunk, record, header),
-        on_close=lambda: (stream.cancel(), record.finish(200, "cancelled")),
-        media_type=FORMATS[form.format],
-        headers=headers,
-    )
+    return streamed_response(stream, first_chunk, record, FORMATS[form.format], headers, header)
 
 
 routes = [Route("/synthesize", synthesize, methods=["POST"])]
