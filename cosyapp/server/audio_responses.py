@@ -105,7 +105,7 @@ async def file_response(request: Request, stream: SynthesisStream, first: np.nda
                         audio_format: str, headers: dict[str, str]) -> Response:
     """The answer that sends all of the audio as one `audio_format` file once it is made; 499 (to nobody) when
     the client left first. Errors before the answer is ready are raised."""
-    audio = await whole_audio(request, stream, first)
+    audio = await _whole_audio(request, stream, first)
     if audio is None:
         record.finish(499, "cancelled")
         return Response(status_code=499)
@@ -116,7 +116,7 @@ async def file_response(request: Request, stream: SynthesisStream, first: np.nda
     return Response(data, media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
 
 
-async def whole_audio(request: Request, stream: SynthesisStream, first: np.ndarray) -> np.ndarray | None:
+async def _whole_audio(request: Request, stream: SynthesisStream, first: np.ndarray) -> np.ndarray | None:
     """All of the stream's audio (the first chunk already taken) for an answer sent in one piece; None when the
     client went away first (the synthesis is cancelled then). Cancels the stream on any error."""
 
@@ -148,8 +148,3 @@ def rejected(error: Exception, record: RequestRecord, headers: dict[str, str]) -
         raise error
     record.finish(api_error.status_code, f"rejected({api_error.detail})")
     return ApiError(api_error.status_code, api_error.detail, {**api_error.headers, **headers})
-
-
-def base64_size(raw_bytes: int) -> int:
-    """Length of the base64 text of `raw_bytes` bytes (body limits for recordings sent inside JSON or forms)."""
-    return -(-raw_bytes // 3) * 4

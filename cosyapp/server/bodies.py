@@ -52,3 +52,8 @@ def audio_bytes(value: Any, what: str, max_bytes: int) -> bytes:
         raise ApiError(413, f"{what} is too large: {len(value) / 2**20:.1f} MiB, the limit is "
                             f"{max_bytes / 2**20:g} MiB")
     return value
+
+
+def base64_size(raw_bytes: int) -> int:
+    """Length of the base64 text of `raw_bytes` bytes (body limits for recordings sent inside JSON or forms)."""
+    return -(-raw_bytes // 3) * 4

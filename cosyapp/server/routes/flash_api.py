@@ -36,8 +36,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, wav_header
-from cosyapp.server.audio_responses import RequestRecord, base64_size, file_response, rejected, streamed_response
-from cosyapp.server.bodies import audio_bytes, limited_request, media_type
+from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
+from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type
 from cosyapp.server.errors import ApiError, error_response
 from cosyapp.server.routes.synthesize import FIELD_PART_LIMIT, SynthesisForm, start_stream
 from cosyapp.server.state import ServiceState

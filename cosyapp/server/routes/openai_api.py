@@ -41,8 +41,8 @@ from starlette.routing import Route
 from cosyapp.audio import AUDIO_MEDIA_TYPES, to_s16le, wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
-from cosyapp.server.audio_responses import RequestRecord, base64_size, file_response, rejected, streamed_response
-from cosyapp.server.bodies import audio_bytes, limited_request, media_type
+from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
+from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type
 from cosyapp.server.errors import ApiError
 from cosyapp.server.routes.synthesize import SynthesisForm, start_stream
 from cosyapp.server.state import ServiceState
