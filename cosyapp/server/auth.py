@@ -10,8 +10,8 @@ from __future__ import annotations
 import hmac
 
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 # Load balancers and systemd probes check these without credentials.
 OPEN_PATHS = frozenset({"/health", "/v1/health"})

@@ -1,11 +1,12 @@
 """Request bodies as the routes read them: size limits (refuse what is declared too large before reading it,
-and what grows too large while it is read: chunked uploads declare nothing), and audio files sent inside a
-body as bytes or base64."""
+and what grows too large while it is read: chunked uploads declare nothing), JSON objects, and audio files sent
+inside a body as bytes or base64."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 from starlette.requests import Request
@@ -35,6 +36,22 @@ def limited_request(request: Request, limit: int) -> Request:
         return message
 
     return Request(request.scope, receive_limited)
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object: 415 unless it is sent as application/json, 413 past `limit` bytes,
+    400 when it is not valid JSON or not an object."""
+    content_type = media_type(request)
+    if content_type != "application/json":
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send application/json")
+    body = await limited_request(request, limit).body()
+    try:
+        value = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return value
 
 
 def audio_bytes(value: Any, what: str, max_bytes: int) -> bytes:

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, wav_header
 from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
-from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type
+from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type, read_json_object
 from cosyapp.server.errors import ApiError, error_response
 from cosyapp.server.routes.synthesize import FIELD_PART_LIMIT, SynthesisForm, start_stream
 from cosyapp.server.state import ServiceState
@@ -118,18 +118,6 @@ def read_options(fields: FlashFields) -> tuple[str, bool]:
     return audio_format, stream
 
 
-async def read_json_fields(request: Request, limit: int, accepted: tuple[str, ...]) -> FlashFields:
-    if media_type(request) != "application/json":
-        raise ApiError(415, "send the fields as application/json")
-    try:
-        values = await limited_request(request, limit).json()
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return FlashFields(values, accepted)
-
-
 async def read_form_fields(request: Request, limit: int, accepted: tuple[str, ...],
                            part_limit: int) -> tuple[FlashFields, FormData]:
     """The form's fields (the caller closes the form: its files stay readable until then)."""
@@ -168,7 +156,8 @@ async def voice_audio(fields: FlashFields, text_name: str, file_name: str, max_b
 
 
 async def read_speak(request: Request, state: ServiceState) -> tuple[SynthesisForm, bool]:
-    fields = await read_json_fields(request, 4 * state.settings.limits.max_text_chars + 16 * 1024, SPEAK_FIELDS)
+    body = await read_json_object(request, 4 * state.settings.limits.max_text_chars + 16 * 1024)
+    fields = FlashFields(body, SPEAK_FIELDS)
     name = fields.text("name", required=True)
     audio_format, stream = read_options(fields)
     return SynthesisForm(text=_text(fields, state), instruction=None, prompt_text=None, prompt_wav=None,

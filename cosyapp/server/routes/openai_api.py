@@ -42,7 +42,7 @@ from cosyapp.audio import AUDIO_MEDIA_TYPES, to_s16le, wav_header
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
 from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
-from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type
+from cosyapp.server.bodies import audio_bytes, base64_size, read_json_object
 from cosyapp.server.errors import ApiError
 from cosyapp.server.routes.synthesize import SynthesisForm, start_stream
 from cosyapp.server.state import ServiceState
@@ -99,9 +99,7 @@ def _voice(body: dict[str, Any], max_bytes: int) -> tuple[str | None, bytes | No
                             "nor base64 audio") from None
 
 
-def parse_speech(body: Any, limits: LimitsSettings) -> SpeechParams:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+def parse_speech(body: dict[str, Any], limits: LimitsSettings) -> SpeechParams:
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}")
@@ -131,17 +129,6 @@ def parse_speech(body: Any, limits: LimitsSettings) -> SpeechParams:
     return SpeechParams(form=form, backend=model if model in backend_names() else None, sse=stream_format == "sse")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    content_type = media_type(request)
-    if content_type != "application/json":
-        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send application/json")
-    body = await limited_request(request, limit).body()
-    try:
-        return json.loads(body)
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-
-
 def openai_error(error: ApiError) -> JSONResponse:
     """An error in OpenAI's shape: OpenAI's SDKs show its message (of a `{"detail": ...}` body only the status)."""
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
@@ -164,7 +151,7 @@ async def speech(request: Request) -> Response:
     try:
         limits = state.settings.limits
         limit = 4 * limits.max_text_chars + base64_size(limits.max_upload_bytes) + BODY_ALLOWANCE
-        params = parse_speech(await read_json(request, limit), limits)
+        params = parse_speech(await read_json_object(request, limit), limits)
         engine = state.ready_engine(params.backend)
         stream, first_chunk = await start_stream(state, engine, params.form, record)
     except Exception as e:
