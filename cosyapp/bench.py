@@ -46,12 +46,14 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
                      device: str = "auto", dtype: str = "auto", prompt_wav: Path | None = None,
                      tokens: int = 100, runs: int = 3, text: str = BENCH_TEXT, long_tokens: int = 0,
                      batch_streams: Sequence[int] = (),
-                     backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                     backend_options: dict[str, Any] | None = None, profile_path: Path | None = None
+                     ) -> dict[str, Any]:
     """Load (or make) a model, prepare one voice, then stream `runs` requests of `tokens` LM tokens each.
 
     `long_tokens` > 0 adds one streaming request of that many LM tokens, profiled chunk by chunk
     (`chunk_profile`). `batch_streams` (CosyVoice2) times the vocoding of that many streams at once
-    (`chunk_batching_times`). `backend_options` go to the backend as its own options (e.g. flow_left_chunks)."""
+    (`chunk_batching_times`). `backend_options` go to the backend as its own options (e.g. flow_left_chunks).
+    `profile_path`: one more request under torch's profiler, its busiest operators written there as a table."""
     model_label = str(model_dir) if model_dir is not None else f"random {size} {backend_name} model"
     backend_options = dict(backend_options or {})
     with tempfile.TemporaryDirectory(prefix="cosyapp-bench-") as scratch:
@@ -61,6 +63,8 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
         start = time.perf_counter()
         backend = load_backend(backend_name, model_dir, device=device, dtype=dtype, **backend_options)
         load_s = time.perf_counter() - start
+        on_cuda = getattr(backend, "device", torch.device("cpu")).type == "cuda"
+        loaded_bytes = torch.cuda.memory_allocated() if on_cuda else 0
         rate = backend.info().sample_rate
         if prompt_wav is not None:
             audio, audio_rate = sf.read(prompt_wav, dtype="float32", always_2d=True)
@@ -111,6 +115,9 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
             profile = chunk_profile(chunk_samples, long_stats.seconds["flow_chunk"],
                                     long_stats.seconds["vocoder_chunk"], long_tokens, rate,
                                     elapsed_s=time.perf_counter() - start)
+        if profile_path is not None:
+            profile_request(backend, SynthesisRequest(text=text, voice=voice, mode=Mode.CROSS_LINGUAL, seed=0,
+                                                      fixed_length=tokens), profile_path)
         batching = chunk_batching_times(backend, voice, tokens, batch_streams, runs) \
             if batch_streams and isinstance(backend, CosyVoice2Backend) else None
     stages = stats.summary()
@@ -129,6 +136,13 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
         "stages_ms": {name: round(v["mean_ms"], 2) for name, v in stages.items()},
         "stage_counts": {name: v["count"] for name, v in stages.items()},
     }
+    if on_cuda:
+        # What the model and its caches hold after loading, and the peak of everything run above (the
+        # batch-streams run included): peak - loaded over the most streams run at once is the memory a stream
+        # adds.
+        report["cuda_memory"] = {"loaded_mb": round(loaded_bytes / 2**20),
+                                 "peak_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+                                 "most_streams_at_once": max(batch_streams, default=1)}
     if decode_steps is not None:
         report["decode_step"] = decode_steps
     if profile is not None:
@@ -136,6 +150,25 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
     if batching is not None:
         report["chunk_batching"] = batching
     return report
+
+
+def profile_request(backend: Any, request: SynthesisRequest, path: Path) -> None:
+    """One request under torch's profiler (every thread's operators, CUDA kernels on a GPU) -> a table of the
+    operators by total device time (GPU) or CPU time, and by CPU time, written to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = torch.cuda.is_available() and getattr(backend, "device", torch.device("cpu")).type == "cuda"
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in backend.synthesize(request):
+            pass
+        if on_cuda:
+            torch.cuda.synchronize()
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if on_cuda:
+        tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=30))
+    path.write_text("\n\n".join(tables))
 
 
 def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, stream_counts: Sequence[int],

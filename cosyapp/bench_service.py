@@ -47,6 +47,23 @@ LOG_TAIL_LINES = 30  # of the service's log, quoted when it failed to start
 AUTO_POISSON_LOAD = 0.7
 
 
+# Texts of different lengths, sent without fixed_length as real clients send them: each stream stops when its
+# LM does (on random weights: at about 20 speech tokens per text token, upstream's max_len), so streams are
+# out of step. One to four sentences; a sentence is synthesized after the one before.
+NATURAL_TEXTS = (
+    "Good morning, how can I help you today?",
+    "Your table is ready. Please follow me to the window seat.",
+    "The train to the airport leaves from platform four in ten minutes. Please have your ticket ready.",
+    "Thanks for calling. All of our agents are busy right now, so please stay on the line.",
+    "Welcome back! Your order has been shipped and should arrive on Thursday. You can track it in the app. "
+    "Let us know if anything is missing.",
+    "Turn left at the next corner.",
+    "The weather today is sunny with a light breeze, and the temperature will reach twenty two degrees in "
+    "the afternoon.",
+    "Sorry, I did not catch that. Could you say it again?",
+)
+
+
 class BenchError(RuntimeError):
     """The benchmark could not run (service did not start, unreachable, refused the warm-up); says why."""
 
@@ -64,6 +81,13 @@ class LoadPlan:
     seed: int = 0
     warmup: int = 1  # requests sent one at a time before the first measurement, not counted
     timeout_s: float = 600.0
+    natural: bool = False  # cycle through NATURAL_TEXTS without fixed_length (streams end at different times)
+
+    def forms(self) -> list[dict[str, str]]:
+        """The request bodies the clients take in turn."""
+        if self.natural:
+            return [{"text": text} for text in NATURAL_TEXTS]
+        return [{"text": self.text, "fixed_length": str(self.fixed_length)}]
 
 
 @dataclass(frozen=True)
@@ -163,8 +187,14 @@ class _Target:
 
     client: httpx.AsyncClient
     url: str
-    form: dict[str, str]
+    forms: list[dict[str, str]]
     meter: CpuMeter
+    sent: int = 0
+
+    def next_form(self) -> dict[str, str]:
+        form = self.forms[self.sent % len(self.forms)]
+        self.sent += 1
+        return form
 
 
 async def stream_request(client: httpx.AsyncClient, url: str, form: dict[str, str], run_start: float
@@ -235,7 +265,7 @@ async def closed_loop(target: _Target, concurrency: int, requests_per_client: in
 
     async def one_client() -> None:
         for _ in range(requests_per_client):
-            results.append(await stream_request(target.client, target.url, target.form, start))
+            results.append(await stream_request(target.client, target.url, target.next_form(), start))
 
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
     return summarize(results, time.perf_counter() - start, target.meter.cores_since(cpu_start),
@@ -254,7 +284,7 @@ async def open_loop(target: _Target, rate: float, requests: int, seed: int) -> d
 
     async def arrive(offset: float) -> RequestResult:
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-        return await stream_request(target.client, target.url, target.form, start)
+        return await stream_request(target.client, target.url, target.next_form(), start)
 
     results = list(await asyncio.gather(*(arrive(offset) for offset in arrivals)))
     return summarize(results, time.perf_counter() - start, target.meter.cores_since(cpu_start),
@@ -264,7 +294,7 @@ async def open_loop(target: _Target, rate: float, requests: int, seed: int) -> d
 async def run_plan(url: str, plan: LoadPlan, api_key: str | None = None, service_pid: int | None = None
                    ) -> dict[str, Any]:
     """Warm up, run every closed-loop level, then the open loop; returns the report without its header."""
-    form = {"text": plan.text, "fixed_length": str(plan.fixed_length)}
+    forms = plan.forms()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(plan.timeout_s, connect=10.0)
     # trust_env=False: a proxy from the environment must not sit between the benchmark and the service.
@@ -275,10 +305,10 @@ async def run_plan(url: str, plan: LoadPlan, api_key: str | None = None, service
         except httpx.HTTPError as e:
             raise BenchError(f"cannot get {url}/model_info: {e}") from None
         for _ in range(plan.warmup):
-            warm = await stream_request(client, url, form, time.perf_counter())
+            warm = await stream_request(client, url, forms[0], time.perf_counter())
             if not warm.ok:
                 raise BenchError(f"the warm-up request failed (status {warm.status}): {warm.error}")
-        target = _Target(client, url, form, CpuMeter(service_pid))
+        target = _Target(client, url, forms, CpuMeter(service_pid))
         levels = [await closed_loop(target, c, plan.requests_per_client) for c in plan.levels]
         rate = plan.poisson_rate
         if rate is None and levels:
@@ -364,6 +394,12 @@ def _cores(cpu: dict[str, float | None]) -> str:
     return "/".join("-" if cpu[k] is None else f"{cpu[k]:.2f}" for k in ("service", "client", "other"))
 
 
+def what_is_sent(plan: dict[str, Any]) -> str:
+    if plan.get("natural"):
+        return f"{len(NATURAL_TEXTS)} natural texts in turn (no fixed_length)"
+    return f"{plan['fixed_length']} LM tokens each (fixed_length)"
+
+
 def format_service_report(report: dict[str, Any]) -> str:
     """The report as a table, one line per level; the `vs` columns compare each closed-loop level with the first."""
     plan, info = report["plan"], report["model_info"]
@@ -371,8 +407,7 @@ def format_service_report(report: dict[str, Any]) -> str:
         f"machine: {report['machine']}, commit {report['commit'] or '?'}",
         f"service: {report['url']} ({info.get('model_type')} from {info.get('model_dir')}, "
         f"max_concurrent {report['service_stats'].get('max_concurrent')})",
-        f"requests: {plan['fixed_length']} LM tokens each (fixed_length), {plan['requests_per_client']} per client "
-        f"in the closed loop; times in ms",
+        f"requests: {what_is_sent(plan)}, {plan['requests_per_client']} per client in the closed loop; times in ms",
         "",
         f"{'level':<16}{'req':>4}{'ok':>4}{'503':>4}  {'first audio p50/p95/p99':>23}{'RTF p50':>9}"
         f"{'audio s/s':>10}{'underruns':>10}{'wall s':>7}{'s/s vs':>8}{'p95 vs':>7}  cores svc/cli/other",

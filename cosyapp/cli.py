@@ -574,10 +574,12 @@ def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
               help="cosyvoice2 backend option flow_left_chunks: left context of streaming flow calls in chunks "
                    "(-1: all, exact; default: the backend's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="also run one request under torch's profiler and write its busiest operators here")
 @user_errors
 def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, dtype: str, prompt_wav: Path | None,
                  tokens: int, runs: int, long_tokens: int, batch_streams: tuple[int, ...],
-                 flow_left_chunks: int | None, json_path: Path | None) -> None:
+                 flow_left_chunks: int | None, json_path: Path | None, profile_path: Path | None) -> None:
     """Time to first chunk, real-time factor and per-stage times of one backend, in this process; with
     --long-tokens also the time of every streamed chunk along one long utterance, with --batch-streams the
     vocoding of several streams at once."""
@@ -592,7 +594,8 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
         raise click.BadParameter("only the cosyvoice2 backend batches streams' chunks", param_hint="--batch-streams")
     report = run_engine_bench(model_dir, size=size, backend_name=backend, device=device, dtype=dtype,
                               prompt_wav=prompt_wav, tokens=tokens, runs=runs, long_tokens=long_tokens,
-                              batch_streams=batch_streams, backend_options=backend_options)
+                              batch_streams=batch_streams, backend_options=backend_options,
+                              profile_path=profile_path)
     click.echo(format_engine_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
@@ -616,6 +619,8 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
 @click.option("--fixed-length", type=click.IntRange(1), default=100, show_default=True,
               help="LM tokens per request (fixed_length: the stop token is ignored)")
 @click.option("--text", default=None, help="text of every request (one sentence; default: a fixed English one)")
+@click.option("--natural", is_flag=True, help="send texts of different lengths in turn without fixed_length, as "
+              "real clients do (streams out of step); --text and --fixed-length are then unused")
 @click.option("--poisson-rate", type=click.FloatRange(0), help="open-loop arrivals per second (default: "
               "0.7 x the best closed-loop request rate; 0: no open-loop run)")
 @click.option("--poisson-requests", type=click.IntRange(1), default=32, show_default=True)
@@ -629,7 +634,7 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
 @user_errors
 def bench_service(url: str | None, config_file: Path | None, model_dir: Path | None, backend: str | None,
                   device: str | None, max_concurrent: int | None, max_queue: int | None, levels: tuple[int, ...],
-                  requests: int, fixed_length: int, text: str | None, poisson_rate: float | None,
+                  requests: int, fixed_length: int, text: str | None, natural: bool, poisson_rate: float | None,
                   poisson_requests: int, seed: int, warmup: int, api_key: str | None, json_path: Path | None,
                   service_log: Path | None) -> None:
     """Load-test the HTTP service: closed-loop concurrency levels, then Poisson arrivals. Prints a table of
@@ -638,7 +643,8 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
     from cosyapp.bench_service import BenchError, LoadPlan, LocalService, format_service_report, run_service_bench
 
     plan = LoadPlan(text=text or BENCH_TEXT, fixed_length=fixed_length, levels=levels, requests_per_client=requests,
-                    poisson_rate=poisson_rate, poisson_requests=poisson_requests, seed=seed, warmup=warmup)
+                    poisson_rate=poisson_rate, poisson_requests=poisson_requests, seed=seed, warmup=warmup,
+                    natural=natural)
     service = None
     if url is None:
         service = LocalService(config=config_file, model_dir=model_dir, backend=backend, device=device,
@@ -651,6 +657,43 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
     click.echo(format_service_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("device-check")
+@click.option("--cosyvoice2-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="CosyVoice2 model directory to check")
+@click.option("--fish-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Fish (OpenAudio S1-mini) model directory to check")
+@click.option("--device", default="cuda", show_default=True, help="device checked against the CPU")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_device_check(cosyvoice2_dir: Path | None, fish_dir: Path | None, device: str,
+                       json_path: Path | None) -> None:
+    """Outputs on DEVICE (at its serving precision) against CPU float32, stage by stage on the same inputs,
+    each within a stated tolerance. Exits 1 when a stage is out of tolerance."""
+    from cosyapp.device_check import format_device_check, run_device_check
+
+    if cosyvoice2_dir is None and fish_dir is None:
+        raise click.UsageError("give --cosyvoice2-dir, --fish-dir or both")
+    report = run_device_check(cosyvoice2_dir, fish_dir, device)
+    click.echo(format_device_check(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise SystemExit(1)
+
+
+@bench.command("summary")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+def bench_summary(folder: Path, json_path: Path | None) -> None:
+    """Summarize a folder of benchmark results written by scripts/gpu_bench.sh (device check, engine, load levels)."""
+    from cosyapp.bench_summary import format_summary, summarize_dir
+
+    summary = summarize_dir(folder)
+    click.echo(format_summary(summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2))
 
 
 main.add_command(bench)
