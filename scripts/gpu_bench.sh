@@ -59,6 +59,10 @@ fi
 # PYTHONPATH for a checkout: its own package first, then the carried wheels.
 pythonpath() { echo "$1${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"; }
 
+# Everything the service imports, before any device time goes into models: a missing package stops here.
+PYTHONPATH="$(pythonpath "$ROOT")" "$PY" -c 'import cosyapp.cli, cosyapp.server.app, cosyapp.bench, cosyapp.bench_service' \
+  || { echo "the service's packages are not all importable (carry the missing ones in $WHEELS)" >&2; exit 1; }
+
 FAILED=()
 # step NAME TREE COMMAND...: run `python -m cosyapp COMMAND...` from TREE with a time limit, log to NAME.log.
 step() {

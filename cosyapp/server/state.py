@@ -19,6 +19,9 @@ from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, loa
 log = logging.getLogger("cosyapp.server")
 
 WARMUP_TEXT = "你好。"
+# Tokens (CosyVoice2) or frames (Fish) of the warm-up synthesis: enough for the first chunk and the next hops'
+# shapes; a fixed length, so a model that does not stop soon (random weights never do) cannot hold start-up.
+WARMUP_TOKENS = 80
 
 
 class ServiceState:
@@ -83,7 +86,8 @@ class ServiceState:
             return
         instruction = self.default_instruction(engine)
         mode = Mode.INSTRUCT2 if instruction else Mode.CROSS_LINGUAL
-        request = SynthesisRequest(text=WARMUP_TEXT, voice=voice, mode=mode, instruction=instruction or None)
+        request = SynthesisRequest(text=WARMUP_TEXT, voice=voice, mode=mode, instruction=instruction or None,
+                                   fixed_length=WARMUP_TOKENS)
         started = time.perf_counter()
         stream = await engine.start(request, engine.admit())
         async for _ in stream:

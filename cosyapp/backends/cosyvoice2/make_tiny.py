@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -273,6 +274,15 @@ def _write_qwen_config(blank_en: Path, size: ModelSize, eos_id: int) -> None:
     }, indent=2))
 
 
+# IR version of the written ONNX files: the one opset 18 came with, not the newest the installed onnx package
+# writes, so an older onnxruntime (the one on a GPU machine, say) loads them too; the official files are older.
+ONNX_IR_VERSION = 8
+
+
+def _model(helper: Any, graph: Any) -> Any:
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=ONNX_IR_VERSION)
+
+
 def _write_campplus_standin(path: Path, rng: np.random.Generator) -> None:
     """fbank [B, T, 80] -> embedding [B, 192]: Linear, tanh, mean ++ unbiased std over time, Linear."""
     import onnx
@@ -313,7 +323,7 @@ def _write_campplus_standin(path: Path, rng: np.random.Generator) -> None:
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", 192])],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(_model(helper, graph), str(path))
 
 
 def _write_speech_tokenizer_standin(path: Path, rng: np.random.Generator) -> None:
@@ -358,7 +368,7 @@ def _write_speech_tokenizer_standin(path: Path, rng: np.random.Generator) -> Non
         [helper.make_tensor_value_info("indices", TensorProto.INT64, ["B", "N"])],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(_model(helper, graph), str(path))
 
 
 # hift.pt stores these convolutions weight-normalised (torch parametrization keys), the rest plainly.
