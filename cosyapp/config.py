@@ -33,6 +33,8 @@ ENV_NOT_KEYS = {"COSYAPP_CONFIG", "COSYAPP_URL"}
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # spellings of booleans in variables
 
+AUTO = "auto"  # the value of a setting the service sizes itself at start-up
+
 DEFAULT_INSTRUCTION = "你是一位热情友好的餐馆店员,说话温柔亲切,语气礼貌专业。<|endofprompt|>"
 
 
@@ -41,7 +43,8 @@ class ConfigError(ValueError):
 
 
 def _rule(**kwargs: Any) -> dict[str, Any]:
-    """Validation rules stored in a field's metadata: min, max (numbers), choices and pattern (strings)."""
+    """Validation rules stored in a field's metadata: min, max (numbers), choices and pattern (strings), auto (the
+    string "auto" is also accepted)."""
     return kwargs
 
 
@@ -110,7 +113,8 @@ class HubSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_concurrent: int = field(default=2, metadata=_rule(min=1, max=256))
+    # Streams synthesized at once: a number, or "auto" (sized from the hardware at start-up: engine/sizing.py).
+    max_concurrent: int | str = field(default="auto", metadata=_rule(min=1, max=256, auto=True))
     max_queue: int = field(default=8, metadata=_rule(min=0, max=10000))
     retry_after_s: int = field(default=2, metadata=_rule(min=1, max=3600))
     voice_cache_size: int = field(default=64, metadata=_rule(min=1, max=100000))
@@ -200,6 +204,13 @@ def _field(section: str, key: str) -> dataclasses.Field:
 
 def _convert(value: Any, type_name: str, where: str, base_dir: Path, from_env: bool) -> Any:
     """Turn a TOML value (or an environment string) into the field's type; raise ConfigError naming `where`."""
+    if type_name == "int | str":  # an integer or "auto"
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return _convert(value, "int", where, base_dir, from_env)
+        except ConfigError:
+            raise ConfigError(f"{where}: expected an integer or \"auto\", got {value!r}") from None
     if type_name == "bool":
         if isinstance(value, bool):
             return value
@@ -241,6 +252,8 @@ def _convert(value: Any, type_name: str, where: str, base_dir: Path, from_env: b
 
 
 def _check_rules(value: Any, rules: Mapping[str, Any], where: str) -> None:
+    if rules.get("auto") and value == AUTO:
+        return
     if "min" in rules and value < rules["min"]:
         raise ConfigError(f"{where}: must be >= {rules['min']}, got {value!r}")
     if "max" in rules and value > rules["max"]:

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 from cosyapp.audio import check_duration, decode_audio, read_audio_file
-from cosyapp.config import Settings
+from cosyapp.backends.weights import resolve_device
+from cosyapp.config import AUTO, Settings
 from cosyapp.engine.registry import load_backend
 from cosyapp.engine.scheduler import Engine
+from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
 from cosyapp.server.errors import ApiError
 from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, load_voice, make_voice_files
@@ -56,15 +58,16 @@ class ServiceState:
         """Load every backend off the event loop (one engine each), warm them up, then report ready. Never raises."""
         model = self.settings.model
         started = time.perf_counter()
+        streams = self.stream_slots()
         for name, model_dir in self.backends.items():
             try:
                 engine_settings = self.settings.engine
                 backend = await asyncio.to_thread(load_backend, name, model_dir, model.device, model.dtype,
-                                                  engine_settings.max_concurrent, **self.settings.backend_options(name))
+                                                  streams, **self.settings.backend_options(name))
                 info = backend.info()
                 log.info("Loaded model type: %s from %s (%.1f s)", info.model_type, info.model_dir,
                          time.perf_counter() - started)
-                engine = Engine(backend, engine_settings.max_concurrent, engine_settings.max_queue,
+                engine = Engine(backend, streams, engine_settings.max_queue,
                                 engine_settings.retry_after_s, engine_settings.voice_cache_size)
                 self.engines[name] = engine
                 if model.warmup:
@@ -77,6 +80,16 @@ class ServiceState:
                 return
         self.status = "ok"
         log.info("ready (%.1f s after start)", time.perf_counter() - started)
+
+    def stream_slots(self) -> int:
+        """`[engine] max_concurrent`, sized from the hardware when it is "auto" (said in the log)."""
+        setting = self.settings.engine.max_concurrent
+        if setting != AUTO:
+            return int(setting)
+        streams, reason = auto_max_concurrent(resolve_device(self.settings.model.device),
+                                              list(self.backends.values()))
+        log.info("max_concurrent auto: %d streams at once (%s)", streams, reason)
+        return streams
 
     async def _warm_up(self, engine: Engine) -> None:
         try:

@@ -55,6 +55,14 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.storage.data_dir == tmp_path / "state"  # relative to the working directory
 
 
+def test_max_concurrent_is_a_number_or_auto(tmp_path: Path):
+    assert Settings().engine.max_concurrent == "auto"
+    assert load_settings(_write(tmp_path, "[engine]\nmax_concurrent = 'AUTO'\n"), env={}).engine.max_concurrent == "auto"
+    assert load_settings(_write(tmp_path, "[engine]\nmax_concurrent = 12\n"), env={}).engine.max_concurrent == 12
+    env = {"COSYAPP_ENGINE_MAX_CONCURRENT": "auto"}
+    assert load_settings(_write(tmp_path, "[engine]\nmax_concurrent = 12\n"), env=env).engine.max_concurrent == "auto"
+
+
 def test_config_file_from_the_environment(tmp_path: Path):
     path = _write(tmp_path, "[server]\nport = 7000\n")
     assert load_settings(env={"COSYAPP_CONFIG": str(path)}).server.port == 7000
@@ -66,6 +74,7 @@ def test_config_file_from_the_environment(tmp_path: Path):
     ("[server]\nprot = 1\n", "unknown key [server] prot"),
     ("[sever]\nport = 1\n", "unknown section [sever]"),
     ("[engine]\nmax_concurrent = 0\n", "[engine] max_concurrent: must be >= 1"),
+    ("[engine]\nmax_concurrent = 'many'\n", '[engine] max_concurrent: expected an integer or "auto", got \'many\''),
     ("[engine]\nmax_queue = 1.5\n", "[engine] max_queue: expected an integer"),
     ("[limits]\nmax_prompt_s = nan\n", "[limits] max_prompt_s: expected a number"),
     ("[model]\nbackend = 'espnet'\n", "[model] backend: unknown backend 'espnet'"),

@@ -1,0 +1,45 @@
+"""How many streams a box synthesizes at once when `[engine] max_concurrent = "auto"`.
+
+- On a GPU, memory decides: what is free before loading, less the weights, over what one stream may hold
+  (its LM KV-cache row, its flow and vocoder caches, the activations of its share of a batched call), capped
+  at MAX_GPU_STREAMS, the most streams the load benchmark runs (beyond it first-audio latency, not memory,
+  is what runs out).
+- On a CPU, cores decide: one stream keeps about one core busy, and more streams than cores only queue
+  inside the machine instead of in the admission queue, where they would at least be answered 503 in time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# Device memory one stream may hold, all caches at their bounds (CosyVoice2-0.5B: a 4096-position bf16 KV row
+# is 50 MB, the streaming flow caches of a 30 s prompt plus 8 chunks of left context ~0.5 GB).
+GPU_BYTES_PER_STREAM = 1 << 30
+MAX_GPU_STREAMS = 64
+MIN_STREAMS = 2
+
+
+def model_bytes(model_dirs: list[Path]) -> int:
+    """Bytes of the weight files in the model directories (what loading them puts on the device, at most)."""
+    total = 0
+    for folder in model_dirs:
+        for path in Path(folder).rglob("*"):
+            if path.is_file() and path.suffix in (".pt", ".pth", ".onnx", ".bin", ".safetensors"):
+                total += path.stat().st_size
+    return total
+
+
+def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:
+    """(streams, the reason in words) for a box about to load `model_dirs` on `device`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        room = free - model_bytes(model_dirs)
+        streams = max(MIN_STREAMS, min(MAX_GPU_STREAMS, room // GPU_BYTES_PER_STREAM))
+        return streams, (f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)}, "
+                         f"{GPU_BYTES_PER_STREAM / 2**30:.0f} GiB per stream after the weights, at most "
+                         f"{MAX_GPU_STREAMS}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(MIN_STREAMS, cores), f"{cores} CPU cores, one stream per core"
