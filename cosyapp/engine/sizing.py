@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-# Device memory one stream may hold, all caches at their bounds (CosyVoice2-0.5B: a 4096-position bf16 KV row
-# is 50 MB, the streaming flow caches of a 30 s prompt plus 8 chunks of left context ~0.5 GB).
-GPU_BYTES_PER_STREAM = 1 << 30
+# Device memory one stream may hold, all caches at their bounds. CosyVoice2-0.5B: the streaming flow's caches
+# are capped at 2 GiB per stream (flow_stream.DEFAULT_CACHE_BUDGET_BYTES; a 6 s prompt and 8 chunks of left
+# context in float32 fill ~4 MB per frame x 900 frames), a 4096-position bf16 KV row is 50 MB, plus the
+# activations of its share of a batched call.
+GPU_BYTES_PER_STREAM = 5 << 29  # 2.5 GiB
 MAX_GPU_STREAMS = 64
 MIN_STREAMS = 2
 
@@ -39,7 +41,7 @@ def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[i
         room = free - model_bytes(model_dirs)
         streams = max(MIN_STREAMS, min(MAX_GPU_STREAMS, room // GPU_BYTES_PER_STREAM))
         return streams, (f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)}, "
-                         f"{GPU_BYTES_PER_STREAM / 2**30:.0f} GiB per stream after the weights, at most "
+                         f"{GPU_BYTES_PER_STREAM / 2**30:g} GiB per stream after the weights, at most "
                          f"{MAX_GPU_STREAMS}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(MIN_STREAMS, cores), f"{cores} CPU cores, one stream per core"

@@ -25,7 +25,7 @@ def test_a_gpu_gets_its_free_memory_after_the_weights_over_the_stream_budget(mon
     (tmp_path / "notes.txt").write_bytes(b"\0" * 10**6)  # not weights
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    for free, streams in ((24 * gib, 23), (140 * gib, sizing.MAX_GPU_STREAMS), (gib, sizing.MIN_STREAMS)):
+    for free, streams in ((24 * gib, 9), (200 * gib, sizing.MAX_GPU_STREAMS), (gib, sizing.MIN_STREAMS)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 2 * f))
         got, reason = sizing.auto_max_concurrent(torch.device("cuda"), [tmp_path])
         assert got == streams and "Test GPU" in reason
