@@ -15,9 +15,6 @@ from cosyapp.engine.registry import make_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GOLDEN = REPO_ROOT.parent / "shared" / "golden"
-# The project's default prompt voice and its transcript (README: "The default prompt voice").
-DEFAULT_PROMPT = REPO_ROOT / "asset" / "zero_shot_prompt.wav"
-DEFAULT_PROMPT_TEXT = "欢迎光临，请问您需要点什么？"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

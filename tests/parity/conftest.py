@@ -15,7 +15,7 @@ import torch
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 
-BACKEND_NAMES = {"cosyvoice2": "CosyVoice2", "fish": "Fish"}
+_BACKEND_NAMES = {"cosyvoice2": "CosyVoice2", "fish": "Fish"}
 
 
 def _backend_of(folder: Path) -> str | None:
@@ -26,7 +26,7 @@ def _backend_of(folder: Path) -> str | None:
     return None
 
 
-def golden_folders(root: Path) -> dict[str, Path]:
+def _golden_folders(root: Path) -> dict[str, Path]:
     """Backend -> golden folder: `root` itself if it is one, else its first child of each backend."""
     found: dict[str, Path] = {}
     own = _backend_of(root)
@@ -42,10 +42,10 @@ def golden_folders(root: Path) -> dict[str, Path]:
 
 def golden_folder(root: Path, backend: str) -> Path:
     """The golden folder of `backend` under `root`; skips the test, saying where the data comes from, if none."""
-    found = golden_folders(root)
+    found = _golden_folders(root)
     if backend not in found:
         where = f"golden data not found at {root}" if not found else \
-            f"no {BACKEND_NAMES[backend]} golden set in {root} (found: {', '.join(sorted(found))})"
+            f"no {_BACKEND_NAMES[backend]} golden set in {root} (found: {', '.join(sorted(found))})"
         pytest.skip(f"{where}: the golden sets live in ../shared/golden beside the repository, or pass --golden DIR")
     return found[backend]
 
