@@ -1,5 +1,9 @@
-"""Shared pytest options: `--golden DIR` points the parity tests at a golden folder (either backend's
-folder, or a parent holding `cosyvoice2/` and/or `fish/`)."""
+"""Shared fixtures and options.
+
+The service, CLI, engine and unit tests run on random tiny models that `make_tiny` writes once per session,
+so they need nothing outside the repository. Only the parity tests (tests/parity) read golden data: the folder
+`--golden DIR` names (either backend's folder, or a parent holding `cosyvoice2/` and/or `fish/`), by default
+`../shared/golden` beside the repository."""
 
 from __future__ import annotations
 
@@ -7,56 +11,34 @@ from pathlib import Path
 
 import pytest
 
+from cosyapp.engine.registry import make_tiny
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GOLDEN = REPO_ROOT.parent / "shared" / "golden"
-TINY_COSYVOICE2 = DEFAULT_GOLDEN / "cosyvoice2" / "tiny"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--golden",
         default=str(DEFAULT_GOLDEN),
-        help="golden folder: a backend folder (cosyvoice2 or fish format) or a parent holding them",
+        help="golden folder of the parity tests: a backend folder (cosyvoice2 or fish format) or a parent "
+             "holding them (default: ../shared/golden beside the repository)",
     )
 
 
-def _backend_of(folder: Path) -> str | None:
-    if (folder / "settings.json").is_file() and (folder / "tiny" / "cosyvoice2.yaml").is_file():
-        return "cosyvoice2"
-    if (folder / "goldens.json").is_file() and (folder / "tiny" / "config.json").is_file():
-        return "fish"
-    return None
-
-
-def golden_folders(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    own = _backend_of(root)
-    if own:
-        found[own] = root
-    elif root.is_dir():
-        for child in sorted(root.iterdir()):
-            kind = _backend_of(child) if child.is_dir() else None
-            if kind and kind not in found:
-                found[kind] = child
-    return found
+def _tiny_model(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(f"tiny_{backend}")
+    make_tiny(backend, out, size="tiny")
+    return out
 
 
 @pytest.fixture(scope="session")
-def golden_root(pytestconfig: pytest.Config) -> Path:
-    return Path(pytestconfig.getoption("--golden")).expanduser().resolve()
+def tiny_cosyvoice2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CosyVoice2 model in the official layout, for end-to-end, service, CLI and unit tests."""
+    return _tiny_model("cosyvoice2", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def cosyvoice2_golden(golden_root: Path) -> Path:
-    folder = golden_folders(golden_root).get("cosyvoice2")
-    if folder is None:
-        pytest.skip(f"no CosyVoice2 golden folder in {golden_root}")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_cosyvoice2_dir() -> Path:
-    """The tiny CosyVoice2 model used by end-to-end, service and CLI tests."""
-    if not (TINY_COSYVOICE2 / "cosyvoice2.yaml").is_file():
-        pytest.skip(f"tiny CosyVoice2 model not found at {TINY_COSYVOICE2}")
-    return TINY_COSYVOICE2
+def tiny_fish_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Fish model in the release layout, for the Fish backend and service tests."""
+    return _tiny_model("fish", tmp_path_factory)

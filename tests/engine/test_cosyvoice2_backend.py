@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,8 +14,15 @@ from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, verify
 from cosyapp.engine.stats import StageTimes
 from cosyapp.engine.types import Cancelled, InputError, Mode, ModelFileError, SynthesisRequest
 
-TWO_SENTENCES = "Hello there, how are you? The weather is lovely today."
-PROMPT_TEXT = "Hello, my name is Sam. I read this short sentence for the golden test."
+# Long enough that the LM (which runs at least 2x the text tokens) streams two hops before the final chunk.
+TWO_SENTENCES = "Hello there, how are you? The weather is lovely today, so let us all take a long walk by the river."
+# A paragraph the frontend splits in two segments.
+LONG_TEXT = ("Streaming speech synthesis needs careful chunking of the token sequence. Each chunk of speech tokens is "
+             "converted into a mel spectrogram by the flow model. The vocoder then turns the mel spectrogram into a "
+             "waveform at 24 kilohertz. Finally, overlapping parts are faded together so that no clicks are audible.")
+# The project's default prompt voice and its transcript (README: "The default prompt voice").
+PROMPT_WAV = Path(__file__).resolve().parents[2] / "asset" / "zero_shot_prompt.wav"
+PROMPT_TEXT = "欢迎光临，请问您需要点什么？"
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples at 24 kHz
 WITHHELD = 3840  # the cross-fade tail every non-final chunk holds back
 
@@ -28,8 +34,8 @@ def backend(tiny_cosyvoice2_dir: Path) -> CosyVoice2Backend:
 
 
 @pytest.fixture(scope="module")
-def voice(backend: CosyVoice2Backend, tiny_cosyvoice2_dir: Path):
-    wav, sr = sf.read(tiny_cosyvoice2_dir.parent / "prompt.wav", dtype="float32")
+def voice(backend: CosyVoice2Backend):
+    wav, sr = sf.read(PROMPT_WAV, dtype="float32")
     return backend.prepare_voice(wav, sr, PROMPT_TEXT)
 
 
@@ -144,12 +150,10 @@ def test_verify_reports_and_names_bad_files(tiny_cosyvoice2_dir: Path, tmp_path:
         verify(broken)
 
 
-def test_each_split_segment_is_synthesised(backend, voice, tiny_cosyvoice2_dir: Path) -> None:
-    settings = json.loads((tiny_cosyvoice2_dir.parent / "settings.json").read_text(encoding="utf-8"))
-    long_text = settings["texts_raw"]["tts_long_en"]  # a paragraph the frontend splits in two
-    segments = backend.frontend.text_sentences(long_text)
+def test_each_split_segment_is_synthesised(backend, voice) -> None:
+    segments = backend.frontend.text_sentences(LONG_TEXT)
     assert len(segments) == 2
-    request = SynthesisRequest(text=long_text, voice=voice, stream=False, fixed_length=30)
+    request = SynthesisRequest(text=LONG_TEXT, voice=voice, stream=False, fixed_length=30)
     (wav,) = backend.synthesize(request)
     assert wav.shape[0] == len(segments) * 30 * SAMPLES_PER_TOKEN
 

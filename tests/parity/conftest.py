@@ -1,11 +1,10 @@
-"""Parity-test fixtures: the CosyVoice2 golden settings, config and vocoder shared by several test files;
-`fish_golden` (the Fish golden folder) and the Fish models loaded from it."""
+"""Parity-test fixtures: the golden folders (`--golden DIR`, by default ../shared/golden beside the repository),
+the CosyVoice2 golden settings, config and vocoder shared by several test files, and the Fish golden files and
+models loaded from them. Every test here skips, with one reason, when its golden set is missing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,49 @@ import torch
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 
+_BACKEND_NAMES = {"cosyvoice2": "CosyVoice2", "fish": "Fish"}
 
-def _root_conftest():
-    """tests/conftest.py as a module. Both conftests are top-level modules named `conftest`, so a plain
-    import would find this file instead; load the parent by path (once) under its own name."""
-    name = "cosyapp_tests_root_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+
+def _backend_of(folder: Path) -> str | None:
+    if (folder / "settings.json").is_file() and (folder / "tiny" / "cosyvoice2.yaml").is_file():
+        return "cosyvoice2"
+    if (folder / "goldens.json").is_file() and (folder / "tiny" / "config.json").is_file():
+        return "fish"
+    return None
+
+
+def _golden_folders(root: Path) -> dict[str, Path]:
+    """Backend -> golden folder: `root` itself if it is one, else its first child of each backend."""
+    found: dict[str, Path] = {}
+    own = _backend_of(root)
+    if own:
+        found[own] = root
+    elif root.is_dir():
+        for child in sorted(root.iterdir()):
+            kind = _backend_of(child) if child.is_dir() else None
+            if kind and kind not in found:
+                found[kind] = child
+    return found
+
+
+def golden_folder(root: Path, backend: str) -> Path:
+    """The golden folder of `backend` under `root`; skips the test, saying where the data comes from, if none."""
+    found = _golden_folders(root)
+    if backend not in found:
+        where = f"golden data not found at {root}" if not found else \
+            f"no {_BACKEND_NAMES[backend]} golden set in {root} (found: {', '.join(sorted(found))})"
+        pytest.skip(f"{where}: the golden sets live in ../shared/golden beside the repository, or pass --golden DIR")
+    return found[backend]
+
+
+@pytest.fixture(scope="session")
+def golden_root(pytestconfig: pytest.Config) -> Path:
+    return Path(pytestconfig.getoption("--golden")).expanduser().resolve()
+
+
+@pytest.fixture(scope="session")
+def cosyvoice2_golden(golden_root: Path) -> Path:
+    return golden_folder(golden_root, "cosyvoice2")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +77,7 @@ def hift(cosyvoice2_golden: Path, config: CosyVoice2Config) -> HiFTGenerator:
 
 @pytest.fixture(scope="session")
 def fish_golden(golden_root: Path) -> Path:
-    folder = _root_conftest().golden_folders(golden_root).get("fish")
-    if folder is None:
-        pytest.skip(f"no Fish golden folder in {golden_root}")
-    return folder
+    return golden_folder(golden_root, "fish")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ full-sequence chunk-masked mel and the three mels of the streaming schedule upst
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +57,13 @@ def test_decoder_inputs(flow: CosyVoice2Flow, inputs: dict[str, torch.Tensor], g
     assert_close(cond[0], golden["nonstream_decoder_cond"], MEL_ATOL, "cond")
 
 
-def test_noise_is_upstream_seed0_buffer(flow: CosyVoice2Flow, golden: dict[str, np.ndarray]) -> None:
+def test_noise_is_upstream_seed0_buffer(flow: CosyVoice2Flow, golden: dict[str, np.ndarray],
+                                        settings: dict) -> None:
     frames = golden["nonstream_noise_z"].shape[1]
-    assert flow.decoder.noise.shape == (1, 80, 15000)
+    assert settings["flow"]["rand_noise_matches_seed0"]
+    # settings.json says how upstream drew the buffer, e.g. "...; torch.randn([1, 80, 15000]) at ...".
+    shape = re.search(r"torch\.randn\(\[([\d, ]+)\]\)", settings["rand_noise"]).group(1)
+    assert flow.decoder.noise.shape == tuple(int(n) for n in shape.split(","))
     np.testing.assert_array_equal(flow.decoder.noise[0, :, :frames].numpy(), golden["nonstream_noise_z"])
 
 
@@ -77,7 +81,7 @@ def test_estimator_step0(flow: CosyVoice2Flow, golden: dict[str, np.ndarray]) ->
 
 
 def test_nonstream_mel(flow: CosyVoice2Flow, inputs: dict[str, torch.Tensor], golden: dict[str, np.ndarray],
-                       cosyvoice2_golden: Path) -> None:
+                       settings: dict) -> None:
     calls = 0
     estimator_forward = flow.decoder.estimator.forward
 
@@ -91,7 +95,6 @@ def test_nonstream_mel(flow: CosyVoice2Flow, inputs: dict[str, torch.Tensor], go
         mel = flow.inference(**inputs, streaming=False, finalize=True)
     finally:
         del flow.decoder.estimator.forward
-    settings = json.loads((cosyvoice2_golden / "settings.json").read_text(encoding="utf-8"))
     assert calls == settings["flow"]["n_estimator_calls_per_inference"]
     assert mel.dtype == torch.float32
     assert_close(mel[0], golden["nonstream_mel"], MEL_ATOL, "nonstream mel")
@@ -103,15 +106,14 @@ def test_fullseq_streaming_mask_mel(flow: CosyVoice2Flow, inputs: dict[str, torc
     assert_close(mel[0], golden["fullseq_streamingmask_finalize_mel"], MEL_ATOL, "full-sequence chunk-masked mel")
 
 
-@pytest.mark.parametrize("call", [0, 1, 2])
-def test_stream_call_mel(call: int, flow: CosyVoice2Flow, inputs: dict[str, torch.Tensor],
-                         golden: dict[str, np.ndarray]) -> None:
-    token_len = int(golden["stream_call_token_len"][call])
-    mel = flow.inference(
-        token=inputs["token"][:, :token_len], prompt_token=inputs["prompt_token"], prompt_feat=inputs["prompt_feat"],
-        embedding=inputs["embedding"], streaming=bool(golden["stream_call_streaming"][call]),
-        finalize=bool(golden["stream_call_finalize"][call]))
-    assert_close(mel[0], golden[f"stream_call{call}_mel"], MEL_ATOL, f"stream call {call} mel")
+def test_stream_call_mels(flow: CosyVoice2Flow, inputs: dict[str, torch.Tensor], golden: dict[str, np.ndarray]) -> None:
+    """Each call of the streaming schedule upstream ran (stream_call_*), on its own token prefix."""
+    for call, token_len in enumerate(golden["stream_call_token_len"]):
+        mel = flow.inference(
+            token=inputs["token"][:, :token_len], prompt_token=inputs["prompt_token"],
+            prompt_feat=inputs["prompt_feat"], embedding=inputs["embedding"],
+            streaming=bool(golden["stream_call_streaming"][call]), finalize=bool(golden["stream_call_finalize"][call]))
+        assert_close(mel[0], golden[f"stream_call{call}_mel"], MEL_ATOL, f"stream call {call} mel")
 
 
 def test_checkpoint_mismatch_names_flow_pt(cosyvoice2_golden: Path, tmp_path: Path) -> None:

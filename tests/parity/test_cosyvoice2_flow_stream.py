@@ -72,21 +72,25 @@ def expected_new_frames(golden: dict[str, np.ndarray], call: int) -> np.ndarray:
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["from-scratch", "prefilled-prompt"])
 def test_incremental_calls_match_upstream_exact_final(flow: CosyVoice2Flow, golden: dict[str, np.ndarray],
-                                                      prefill: bool) -> None:
+                                                      settings: dict, prefill: bool) -> None:
     stream = FlowStream(flow, *prompt(golden), exact_final=True)
     if prefill:
         stream.prefill_prompt()
-        assert stream.committed == 75  # 3 chunks of 25: the 4th would need look-ahead past the 102 prompt tokens
+        # Whole chunks only, and the next chunk would need look-ahead tokens past the end of the prompt.
+        chunk = settings["encoder_static_chunk_size"]
+        prompt_tokens = len(golden["prompt_token"])
+        assert stream.committed == (prompt_tokens - settings["pre_lookahead_len"]) // chunk * chunk
         stream = stream.fork()
     mels = drive_golden_schedule(stream, golden)
-    assert len(mels) == 3
+    assert len(mels) == len(golden["stream_call_token_len"])
     for call, mel in enumerate(mels):
         assert mel.dtype == torch.float32
         assert_close(mel[0], expected_new_frames(golden, call), MEL_ATOL, f"call {call} new frames")
 
 
-def test_incremental_calls_are_cached_not_recomputed(flow: CosyVoice2Flow, golden: dict[str, np.ndarray]) -> None:
-    """The second non-final call runs the estimator on its 50 new tokens' 100 frames only, 10 steps."""
+def test_incremental_calls_are_cached_not_recomputed(flow: CosyVoice2Flow, golden: dict[str, np.ndarray],
+                                                      settings: dict) -> None:
+    """The second non-final call runs the estimator on its new tokens' frames only, at every Euler step."""
     frames_seen: list[int] = []
     estimator_forward = flow.decoder.estimator.forward
 
@@ -96,13 +100,15 @@ def test_incremental_calls_are_cached_not_recomputed(flow: CosyVoice2Flow, golde
 
     stream = FlowStream(flow, *prompt(golden), exact_final=True)
     tokens = torch.from_numpy(golden["tokens"])
-    stream.advance(tokens[:51])
+    first, second = (int(n) for n in golden["stream_call_token_len"][:2])
+    stream.advance(tokens[:first])
     flow.decoder.estimator.forward = spy
     try:
-        mel = stream.advance(tokens[51:101])
+        mel = stream.advance(tokens[first:second])
     finally:
         del flow.decoder.estimator.forward
-    assert frames_seen == [100] * 10
+    new_frames = settings["token_mel_ratio"] * (second - first)
+    assert frames_seen == [new_frames] * settings["flow"]["n_estimator_calls_per_inference"]
     assert_close(mel[0], expected_new_frames(golden, 1), MEL_ATOL, "call 1 new frames")
 
 
@@ -110,7 +116,7 @@ def test_fast_final_matches_full_sequence_chunk_masks(flow: CosyVoice2Flow, gold
     """exact_final=False: the final call keeps the chunk masks, so all calls together are upstream's
     full-sequence chunk-masked mel (`fullseq_streamingmask_finalize_mel`)."""
     mels = drive_golden_schedule(FlowStream(flow, *prompt(golden), exact_final=False), golden)
-    for call in range(2):
+    for call in range(len(mels) - 1):  # the non-final calls
         assert_close(mels[call][0], expected_new_frames(golden, call), MEL_ATOL, f"call {call} new frames")
     assert_close(torch.cat(mels, dim=2)[0], golden["fullseq_streamingmask_finalize_mel"], MEL_ATOL,
                  "all frames, fast final")

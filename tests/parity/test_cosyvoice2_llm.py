@@ -81,14 +81,16 @@ def test_length_limits(frontend_npz, settings, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_forced_logp_incremental(lm, llm_npz, frontend_npz, mode):
+def test_forced_logp_incremental(lm, llm_npz, frontend_npz, settings, mode):
     forced = torch.from_numpy(llm_npz["forced_tokens"])
     hidden = forced_hidden(lm, lm_input_for(lm, frontend_npz, mode), forced)
     with torch.inference_mode():
         logits = lm.llm_decoder(hidden)
         logp = lm.speech_logp(hidden)
     expected_logp = torch.from_numpy(llm_npz[f"{mode}__forced_logp"])
-    assert logp.shape == expected_logp.shape == (len(forced) + 1, 6564)
+    assert len(forced) == settings["n_forced"]
+    # One row per forced token and one after the prompt; the speech head's columns end with the stop tokens.
+    assert logp.shape == expected_logp.shape == (len(forced) + 1, max(settings["stop_token_ids"]) + 1)
     torch.testing.assert_close(logp, expected_logp, atol=LOGP_ATOL, rtol=0)
     torch.testing.assert_close(logits.logsumexp(-1), torch.from_numpy(llm_npz[f"{mode}__forced_logits_logsumexp"]),
                                atol=LOGP_ATOL, rtol=0)
@@ -108,17 +110,19 @@ def test_full_sequence_matches_incremental(lm, llm_npz, frontend_npz, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_seeded_generate_tokens(lm, llm_npz, frontend_npz, mode):
+def test_seeded_generate_tokens(lm, llm_npz, frontend_npz, settings, mode):
     lm_input = lm_input_for(lm, frontend_npz, mode)
     min_len, max_len = length_limits(mode_ids(frontend_npz, mode)[0].numel())
     expected = llm_npz[f"{mode}__sampled_tokens"].tolist()
-    torch.manual_seed(1234)
+    assert len(expected) == settings["sampling"]["n_steps"]
+    seed = settings["sampling"]["seed"]
+    torch.manual_seed(seed)
     tokens = generate_n(lm, lm_input, min_len, max_len, len(expected))
     assert tokens == expected
-    # The same stream from a dedicated generator, leaving the global one alone.
-    torch.manual_seed(99)
+    # The same stream from a dedicated generator, leaving the global one (seeded differently) alone.
+    torch.manual_seed(seed + 1)
     before = torch.get_rng_state()
-    tokens = generate_n(lm, lm_input, min_len, max_len, len(expected), torch.Generator().manual_seed(1234))
+    tokens = generate_n(lm, lm_input, min_len, max_len, len(expected), torch.Generator().manual_seed(seed))
     assert tokens == expected
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -178,9 +182,10 @@ def test_sampler_bitwise_on_golden_logp(llm_npz, settings, mode):
     """Step 0 of the seeded run sees forced_logp row 0 (same lm_input, nothing fed yet): from upstream's
     own log-probs, our sampler must give bitwise the same candidate probs and the same draw."""
     scores = torch.from_numpy(llm_npz[f"{mode}__forced_logp"][0].copy())
-    scores[6561] = float("-inf")
-    sampler = RasSampler(top_p=0.8, top_k=25, win_size=10, tau_r=0.1,
-                         generator=torch.Generator().manual_seed(settings["sampling"]["seed"]))
+    scores[settings["eos_token"]] = float("-inf")
+    sampling = settings["sampling"]
+    sampler = RasSampler(top_p=sampling["top_p"], top_k=sampling["top_k"], win_size=sampling["win_size"],
+                         tau_r=sampling["tau_r"], generator=torch.Generator().manual_seed(sampling["seed"]))
     sample = sampler(scores)
     k = sample.num_candidates
     prefix = f"{mode}__sampled"

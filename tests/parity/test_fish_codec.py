@@ -16,6 +16,8 @@ from cosyapp.backends.fish.codec import DecodeStream
 
 LATENT_ATOL = 2e-4
 AUDIO_ATOL = 2e-4
+# Streaming decode pushes: these sizes first (cut to the codes there are), then the rest in one push.
+PUSH_PATTERNS = {"growing": [1, 3, 8, 16, 50], "even": [4] + [16] * 8}
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,9 @@ def codec(fish_backend):
 
 
 @pytest.fixture(scope="module")
-def reference_audio(fish_golden) -> torch.Tensor:
+def reference_audio(fish_golden, fish_goldens_json) -> torch.Tensor:
     pcm, rate = sf.read(fish_golden / "reference.wav", dtype="int16")
-    assert rate == 44100
+    assert rate == fish_goldens_json["codec"]["sample_rate"]
     return torch.from_numpy(pcm.astype(np.float32) / 32768)
 
 
@@ -77,37 +79,52 @@ def test_decode_reference_codes(codec, fish_npz, fish_goldens_json):
         decoder_in = codec.quantizer.decode(codes)
     np.testing.assert_allclose(decoder_in[0].numpy(), golden["ref_decoder_in"], rtol=0, atol=LATENT_ATOL)
     audio = codec.decode(codes)[0, 0]
-    assert audio.shape[0] == fish_goldens_json["decode_returned_audio_lengths"] == codes.shape[-1] * 2048
+    frame_length = fish_goldens_json["codec"]["frame_length"]
+    assert audio.shape[0] == fish_goldens_json["decode_returned_audio_lengths"] == codes.shape[-1] * frame_length
     np.testing.assert_allclose(audio.numpy(), golden["ref_decoded"], rtol=0, atol=AUDIO_ATOL)
 
 
 def test_decode_clamps_a_copy_of_out_of_range_codes(codec, fish_npz, fish_goldens_json):
     golden = fish_npz("codec")
     codes = torch.from_numpy(golden["rand_codes"].copy())[None]
-    assert (codes[0, 1:] > 1023).any()  # the golden grid exercises the clamp
+    # The golden grid exercises the clamp: residual codes past their codebook.
+    assert (codes[0, 1:] >= fish_goldens_json["codec"]["residual_codebook_size"]).any()
     audio = codec.decode(codes)[0, 0]
     np.testing.assert_allclose(audio.numpy(), golden["rand_decoded"], rtol=0, atol=AUDIO_ATOL)
     assert not fish_goldens_json["rand_codes_modified_in_place_by_decode"]
     np.testing.assert_array_equal(codes[0].numpy(), golden["rand_codes"])
 
 
-@pytest.mark.parametrize("chunks", [[1, 3, 8, 16, 50, 58], [4] + [16] * 8 + [4]])
-def test_streaming_decode_equals_golden_decode(codec, fish_npz, chunks):
+def _push_sizes(first: list[int], frames: int) -> list[int]:
+    sizes, left = [], frames
+    for n in first:
+        if left:
+            sizes.append(min(n, left))
+            left -= sizes[-1]
+    return sizes + [left] if left else sizes
+
+
+@pytest.mark.parametrize("pattern", PUSH_PATTERNS)
+def test_streaming_decode_equals_golden_decode(codec, fish_npz, fish_goldens_json, pattern):
     """The incremental decoder (conv context, windowed KV) reproduces the one-shot decode, chunking aside."""
     golden = fish_npz("codec")
     codes = torch.from_numpy(golden["rand_codes"])[None]
-    assert sum(chunks) == codes.shape[-1]
+    chunks = _push_sizes(PUSH_PATTERNS[pattern], codes.shape[-1])
     stream, pieces, start = DecodeStream(codec), [], 0
     for n in chunks:
         piece = stream.push(codes[..., start:start + n])
-        assert piece.shape[-1] == n * 2048
+        assert piece.shape[-1] == n * fish_goldens_json["codec"]["frame_length"]
         pieces.append(piece[0, 0])
         start += n
     np.testing.assert_allclose(torch.cat(pieces).numpy(), golden["rand_decoded"], rtol=0, atol=AUDIO_ATOL)
 
 
-def test_reference_resampling(fish_npz):
+def test_reference_resampling(fish_npz, fish_goldens_json):
     golden = fish_npz("codec")
-    pcm = golden["resample_in_int16_22050"].astype(np.float32) / 32768
-    ours = resample_to_codec_rate(pcm, 22050)
-    np.testing.assert_allclose(ours.numpy(), golden["resample_out_44100"], rtol=0, atol=1e-6)
+    # The arrays' names carry their rates: resample_in_int16_<rate in>, resample_out_<codec rate>.
+    (name,) = (key for key in golden if key.startswith("resample_in_int16_"))
+    rate = int(name.rsplit("_", 1)[1])
+    pcm = golden[name].astype(np.float32) / 32768
+    ours = resample_to_codec_rate(pcm, rate)
+    expected = golden[f"resample_out_{fish_goldens_json['codec']['sample_rate']}"]
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-6)

@@ -45,9 +45,9 @@ def _assert_pcm_close(ours: np.ndarray, body: bytes) -> None:
     assert np.abs(ours.astype(np.int32) - golden).max() <= 1
 
 
-def _wav_body(audio: np.ndarray) -> bytes:
+def _wav_body(audio: np.ndarray, sample_rate: int) -> bytes:
     buffer = io.BytesIO()
-    sf.write(buffer, audio, 44100, format="WAV", subtype="PCM_16")
+    sf.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
@@ -80,7 +80,7 @@ def test_non_streaming_audio_and_wav_body(fish_backend, reference_voice, fish_np
     assert len(chunks) == 1 and chunks[0].dtype == np.float32
     np.testing.assert_allclose(chunks[0], fish_npz("end_to_end")[audio_key], rtol=0, atol=AUDIO_ATOL)
     body = _body(fish_npz, name)
-    assert _wav_body(chunks[0])[:WAV_HEADER] == body[:WAV_HEADER]
+    assert _wav_body(chunks[0], fish_goldens_json["codec"]["sample_rate"])[:WAV_HEADER] == body[:WAV_HEADER]
     pcm = np.clip(np.floor(chunks[0].astype(np.float64) * 32768), -32768, 32767).astype(np.int16)
     _assert_pcm_close(pcm, body[WAV_HEADER:])
 

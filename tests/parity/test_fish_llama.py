@@ -58,9 +58,10 @@ def test_rng_stream_matches_upstream(fish_goldens_json):
     check = g["rng_check_after_manual_seed_gen"]
     generator = request_generator(g["gen_seed"], "cpu")
     main = torch.empty(g["vocab_size"]).exponential_(1, generator=generator)
-    fast = torch.empty(1024).exponential_(1, generator=generator)
-    assert main[:8].tolist() == check["exponential_vocab_size_first8"]
-    assert fast[:4].tolist() == check["then_exponential_1024_first4"]
+    fast = torch.empty(g["codec"]["residual_codebook_size"]).exponential_(1, generator=generator)
+    main_check, fast_check = check["exponential_vocab_size_first8"], check["then_exponential_1024_first4"]
+    assert main[:len(main_check)].tolist() == main_check
+    assert fast[:len(fast_check)].tolist() == fast_check
 
 
 def test_seeded_generation_reproduces_upstream_frames(model, fish_npz, fish_goldens_json, gen_params):
@@ -117,7 +118,7 @@ def test_repetition_penalty_windows(model, fish_npz):
         np.testing.assert_array_equal(window[2:].numpy(), golden["gen_fast_rp_ids"][i])
 
 
-def test_sampler_probabilities(fish_npz, gen_params):
+def test_sampler_probabilities(fish_npz, fish_goldens_json, gen_params):
     golden = fish_npz("llama")
     sampler = Sampler(gen_params, "cpu", torch.Generator())
     for i in range(golden["gen_frames"].shape[1]):
@@ -125,7 +126,7 @@ def test_sampler_probabilities(fish_npz, gen_params):
         probs = sampler.probs(torch.from_numpy(golden["gen_step_logits"][i]), main_ids).numpy()
         np.testing.assert_array_equal(probs > 0, golden["gen_main_probs"][i] > 0)
         np.testing.assert_allclose(probs, golden["gen_main_probs"][i], rtol=0, atol=PROB_ATOL)
-        for k in range(9):
+        for k in range(fish_goldens_json["num_codebooks"] - 1):  # the residual codebooks
             ids = None if i == 0 else torch.from_numpy(golden["gen_fast_rp_ids"][i, k])
             probs = sampler.probs(torch.from_numpy(golden["gen_step_fast_logits"][i, k]), ids).numpy()
             np.testing.assert_array_equal(probs > 0, golden["gen_fast_probs"][i, k] > 0)
@@ -139,7 +140,8 @@ def test_sampler_scalars_are_float32(gen_params, fish_goldens_json):
 
 
 def test_noise_draw_order_and_samples(fish_npz, fish_goldens_json, gen_params):
-    """Per frame: Exp(1) over the vocabulary, then 9 x Exp(1) over 1024; sample = argmax(p / q)."""
+    """Per frame: Exp(1) over the vocabulary, then Exp(1) over the residual codebook for each residual codebook;
+    sample = argmax(p / q)."""
     golden, g = fish_npz("llama"), fish_goldens_json
     generator = request_generator(g["gen_seed"], "cpu")
     sampler = Sampler(gen_params, "cpu", generator)
@@ -149,7 +151,7 @@ def test_noise_draw_order_and_samples(fish_npz, fish_goldens_json, gen_params):
         support = golden["gen_main_probs"][i] > 0
         np.testing.assert_array_equal(noise.numpy()[support], golden["gen_main_noise"][i][support])
         assert int(torch.argmax(main_probs / noise)) == golden["gen_frames"][0, i]
-        for k in range(9):
+        for k in range(g["num_codebooks"] - 1):
             fast_probs = torch.from_numpy(golden["gen_fast_probs"][i, k])
             noise = torch.empty_like(fast_probs).exponential_(1, generator=generator)
             support = golden["gen_fast_probs"][i, k] > 0

@@ -1,5 +1,6 @@
-"""Helpers of the Fish API service tests: the tiny Fish model, and `python -m cosyapp serve` running it on a
-loopback port (configured through COSYAPP_* variables, like tests/service/conftest.py does for CosyVoice2)."""
+"""Helpers of the Fish API service tests: `python -m cosyapp serve` running a Fish model (the tests pass the
+`tiny_fish_dir` fixture's) on a loopback port, configured through COSYAPP_* variables like
+tests/service/conftest.py does for CosyVoice2."""
 
 from __future__ import annotations
 
@@ -8,31 +9,11 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from service_live import REPO_ROOT, running_service
 
 # running_service: the Fish tests start their services with it, configured by fish_env.
-__all__ = ["FISH_GOLDEN", "GOLDEN_TINY", "fish_env", "golden_model_available", "running_service", "tiny_fish_model",
-           "wait_for_status"]
-
-FISH_GOLDEN = REPO_ROOT.parent / "shared" / "golden" / "fish"
-GOLDEN_TINY = FISH_GOLDEN / "tiny"
-
-
-def golden_model_available() -> bool:
-    return (GOLDEN_TINY / "config.json").is_file() and (FISH_GOLDEN / "goldens.json").is_file()
-
-
-def tiny_fish_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The golden tiny Fish model (its outputs are pinned by the goldens), else a fresh `make_tiny` one."""
-    if golden_model_available():
-        return GOLDEN_TINY
-    from cosyapp.engine.registry import make_tiny
-
-    out = tmp_path_factory.mktemp("fish_tiny")
-    make_tiny("fish", out)
-    return out
+__all__ = ["fish_env", "running_service", "wait_for_status"]
 
 
 def fish_env(port: int, model_dir: Path, data_dir: Path, **settings: str) -> dict[str, str]:

@@ -10,14 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fish_service import fish_env, running_service, tiny_fish_model
+from fish_service import fish_env, running_service
 from service_live import DEFAULT_PROMPT, assert_pcm, free_port
 
 
 @pytest.fixture(scope="module")
-def service(tiny_cosyvoice2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def service(tiny_cosyvoice2_dir: Path, tiny_fish_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("two_backends")
-    env = fish_env(free_port(), tiny_fish_model(tmp_path_factory), workdir / "data")
+    env = fish_env(free_port(), tiny_fish_dir, workdir / "data")
     env.update({"COSYAPP_MODEL_BACKEND": "cosyvoice2", "COSYAPP_MODEL_MODEL_DIR": str(tiny_cosyvoice2_dir),
                 "COSYAPP_MODEL_EXTRA_BACKEND": "fish",
                 "COSYAPP_MODEL_EXTRA_MODEL_DIR": env["COSYAPP_MODEL_MODEL_DIR"]})

@@ -20,19 +20,18 @@ import pytest
 import soundfile
 import torch
 
-from fish_service import fish_env, running_service, tiny_fish_model, wait_for_status
+from fish_service import fish_env, running_service, wait_for_status
 from service_live import free_port
 
 FRAME = 2048  # samples per codec frame
 
 
 @pytest.fixture(scope="module")
-def endless_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def endless_model_dir(tiny_fish_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cosyapp.backends.fish.tokenizer import FishTokenizer
 
-    source = tiny_fish_model(tmp_path_factory)
     out = tmp_path_factory.mktemp("fish_endless")
-    for path in source.iterdir():
+    for path in tiny_fish_dir.iterdir():
         shutil.copyfile(path, out / path.name)
     state = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
     weight = state["output.weight"] * 100  # sharp logits: top-p keeps only the best few tokens ...

@@ -1,6 +1,5 @@
 """The Fish API's parts without a served model: the task store, the audio encoders, the API key check, the
-config keys and the CLI additions; plus upstream's headerless streaming body (`[fishapi] wav_stream_header =
-false`) through the app in-process against the golden e4 body."""
+config keys and the CLI additions. (Upstream's HTTP bodies are compared in tests/parity/test_fish_http.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ormsgpack
 import pytest
 import soundfile
 from starlette.applications import Starlette
@@ -27,7 +25,6 @@ from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio
 from cosyapp.config import ConfigError, load_settings
 from cosyapp.server.auth import ApiKeyMiddleware, bearer_token
 from cosyapp.server.fish_tasks import INTERRUPTED, TaskConflict, TaskManager
-from fish_service import FISH_GOLDEN, golden_model_available
 from service_live import REPO_ROOT
 
 # ------------------------------------------------------------------------------------------- task store
@@ -244,29 +241,3 @@ def test_models_pull_fish_needs_a_token(tmp_path: Path):
 def test_serve_takes_an_api_key():
     result = _cli("serve", "--help", env=dict(os.environ))
     assert result.returncode == 0 and "--api-key" in result.stdout
-
-
-# ------------------------------------------------------------------- upstream's headerless streaming body
-
-
-@pytest.mark.skipif(not golden_model_available(), reason="the Fish goldens are not available")
-def test_headerless_stream_is_upstreams_body(tmp_path: Path):
-    from cosyapp.server import create_app
-
-    settings = load_settings(None, env={
-        "COSYAPP_MODEL_BACKEND": "fish", "COSYAPP_MODEL_MODEL_DIR": str(FISH_GOLDEN / "tiny"),
-        "COSYAPP_MODEL_DEVICE": "cpu", "COSYAPP_MODEL_WARMUP": "false", "COSYAPP_STORAGE_DATA_DIR": str(tmp_path),
-        "COSYAPP_FISHAPI_WAV_STREAM_HEADER": "false"})
-    goldens = json.loads((FISH_GOLDEN / "goldens.json").read_text(encoding="utf-8"))
-    with np.load(FISH_GOLDEN / "end_to_end.npz") as arrays:
-        golden = np.asarray(arrays["e4_http_body"], dtype=np.uint8).tobytes()
-    with TestClient(create_app(settings)) as client:
-        for _ in range(600):
-            if client.get("/v1/health").status_code == 200:
-                break
-            time.sleep(0.05)
-        answer = client.post("/v1/tts", content=ormsgpack.packb(goldens["e4"]["request"]),
-                             headers={"content-type": "application/msgpack"})
-    assert answer.status_code == 200 and answer.headers["content-type"] == "audio/wav"
-    ours, theirs = np.frombuffer(answer.content, "<i2").astype(np.int32), np.frombuffer(golden, "<i2")
-    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1

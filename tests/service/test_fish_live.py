@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import fish_audio_sdk
 import fishaudio
@@ -15,7 +16,7 @@ import pytest
 import soundfile
 
 from cosyapp.audio import mp3_frame_length
-from fish_service import fish_env, running_service, tiny_fish_model
+from fish_service import fish_env, running_service
 from service_live import assert_pcm, free_port
 
 API_KEY = "live-key"
@@ -25,9 +26,9 @@ TEXT_PIECES = ["Hello there. ", "This is a live ", "stream of text, ", "spoken a
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory):
+def service(tiny_fish_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("fish_live")
-    env = fish_env(free_port(), tiny_fish_model(tmp_path_factory), workdir / "data", COSYAPP_SERVER_API_KEY=API_KEY)
+    env = fish_env(free_port(), tiny_fish_dir, workdir / "data", COSYAPP_SERVER_API_KEY=API_KEY)
     with running_service(workdir, env) as live:
         yield live
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -13,38 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service_live import REPO_ROOT, assert_pcm
-
-SEED = REPO_ROOT.parent / "shared" / "seeds" / "004_67245d9cbdc9ef60.txt"
-
-# Copied verbatim from the seed's "Example 5: Using cURL" (test_curl_block_is_the_seeds_verbatim checks it).
-SEED_CURL_BLOCK = """\
-# Basic usage with default settings
-curl -X POST "http://<server-ip>:50000/synthesize" \\
-  -F "text=欢迎光临!请问您需要什么?" \\
-  --output output.wav
-
-# With custom instruction
-curl -X POST "http://<server-ip>:50000/synthesize" \\
-  -F "text=今天天气真好" \\
-  -F "instruction=你是一位活泼开朗的主持人,声音充满活力。<|endofprompt|>" \\
-  --output output.wav
-
-# With custom voice prompt
-curl -X POST "http://<server-ip>:50000/synthesize" \\
-  -F "text=您好,有什么可以帮您?" \\
-  -F "instruction=你是一位专业的客服人员。<|endofprompt|>" \\
-  -F "prompt_wav=@./my_voice.wav" \\
-  --output output.wav
-
-# Audio-only mode (voice cloning, no instruction)
-curl -X POST "http://<server-ip>:50000/synthesize" \\
-  -F "text=原神,启动!" \\
-  -F "prompt_wav=@./asset/paimon_prompt.wav" \\
-  --output output.wav
-"""
-# From the seed's troubleshooting section.
-SEED_STATUS_COMMANDS = ["curl http://localhost:50000/health", "curl http://localhost:50000/model_info"]
+from seed_curl_examples import SEED_CURL_BLOCK, SEED_STATUS_COMMANDS
+from service_live import assert_pcm
 
 
 def seed_curl_commands() -> list[tuple[str, str]]:
@@ -54,16 +23,6 @@ def seed_curl_commands() -> list[tuple[str, str]]:
         comment, command = paragraph.split("\n", 1)
         examples.append((comment.lstrip("# "), command))
     return examples
-
-
-def test_curl_block_is_the_seeds_verbatim():
-    if not SEED.is_file():
-        pytest.skip(f"seed not found at {SEED}")
-    seed = SEED.read_text(encoding="utf-8")
-    block = re.search(r"#### Example 5: Using cURL\n```bash\n(.*?)```", seed, re.S).group(1)
-    assert block == SEED_CURL_BLOCK
-    for command in SEED_STATUS_COMMANDS:
-        assert command in seed
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (scripts/setup.sh installs it)")

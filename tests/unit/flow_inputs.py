@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
+from cosyapp.engine.registry import make_tiny
 
 CHUNK_TOKENS = 25
 LOOKAHEAD = 3
@@ -37,3 +41,13 @@ def hop_schedule(prompt_tokens: int, n_tokens: int, hop: int) -> list[int]:
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a - b).abs().max())
+
+
+def benchmark_model_dir(argv: list[str]) -> Path:
+    """The model a test file's benchmark (run as a script) times: MODEL_DIR (argv[1]) if given, else a random
+    tiny CosyVoice2 model written to a temporary folder."""
+    if len(argv) > 1:
+        return Path(argv[1])
+    out = Path(tempfile.mkdtemp(prefix="cosyapp_tiny_"))
+    make_tiny("cosyvoice2", out)
+    return out

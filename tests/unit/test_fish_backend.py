@@ -1,10 +1,9 @@
-"""Fish backend behaviour on a random-weight model from `make_tiny` (no golden data needed)."""
+"""Fish backend behaviour on the random-weight model from `make_tiny` (the `tiny_fish_dir` fixture)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,34 +18,27 @@ from cosyapp.engine.types import Cancelled, InputError, Mode, ModelFileError, Sy
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fish_tiny")
-    fish.make_tiny(out, size="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_dir):
+def backend(tiny_fish_dir):
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return fish.load(tiny_dir, device="cpu", dtype="float32")
+    return fish.load(tiny_fish_dir, device="cpu", dtype="float32")
 
 
-def test_make_tiny_writes_the_release_layout(tiny_dir):
-    assert sorted(p.name for p in tiny_dir.iterdir()) == sorted(fish.MODEL_FILES)
-    lines = fish.verify(tiny_dir)
+def test_make_tiny_writes_the_release_layout(tiny_fish_dir):
+    assert sorted(p.name for p in tiny_fish_dir.iterdir()) == sorted(fish.MODEL_FILES)
+    lines = fish.verify(tiny_fish_dir)
     assert any(line.startswith("model.pth: all") for line in lines)
     assert any(line.startswith("codec.pth: all keys match") for line in lines)
-    codec_state = torch.load(tiny_dir / "codec.pth", weights_only=True)
+    codec_state = torch.load(tiny_fish_dir / "codec.pth", weights_only=True)
     assert any(k.endswith(".parametrizations.weight.original0") for k in codec_state)
     assert any(k.endswith(".weight_g") for k in codec_state)
     assert CodecConfig.from_state_dict(codec_state) == tiny_codec_config()
 
 
-def test_info(backend, tiny_dir):
+def test_info(backend, tiny_fish_dir):
     info = backend.info()
     assert info.sample_rate == 44100
     assert info.model_type == "OpenAudio-S1-mini"
-    assert info.model_dir == str(tiny_dir)
+    assert info.model_dir == str(tiny_fish_dir)
     assert set(info.modes) == {"zero_shot", "cross_lingual"}
 
 
@@ -142,9 +134,9 @@ def test_cancel_releases_the_cache_row(backend):
     assert backend._free_rows.qsize() == 2
 
 
-def test_missing_and_corrupt_files_are_named(tiny_dir, tmp_path):
+def test_missing_and_corrupt_files_are_named(tiny_fish_dir, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_dir, broken)
+    shutil.copytree(tiny_fish_dir, broken)
     (broken / "codec.pth").unlink()
     with pytest.raises(ModelFileError, match="codec.pth"):
         fish.verify(broken)
@@ -153,7 +145,7 @@ def test_missing_and_corrupt_files_are_named(tiny_dir, tmp_path):
         fish.verify(broken)
     with pytest.raises(ModelFileError, match="codec.pth"):
         load_codec(broken / "codec.pth")
-    shutil.copy(tiny_dir / "codec.pth", broken / "codec.pth")
+    shutil.copy(tiny_fish_dir / "codec.pth", broken / "codec.pth")
     state = torch.load(broken / "model.pth", weights_only=True)
     state.pop("norm.weight")
     torch.save(state, broken / "model.pth")
@@ -161,8 +153,8 @@ def test_missing_and_corrupt_files_are_named(tiny_dir, tmp_path):
         fish.verify(broken)
 
 
-def test_config_rejects_unknown_keys_and_fills_fast_defaults(tiny_dir):
-    raw = json.loads((tiny_dir / "config.json").read_text())
+def test_config_rejects_unknown_keys_and_fills_fast_defaults(tiny_fish_dir):
+    raw = json.loads((tiny_fish_dir / "config.json").read_text())
     with pytest.raises(ModelFileError, match="norm_fastlayer_input"):
         DualARConfig.from_dict({**raw, "norm_fastlayer_input": True})
     with pytest.raises(ModelFileError, match="model_type"):
@@ -172,12 +164,12 @@ def test_config_rejects_unknown_keys_and_fills_fast_defaults(tiny_dir):
     assert (cfg.fast_dim, cfg.fast_n_head, cfg.fast_head_dim) == (cfg.dim, cfg.n_head, cfg.head_dim)
 
 
-def test_tokenizer_numbers_specials_sequentially(tiny_dir, tmp_path):
+def test_tokenizer_numbers_specials_sequentially(tiny_fish_dir, tmp_path):
     """S1 ignores the ids stored in special_tokens.json and skips `=` rank lines."""
-    shutil.copy(tiny_dir / "tokenizer.tiktoken", tmp_path / "tokenizer.tiktoken")
+    shutil.copy(tiny_fish_dir / "tokenizer.tiktoken", tmp_path / "tokenizer.tiktoken")
     with open(tmp_path / "tokenizer.tiktoken", "a", encoding="ascii") as f:
         f.write("= 256\n")
-    specials = json.loads((tiny_dir / "special_tokens.json").read_text())
+    specials = json.loads((tiny_fish_dir / "special_tokens.json").read_text())
     (tmp_path / "special_tokens.json").write_text(json.dumps({k: 7 for k in specials}))
     tok = FishTokenizer.from_model_dir(tmp_path)
     assert tok.n_ranks == 256

@@ -17,7 +17,7 @@ import torch
 from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.flow_stream import FlowStream, cache_bytes_per_frame
-from flow_inputs import hop_schedule, max_diff, random_prompt, random_tokens
+from flow_inputs import benchmark_model_dir, hop_schedule, max_diff, random_prompt, random_tokens
 
 MEL_ATOL = 1e-4
 PROMPT_TOKENS = 40
@@ -223,8 +223,7 @@ def benchmark(model_dir: Path, n_tokens: int = N_TOKENS, hop: int = HOP, repeats
 
 
 if __name__ == "__main__":
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "cosyvoice2" / "tiny"
-    benchmark(Path(sys.argv[1]) if len(sys.argv) > 1 else default, int(sys.argv[2]) if len(sys.argv) > 2 else N_TOKENS)
+    benchmark(benchmark_model_dir(sys.argv), int(sys.argv[2]) if len(sys.argv) > 2 else N_TOKENS)
 
 
 def test_reserved_position_tables_give_the_same_projections(tiny_cosyvoice2_dir: Path) -> None:

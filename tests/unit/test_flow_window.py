@@ -26,7 +26,8 @@ from cosyapp.backends.cosyvoice2.flow_stream import (FlowStream, RecomputeFlowSt
                                                      open_flow_stream, window_cache_frames)
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
-from flow_inputs import CHUNK_TOKENS, LOOKAHEAD, hop_schedule, max_diff, random_prompt, random_tokens
+from flow_inputs import (CHUNK_TOKENS, LOOKAHEAD, benchmark_model_dir, hop_schedule, max_diff, random_prompt,
+                         random_tokens)
 
 MEL_ATOL = 1e-4
 
@@ -259,5 +260,4 @@ def benchmark(model_dir: Path, n_tokens: int = 1100, hop: int = 100, repeats: in
 
 
 if __name__ == "__main__":
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "cosyvoice2" / "tiny"
-    benchmark(Path(sys.argv[1]) if len(sys.argv) > 1 else default, int(sys.argv[2]) if len(sys.argv) > 2 else 1100)
+    benchmark(benchmark_model_dir(sys.argv), int(sys.argv[2]) if len(sys.argv) > 2 else 1100)

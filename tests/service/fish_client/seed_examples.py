@@ -1,7 +1,8 @@
 """The request examples of seed 001 (`shared/seeds/001_c64fc0332cf8e540.txt`), verbatim, in the seed's order.
 
-tests/service/test_fish_api.py checks that each is still the seed's text and runs it against the service with
-only the URL changed. Left out: the server start command and `tools/api_client.py` (upstream's own programs).
+tests/service/test_fish_api.py runs each against the service with only the URL changed; tests/parity/test_seeds.py
+checks that each is still the seed's text. Left out: the server start command and `tools/api_client.py`
+(upstream's own programs).
 """
 
 SEED_URL = "http://127.0.0.1:8080"
