@@ -77,12 +77,18 @@ def streamed_response(speech: Speech, record: RequestRecord, media_type: str, he
                                media_type=media_type, headers={**headers, **pcm_headers(speech.sample_rate)})
 
 
+def stream_header(audio_format: str, sample_rate: int) -> bytes:
+    """What a stream of `audio_format` (wav or pcm) starts with: wav, a WAV header of unknown length (players read
+    on to the end of the stream); pcm, nothing."""
+    return wav_header(sample_rate) if audio_format == "wav" else b""
+
+
 async def audio_response(request: Request, speech: Speech, record: RequestRecord, audio_format: str,
                          headers: dict[str, str], stream: bool, wav_stream_header: bool = True) -> Response:
     """The audio in `audio_format`: streamed as it is made (pcm, or wav: a header of unknown length first unless
     `wav_stream_header` is off) or sent as one file once complete. Errors before the answer is ready are raised."""
     if stream:
-        header = wav_header(speech.sample_rate) if audio_format == "wav" and wav_stream_header else b""
+        header = stream_header(audio_format, speech.sample_rate) if wav_stream_header else b""
         return streamed_response(speech, record, AUDIO_MEDIA_TYPES[audio_format], headers, header)
     return await file_response(request, speech, record, audio_format, headers)
 

@@ -87,7 +87,8 @@ class Metrics:
     def observe_request(self, record: RequestRecord, wall_s: float, result: str) -> None:
         if record.ttfb_s is not None:
             self.first_audio.labels(record.backend).observe(record.ttfb_s)
-        if result == "ok" and record.audio_s > 0:
+        # A live session's wall time includes waiting for the client's text: no real-time factor of its own.
+        if result == "ok" and record.audio_s > 0 and not record.session:
             self.real_time_factor.labels(record.backend).observe(wall_s / record.audio_s)
 
     def exposition(self) -> bytes:

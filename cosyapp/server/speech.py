@@ -22,18 +22,18 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 
 from cosyapp.audio import check_duration, decode_audio, read_audio_file
 from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
-from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
+from cosyapp.engine.types import Codec, InputError, Mode, ReferenceVoices, SynthesisRequest, Voice
 from cosyapp.server.errors import ApiError
 from cosyapp.server.metrics import Metrics
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.state import ServiceState
-from cosyapp.voices import StoredVoice, load_voice
+from cosyapp.voices import load_voice
 
 log = logging.getLogger("cosyapp.server")
 
@@ -102,6 +102,24 @@ class Speech:
             return np.concatenate([self.first, *[chunk async for chunk in self.stream]])
         finally:
             self.stream.cancel()
+
+
+@dataclass(frozen=True)
+class ResolvedVoice:
+    voice: Voice
+    transcript: str | None  # what its one recording says, when known
+    transcribed: bool = False  # transcripts are held by the voice itself (several references)
+
+
+def choose_mode(instruction: str | None, resolved: ResolvedVoice, default_instruction: str
+                ) -> tuple[Mode, str | None, str | None]:
+    """(mode, instruction, prompt_text) by the rules in the module docstring; `default_instruction` is "" unless
+    the request names no voice and the model takes instructions."""
+    if instruction or (default_instruction and not resolved.transcript):
+        return Mode.INSTRUCT2, instruction or default_instruction, None
+    if resolved.transcript or resolved.transcribed:
+        return Mode.ZERO_SHOT, None, resolved.transcript or None
+    return Mode.CROSS_LINGUAL, None, None
 
 
 def voice_key(kind: str, *identity: object) -> str:
@@ -180,55 +198,48 @@ class SpeechService:
     async def _voice_and_mode(self, engine: Engine, request: SpeechRequest
                               ) -> tuple[Voice, Mode, str | None, str | None]:
         """(voice, mode, instruction, prompt_text) by the rules in the module docstring."""
-        info, reference = engine.info, request.voice
+        info = engine.info
         if request.instruction and not info.instruct:
             raise ApiError(400, f"the {info.model_type} model takes no 'instruction' (no instruct2 mode); send a "
                                 "reference recording with its transcript, or a speaker, to choose the voice")
-        transcript = reference.transcript
-        spoken_in_voice = False  # transcripts held by the voice itself (several recordings)
-        if reference.speaker is not None:
-            voice, stored = await self._speaker_voice(engine, reference.speaker)
-            transcript = transcript or stored.text
-        elif reference.recordings:
-            voice = await self._recordings_voice(engine, reference.recordings)
-            if len(reference.recordings) == 1:
-                transcript = transcript or reference.recordings[0].text
-            else:
-                spoken_in_voice = any(recording.text for recording in reference.recordings)
-        elif reference.model_voice:
-            if not info.reference_voices:
-                raise ApiError(400, f"the {info.model_type} model has no voice of its own: send a reference voice")
-            voice = engine.backend.no_reference_voice()
-        else:
-            voice = await self.default_voice(engine)
-
-        default_instruction = self.state.default_instruction(engine) if reference.default else ""
-        if request.instruction or (not transcript and default_instruction):
-            mode, instruction, transcript = Mode.INSTRUCT2, request.instruction or default_instruction, None
-        else:
-            mode = Mode.ZERO_SHOT if transcript or spoken_in_voice else Mode.CROSS_LINGUAL
-            instruction = None
+        resolved = await self.resolve_voice(engine, request.voice)
+        default_instruction = self.state.default_instruction(engine) if request.voice.default else ""
+        mode, instruction, transcript = choose_mode(request.instruction, resolved, default_instruction)
         if mode.value not in info.modes:
             raise ApiError(400, f"the {info.model_type} model does not support the {mode.value} mode; "
                                 f"supported: {', '.join(info.modes)}")
-        if transcript:
-            voice = replace(voice, text=transcript)
-        return voice, mode, instruction, transcript or None
+        voice = replace(resolved.voice, text=transcript) if transcript else resolved.voice
+        return voice, mode, instruction, transcript
 
-    async def _speaker_voice(self, engine: Engine, speaker_id: str) -> tuple[Voice, StoredVoice]:
-        stored = self.state.speakers.get(speaker_id)  # InputError for a bad or unknown id
-        voice = await engine.voice(voice_key("speaker", stored.path, stored.version),
-                                   lambda: load_voice(stored, engine.backend))
-        return voice, stored
+    async def resolve_voice(self, engine: Engine, reference: VoiceReference) -> ResolvedVoice:
+        """The prepared voice `reference` names, from the voice cache when it was prepared before."""
+        if reference.speaker is not None:
+            stored = self.state.speakers.get(reference.speaker)  # InputError for a bad or unknown id
+            voice = await engine.voice(voice_key("speaker", stored.path, stored.version),
+                                       lambda: load_voice(stored, engine.backend))
+            return ResolvedVoice(voice, reference.transcript or stored.text)
+        if len(reference.recordings) == 1:
+            (recording,) = reference.recordings
+            return ResolvedVoice(await self._recording_voice(engine, recording), reference.transcript or recording.text)
+        if reference.recordings:
+            return ResolvedVoice(await self._references_voice(engine, reference.recordings), reference.transcript,
+                                 transcribed=any(recording.text for recording in reference.recordings))
+        if reference.model_voice:
+            return ResolvedVoice(self._reference_voices(engine).no_reference_voice(), reference.transcript)
+        return ResolvedVoice(await self.default_voice(engine), reference.transcript)
 
-    async def _recordings_voice(self, engine: Engine, recordings: tuple[Recording, ...]) -> Voice:
-        if len(recordings) > 1 and not engine.info.reference_voices:
-            raise ApiError(400, f"the {engine.info.model_type} model takes one reference recording; got "
-                                f"{len(recordings)}")
+    @staticmethod
+    def _reference_voices(engine: Engine) -> ReferenceVoices:
+        """The backend's voices of several references or of none, which it must have declared."""
+        if not engine.info.reference_voices:
+            raise ApiError(400, f"the {engine.info.model_type} model needs one reference recording (or a speaker)")
+        return cast(ReferenceVoices, engine.backend)
+
+    async def _references_voice(self, engine: Engine, recordings: tuple[Recording, ...]) -> Voice:
+        """One voice of several recordings, each read as its own transcript."""
+        backend = self._reference_voices(engine)
         voices = [await self._recording_voice(engine, recording) for recording in recordings]
-        if len(voices) == 1:
-            return voices[0]
-        return engine.backend.combine_voices(voices, [recording.text or "" for recording in recordings])
+        return backend.combine_voices(voices, [recording.text or "" for recording in recordings])
 
     async def _recording_voice(self, engine: Engine, recording: Recording) -> Voice:
         """A prompt voice from a recording, cached by its content hash."""
@@ -269,22 +280,19 @@ class SpeechService:
         """Codec codes `[codebooks, frames]` of each recording, computed in an engine slot."""
         engine = self.state.ready_engine(backend)
         self.codec_codebooks(backend)
+        codec = cast(Codec, engine.backend)
 
         def encode() -> list[np.ndarray]:
-            return [engine.backend.encode_codes(*decode_audio(recording.audio, recording.what))
-                    for recording in recordings]
+            return [codec.encode_codes(*decode_audio(recording.audio, recording.what)) for recording in recordings]
 
-        return await self._run(engine, encode)
+        return await engine.run(encode, engine.admit())
 
     async def decode_codes(self, backend: str, grids: list[np.ndarray]) -> list[np.ndarray]:
         """Audio (mono float32 at the backend's rate) of each code grid, computed in an engine slot."""
         engine = self.state.ready_engine(backend)
         self.codec_codebooks(backend)
-        return await self._run(engine, lambda: [engine.backend.decode_codes(grid) for grid in grids])
-
-    @staticmethod
-    async def _run(engine: Engine, work: Callable[[], Any]) -> Any:
-        return await engine.run(work, engine.admit())
+        codec = cast(Codec, engine.backend)
+        return await engine.run(lambda: [codec.decode_codes(grid) for grid in grids], engine.admit())
 
 
 def _file_voice(engine: Engine, path: Path) -> Voice:

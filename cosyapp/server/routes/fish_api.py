@@ -1,4 +1,4 @@
-"""The Fish Speech HTTP API (seed 001) on the Fish engine: a thin adapter, like /synthesize.
+"""The Fish Speech HTTP API (seed 001) on the Fish engine: a thin adapter over the speech service (`speech.py`).
 
     GET|POST /v1/health                     {"status": "ok"} (no API key needed)
     POST /v1/tts                            ServeTTSRequest -> audio (wav, pcm, mp3, opus, flac; wav/pcm streamed)
@@ -6,13 +6,14 @@
     POST /v1/vqgan/decode                   {"tokens": [[10][T] ints]} -> {"audios": [float16 PCM bytes]}
     POST /v1/references/add                 multipart id, audio (file), text -> stored in the speaker registry
     GET  /v1/references/list, DELETE /v1/references/delete, POST /v1/references/update
-    POST /generate_audio_enhanced_async     AsyncGenerateRequest -> a task (`fish_tasks.py`)
-    GET  /get_task_status/{step_id}, GET /download_result/{step_id}
-    POST /stop_generation, POST /stop_async_task/{step_id}
-    WebSocket /v1/tts/live                  Fish's live text-in, audio-out protocol (`fish_live.py`)
+    POST /generate_audio_enhanced_async     AsyncGenerateRequest -> a task                  (`fish_async.py`)
+    GET  /get_task_status/{step_id}, GET /download_result/{step_id}, POST /stop_generation,
+    POST /stop_async_task/{step_id}                                                         (`fish_async.py`)
+    WebSocket /v1/tts/live                  Fish's live text-in, audio-out protocol         (`fish_live.py`)
 
-The async task routes are in `fish_async.py`; the wire format all of them share (msgpack or JSON bodies and
-answers, ServeTTSRequest) is `fish_wire.py`. Errors are `{"detail": "..."}` with the seed's status codes.
+The wire format they share (msgpack or JSON bodies and answers, ServeTTSRequest) is `fish_wire.py`; the
+sampling options are the Fish backend's, checked by it. The codec routes run in a synthesis slot (503 when every
+slot and queue place is taken). Errors are `{"detail": "..."}` with the seed's status codes.
 
 Where this differs from upstream's S1 server (docs/research/fish.md 0, 5), on purpose:
 * an unknown `reference_id` is a 404 (upstream synthesized a random voice);

@@ -34,7 +34,8 @@ import ormsgpack
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le, wav_header
+from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le
+from cosyapp.server.audio_responses import stream_header
 from cosyapp.server.errors import ApiError, as_api_error
 from cosyapp.server.fields import Fields
 from cosyapp.server.fish_wire import FISH, TTS_FIELDS, TTSParams, fish_served, parse_tts
@@ -193,8 +194,8 @@ async def speak(websocket: WebSocket, speech: SpeechService, params: LiveParams,
             synthesis = await speech.start(replace(params.tts.speech, text=text, stream=True), record)
         except NoAudio:
             continue  # nothing speakable in this segment (e.g. only punctuation): go on with the next
-        if audio_format == "wav" and record.audio_samples == 0:
-            header = wav_header(synthesis.sample_rate)  # one header, at the start of the first audio event
+        if record.audio_samples == 0:
+            header = stream_header(audio_format, synthesis.sample_rate)  # at the start of the first audio event
         if audio_format == "mp3":
             audio = await synthesis.whole()
             record.audio_samples += audio.shape[0]
