@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from starlette.requests import Request
@@ -15,9 +15,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le, wav_header
-from cosyapp.server.errors import ApiError, as_api_error
+from cosyapp.server.errors import ApiError, as_api_error, error_response
 from cosyapp.server.request_log import RequestRecord
-from cosyapp.server.speech import Speech
+from cosyapp.server.speech import Speech, SpeechService
+
+# An adapter's answer to one request: its record (log line) and the headers every answer carries -> the response.
+Answer = Callable[[RequestRecord, dict[str, str]], Awaitable[Response]]
 
 log = logging.getLogger("cosyapp.request")
 
@@ -137,3 +140,15 @@ def rejected(error: Exception, record: RequestRecord, headers: dict[str, str]) -
         raise error
     record.finish(api_error.status_code, f"rejected({api_error.detail})")
     return ApiError(api_error.status_code, api_error.detail, {**api_error.headers, **headers})
+
+
+async def speech_response(speech: SpeechService, answer: Answer,
+                          error: Callable[[ApiError], Response] = error_response) -> Response:
+    """`answer` a new request (its id in X-Request-Id); an error before its first byte is answered by `error` (the
+    API's error shape) and logged."""
+    record = speech.record()
+    headers = {"X-Request-Id": record.id}
+    try:
+        return await answer(record, headers)
+    except Exception as e:
+        return error(rejected(e, record, headers))

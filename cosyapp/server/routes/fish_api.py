@@ -38,13 +38,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cosyapp.server.audio_responses import audio_response, rejected
+from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, media_type, read_form
-from cosyapp.server.errors import ApiError, error_response
+from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import Fields
 from cosyapp.server.fish_wire import (BODY_ALLOWANCE, FISH, NOT_SERVED, TTS_FIELDS, audio_list, body_limit,
                                       check_reference_id, fish_served, not_found, parse_tts, read_payload, reply,
                                       stored_reference)
+from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import SpeechService
 from cosyapp.server.state import ServiceState
 
@@ -71,9 +72,8 @@ async def health(request: Request) -> JSONResponse:
 async def tts(request: Request) -> Response:
     speech: SpeechService = request.app.state.speech
     state = speech.state
-    record = speech.record()
-    headers = {"X-Request-Id": record.id}
-    try:
+
+    async def answer(record: RequestRecord, headers: dict[str, str]) -> Response:
         fish_served(state)
         state.ready_engine(FISH)  # 503 while loading, before reading the body
         fields = Fields(await read_payload(request, body_limit(state)), TTS_FIELDS)
@@ -82,11 +82,11 @@ async def tts(request: Request) -> Response:
             raise ApiError(400, f"Streaming only supports the {' and '.join(STREAM_FORMATS)} formats; "
                                 f"got {params.format!r}")
         started = await speech.start(params.speech, record)
-        headers["Content-Disposition"] = f"attachment; filename=audio.{params.format}"
+        headers = {**headers, "Content-Disposition": f"attachment; filename=audio.{params.format}"}
         return await audio_response(request, started, record, params.format, headers, params.streaming,
                                     wav_stream_header=state.settings.fishapi.wav_stream_header)
-    except Exception as e:
-        return error_response(rejected(e, record, headers))
+
+    return await speech_response(speech, answer)
 
 
 # ------------------------------------------------------------------------------------------ /v1/vqgan/*

@@ -34,10 +34,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES
-from cosyapp.server.audio_responses import audio_response, rejected
+from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_form, read_json_object
-from cosyapp.server.errors import ApiError, error_response
+from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import Fields
+from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import validate_speaker_id
@@ -124,14 +125,13 @@ async def answer(request: Request, read: Callable[[Request, ServiceState], Await
                  ) -> Response:
     """Read the request with `read`, synthesize it on the configured backend, answer with a file or a stream."""
     speech: SpeechService = request.app.state.speech
-    record = speech.record()
-    headers = {"X-Request-Id": record.id}
-    try:
+
+    async def respond(record: RequestRecord, headers: dict[str, str]) -> Response:
         body, audio_format, stream = await read(request, speech.state)
         started = await speech.start(body, record)
         return await audio_response(request, started, record, audio_format, headers, stream)
-    except Exception as e:
-        return error_response(rejected(e, record, headers))
+
+    return await speech_response(speech, respond)
 
 
 async def speak(request: Request) -> Response:

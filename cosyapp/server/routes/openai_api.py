@@ -40,10 +40,11 @@ from starlette.routing import Route
 from cosyapp.audio import to_s16le
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
-from cosyapp.server.audio_responses import audio_response, rejected, streamed_response
+from cosyapp.server.audio_responses import audio_response, speech_response, streamed_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_json_object
 from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import Fields
+from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import SPEAKER_ID
@@ -129,9 +130,8 @@ def sse_delta(chunk: np.ndarray) -> bytes:
 
 async def speech(request: Request) -> Response:
     service: SpeechService = request.app.state.speech
-    record = service.record()
-    headers = {"X-Request-Id": record.id}
-    try:
+
+    async def answer(record: RequestRecord, headers: dict[str, str]) -> Response:
         limits = service.state.settings.limits
         limit = 4 * limits.max_text_chars + base64_size(limits.max_upload_bytes) + BODY_ALLOWANCE
         params = parse_speech(await read_json_object(request, limit), limits)
@@ -141,8 +141,8 @@ async def speech(request: Request) -> Response:
                                      trailer=sse_event({"type": "speech.audio.done"}))
         return await audio_response(request, started, record, params.format, headers,
                                     stream=params.format in STREAMED_FORMATS)
-    except Exception as e:
-        return openai_error(rejected(e, record, headers))
+
+    return await speech_response(service, answer, openai_error)
 
 
 async def voices(request: Request) -> JSONResponse:

@@ -20,10 +20,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cosyapp.config import LimitsSettings
-from cosyapp.server.audio_responses import audio_response, rejected
+from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, read_form
-from cosyapp.server.errors import ApiError, error_response
+from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import Fields
+from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 
 FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format", "fixed_length", "backend")
@@ -77,15 +78,14 @@ async def read_request(request: Request, limits: LimitsSettings) -> tuple[Speech
 
 async def synthesize(request: Request) -> Response:
     speech: SpeechService = request.app.state.speech
-    record = speech.record()
-    headers = {"X-Request-Id": record.id}
-    try:
+
+    async def answer(record: RequestRecord, headers: dict[str, str]) -> Response:
         speech.state.ready_engine()  # 503 while loading, before reading the upload
         body, audio_format = await read_request(request, speech.state.settings.limits)
         started = await speech.start(body, record)
         return await audio_response(request, started, record, audio_format, headers, stream=True)
-    except Exception as e:
-        return error_response(rejected(e, record, headers))
+
+    return await speech_response(speech, answer)
 
 
 routes = [Route("/synthesize", synthesize, methods=["POST"])]
