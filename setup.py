@@ -26,6 +26,7 @@ setup(
         "httpx",
         "click",
         "ormsgpack",  # msgpack bodies of the Fish Speech API
+        "prometheus-client",  # GET /metrics
         "tomli; python_version < '3.11'",
     ],
     extras_require={

@@ -7,6 +7,7 @@
   with `call_soon_threadsafe` into an asyncio queue, so the loop never blocks and never polls.
 - Cancellation: `SynthesisStream.cancel()` (client gone) sets `request.cancel`; the backend stops with
   `Cancelled` at its next chunk (CosyVoice2: once it has the tokens of the chunk it is waiting for), and the slot is freed when the worker thread has really stopped.
+- Other model work (codec encoding and decoding) runs in a slot as well (`run`).
 - Voices: prepared prompt voices are cached by a caller-chosen key (a content hash of an upload, a speaker
   id + version); concurrent requests for the same key share one preparation.
 
@@ -23,7 +24,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -67,6 +68,8 @@ class Admission:
             self._released = True
             self._engine.stats.in_flight -= 1
 
+
+T = TypeVar("T")
 
 # Queue items after the audio chunks: the end of the stream, or why it stopped.
 _END = object()
@@ -176,6 +179,30 @@ class Engine:
             self._finish(request, admission, "failed", 0.0)
             raise
         return SynthesisStream(request, queue)
+
+    async def run(self, work: Callable[[], T], admission: Admission) -> T:
+        """Run blocking model work other than a synthesis (codec encoding and decoding) in a synthesis slot on a
+        worker thread, so it counts against the same limit. Owns `admission` like `start`; the slot is freed when
+        the work has really stopped (a caller that goes away does not stop the thread)."""
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            admission.release()
+            raise
+        self.stats.active += 1
+
+        def finished(_: asyncio.Future) -> None:
+            self.stats.active -= 1
+            admission.release()
+            self._slots.release()
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._workers, work)
+        except BaseException:
+            finished(None)
+            raise
+        future.add_done_callback(finished)
+        return await asyncio.shield(future)
 
     def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, request: SynthesisRequest,
               admission: Admission) -> None:

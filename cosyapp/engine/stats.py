@@ -1,7 +1,9 @@
-"""Per-request stage timing for benchmarks (`cosyapp bench`, scripts/bench_engine.py).
+"""Per-request stage timing for benchmarks (`cosyapp bench`, scripts/bench_engine.py) and the service's metrics.
 
-Timing is off unless a request carries a `StageTimes`; when on, CUDA work is synchronised at stage
-boundaries so the numbers are wall time of that stage, which is why the serving path leaves it off.
+Timing is off unless a request carries a `StageTimes`. Benchmarks synchronise CUDA work at stage boundaries so
+the numbers are wall time of that stage; the service does not (`synchronize=False`: a sync per stage would slow
+every stream), so on a GPU its numbers are the host's time per stage, the device's queue showing up wherever
+the host waits for results.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 
 class StageTimes:
-    def __init__(self) -> None:
+    def __init__(self, synchronize: bool = True) -> None:
+        self.synchronize = synchronize
         self.seconds: dict[str, list[float]] = defaultdict(list)
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
@@ -45,13 +48,14 @@ def timed_each(stats: Sequence[StageTimes | None], name: str) -> Iterator[None]:
     if not on:
         yield
         return
-    if torch.cuda.is_available():
+    synchronize = torch.cuda.is_available() and any(s.synchronize for s in on)
+    if synchronize:
         torch.cuda.synchronize()
     start = time.perf_counter()
     try:
         yield
     finally:
-        if torch.cuda.is_available():
+        if synchronize:
             torch.cuda.synchronize()
         for s in on:
             s.add(name, time.perf_counter() - start)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -36,10 +36,20 @@ class Mode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """What a backend is and what it can do: the server asks nothing of a backend that it did not declare here."""
+
     model_type: str
     model_dir: str
     sample_rate: int
     modes: tuple[str, ...]
+    # Instructions (the instruct2 mode: a style instruction with the prompt voice).
+    instruct: bool = False
+    # Voices of several reference recordings (`combine_voices`) or of none (`no_reference_voice`: the model's own).
+    reference_voices: bool = False
+    # Codec codes of audio and back (`encode_codes` / `decode_codes`): grids of this many codebooks; 0: no codec.
+    codec_codebooks: int = 0
+    # Names of the request options `parse_options` takes.
+    options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -67,8 +77,9 @@ class SynthesisRequest:
     seed: int | None = None
     # Benchmarks on random weights: ignore the stop token and generate exactly this many LM tokens per sentence.
     fixed_length: int | None = None
-    # Backend-specific sampling options (Fish: temperature, top_p, repetition_penalty, ...).
-    options: dict[str, Any] = field(default_factory=dict)
+    # The backend's typed request options (`Backend.parse_options`); a mapping of option names (or None) is parsed
+    # by the backend when the request runs, for callers that build requests themselves.
+    options: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
     # Benchmarks set this to collect per-stage wall times; None on the serving path.
     stats: StageTimes | None = None
@@ -98,7 +109,36 @@ class Backend(Protocol):
         """Rebuild a voice from `voice_state` output (the speaker registry keeps features precomputed)."""
         ...
 
+    def parse_options(self, values: Mapping[str, Any] | None) -> Any:
+        """Request options by name -> the backend's typed options, each checked against its one range. Raises
+        InputError naming the option (unknown names included)."""
+        ...
+
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at `info().sample_rate`; one chunk when `request.stream` is False.
         Checks `request.cancel` between chunks and LM steps and stops with `Cancelled`."""
+        ...
+
+
+class ReferenceVoices(Protocol):
+    """What a backend with `BackendInfo.reference_voices` implements as well."""
+
+    def combine_voices(self, voices: Sequence[Voice], texts: Sequence[str]) -> Voice:
+        """One voice of several prepared reference recordings, each with its transcript ("" when unknown)."""
+        ...
+
+    def no_reference_voice(self) -> Voice:
+        """A voice without references: the model speaks in a voice of its own choosing."""
+        ...
+
+
+class Codec(Protocol):
+    """What a backend with `BackendInfo.codec_codebooks` implements as well. Blocking; the engine runs it."""
+
+    def encode_codes(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Mono float32 recording -> integer codes `[codec_codebooks, frames]`. InputError for unusable audio."""
+        ...
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Integer codes `[codec_codebooks, frames]` -> mono float32 audio at `info().sample_rate`."""
         ...

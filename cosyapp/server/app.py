@@ -4,9 +4,10 @@ The server accepts connections at once; /health answers 503 {"status": "loading"
 loaded (on a thread, never on the event loop) and warmed up, then {"status": "ok", ...}. A model that fails
 to load leaves the service up with /health 503 {"status": "error", "detail": why}.
 
-Routes: the seed's /synthesize, the status routes, the Fish Speech API (`routes/fish_api.py`), Fish's live
-WebSocket (`routes/fish_live.py`), the Flash-TTS API (`routes/flash_api.py`) and the OpenAI speech API
-(`routes/openai_api.py`), every one behind the optional API key (`auth.py`) except the health checks.
+Routes: the seed's /synthesize, the status routes (with Prometheus' /metrics), the Fish Speech API
+(`routes/fish_api.py`, `routes/fish_async.py`), Fish's live WebSocket (`routes/fish_live.py`), the Flash-TTS API
+(`routes/flash_api.py`) and the OpenAI speech API (`routes/openai_api.py`), every one behind the optional API
+key (`auth.py`) except the health checks. Every route that speaks goes through the speech service (`speech.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from cosyapp.config import Settings
 from cosyapp.server.auth import ApiKeyMiddleware
 from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
-from cosyapp.server.routes import fish_api, fish_live, flash_api, openai_api, status, synthesize
+from cosyapp.server.metrics import Metrics, RequestCounter
+from cosyapp.server.routes import fish_api, fish_async, fish_live, flash_api, openai_api, status, synthesize
+from cosyapp.server.speech import SpeechService
 from cosyapp.server.state import ServiceState
 
 log = logging.getLogger("cosyapp.server")
@@ -45,7 +48,7 @@ def configure_logging(level: str) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
-    loading = asyncio.create_task(state.load())
+    loading = asyncio.create_task(state.load(app.state.speech.warm_up))
     try:
         yield
     finally:
@@ -58,11 +61,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> Starlette:
-    api_key = settings.server.api_key
-    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
-    routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_live.routes, *flash_api.routes,
-              *openai_api.routes]
+    state = ServiceState(settings)
+    metrics = Metrics(state)
+    routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_async.routes, *fish_live.routes,
+              *flash_api.routes, *openai_api.routes]
+    # Counted outermost, so that requests refused for a missing API key count too.
+    middleware = [Middleware(RequestCounter, metrics=metrics, routes=routes)]
+    if settings.server.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.server.api_key))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.state.service = ServiceState(settings)
+    app.state.service = state
+    app.state.metrics = metrics
+    app.state.speech = SpeechService(state, metrics)
     app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)
     return app

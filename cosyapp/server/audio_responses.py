@@ -1,49 +1,28 @@
-"""What every audio route shares once it has a stream: the request's log line, the streamed answer (ended and
-logged however the client leaves), the answer sent as one file (abandoned when the client leaves first), and
-the error of a request that failed before its first byte."""
+"""What every audio route shares once its speech has started: the streamed answer (ended and logged however the
+client leaves), the answer sent as one file (abandoned when the client leaves first), and the error of a request
+that failed before its first byte."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le
-from cosyapp.engine.scheduler import SynthesisStream
-from cosyapp.server.errors import ApiError, as_api_error
+from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio, pcm_headers, to_s16le, wav_header
+from cosyapp.server.errors import ApiError, as_api_error, error_response
+from cosyapp.server.request_log import RequestRecord
+from cosyapp.server.speech import Speech, SpeechService
+
+# An adapter's answer to one request: its record (log line) and the headers every answer carries -> the response.
+Answer = Callable[[RequestRecord, dict[str, str]], Awaitable[Response]]
 
 log = logging.getLogger("cosyapp.request")
-
-
-class RequestRecord:
-    """Timing of one request, written as one log line when it ends (however it ends)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.id = request_id
-        self.started = time.perf_counter()
-        self.mode = "-"
-        self.text_chars = 0
-        self.ttfb_s: float | None = None
-        self.audio_samples = 0
-        self.sample_rate = 0
-        self._done = False
-
-    def finish(self, status: int, result: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        wall_s = time.perf_counter() - self.started
-        audio_s = self.audio_samples / self.sample_rate if self.sample_rate else 0.0
-        ttfb = f"{1000 * self.ttfb_s:.0f}" if self.ttfb_s is not None else "-"
-        rtf = f"{wall_s / audio_s:.3f}" if audio_s > 0 else "-"
-        log.info("request id=%s status=%d mode=%s text_chars=%d ttfb_ms=%s audio_s=%.2f wall_s=%.2f rtf=%s result=%s",
-                 self.id, status, self.mode, self.text_chars, ttfb, audio_s, wall_s, rtf, result)
 
 
 class AudioStreamResponse(StreamingResponse):
@@ -62,17 +41,17 @@ class AudioStreamResponse(StreamingResponse):
             self._on_close()
 
 
-async def stream_body(stream: SynthesisStream, first: np.ndarray, record: RequestRecord, header: bytes = b"",
-                      encode: Callable[[np.ndarray], bytes] = to_s16le, trailer: bytes = b""
-                      ) -> AsyncIterator[bytes]:
-    """The body of a streamed answer: `header`, every chunk (the first one already taken) as `encode` makes it,
-    `trailer` once the audio is complete. Cancels the stream and logs the request however the body ends."""
+async def stream_body(speech: Speech, record: RequestRecord, header: bytes = b"",
+                      encode: Callable[[np.ndarray], bytes] = to_s16le, trailer: bytes = b"") -> AsyncIterator[bytes]:
+    """The body of a streamed answer: `header`, every chunk as `encode` makes it, `trailer` once the audio is
+    complete. Cancels the stream and logs the request however the body ends."""
     result = "ok"
     try:
         if header:
             yield header
-        yield encode(first)
-        async for chunk in stream:
+        record.audio_samples += speech.first.shape[0]
+        yield encode(speech.first)
+        async for chunk in speech.stream:
             record.audio_samples += chunk.shape[0]
             yield encode(chunk)
         if trailer:
@@ -84,50 +63,63 @@ async def stream_body(stream: SynthesisStream, first: np.ndarray, record: Reques
         result = "cancelled"
         raise
     finally:
-        stream.cancel()
+        speech.stream.cancel()
         record.finish(200, result)
 
 
-def streamed_response(stream: SynthesisStream, first: np.ndarray, record: RequestRecord, media_type: str,
-                      headers: dict[str, str], header: bytes = b"", encode: Callable[[np.ndarray], bytes] = to_s16le,
+def streamed_response(speech: Speech, record: RequestRecord, media_type: str, headers: dict[str, str],
+                      header: bytes = b"", encode: Callable[[np.ndarray], bytes] = to_s16le,
                       trailer: bytes = b"") -> AudioStreamResponse:
     """The answer that streams the audio as it is made (`stream_body`), with the PCM layout in its headers."""
 
     def on_close() -> None:
-        stream.cancel()
+        speech.stream.cancel()
         record.finish(200, "cancelled")
 
-    return AudioStreamResponse(stream_body(stream, first, record, header, encode, trailer), on_close=on_close,
-                               media_type=media_type, headers={**headers, **pcm_headers(record.sample_rate)})
+    return AudioStreamResponse(stream_body(speech, record, header, encode, trailer), on_close=on_close,
+                               media_type=media_type, headers={**headers, **pcm_headers(speech.sample_rate)})
 
 
-async def file_response(request: Request, stream: SynthesisStream, first: np.ndarray, record: RequestRecord,
-                        audio_format: str, headers: dict[str, str]) -> Response:
+def stream_header(audio_format: str, sample_rate: int) -> bytes:
+    """What a stream of `audio_format` (wav or pcm) starts with: wav, a WAV header of unknown length (players read
+    on to the end of the stream); pcm, nothing."""
+    return wav_header(sample_rate) if audio_format == "wav" else b""
+
+
+async def audio_response(request: Request, speech: Speech, record: RequestRecord, audio_format: str,
+                         headers: dict[str, str], stream: bool, wav_stream_header: bool = True) -> Response:
+    """The audio in `audio_format`: streamed as it is made (pcm, or wav: a header of unknown length first unless
+    `wav_stream_header` is off) or sent as one file once complete. Errors before the answer is ready are raised."""
+    if stream:
+        header = stream_header(audio_format, speech.sample_rate) if wav_stream_header else b""
+        return streamed_response(speech, record, AUDIO_MEDIA_TYPES[audio_format], headers, header)
+    return await file_response(request, speech, record, audio_format, headers)
+
+
+async def file_response(request: Request, speech: Speech, record: RequestRecord, audio_format: str,
+                        headers: dict[str, str]) -> Response:
     """The answer that sends all of the audio as one `audio_format` file once it is made; 499 (to nobody) when
     the client left first. Errors before the answer is ready are raised."""
-    audio = await _whole_audio(request, stream, first)
+    audio = await _whole_audio(request, speech)
     if audio is None:
         record.finish(499, "cancelled")
         return Response(status_code=499)
     record.audio_samples = audio.shape[0]
-    data = await asyncio.to_thread(encode_audio, audio, record.sample_rate, audio_format)
+    data = await asyncio.to_thread(encode_audio, audio, speech.sample_rate, audio_format)
     record.ttfb_s = time.perf_counter() - record.started  # the client's first byte is the file's
     record.finish(200, "ok")
     return Response(data, media_type=AUDIO_MEDIA_TYPES[audio_format], headers=headers)
 
 
-async def _whole_audio(request: Request, stream: SynthesisStream, first: np.ndarray) -> np.ndarray | None:
-    """All of the stream's audio (the first chunk already taken) for an answer sent in one piece; None when the
-    client went away first (the synthesis is cancelled then). Cancels the stream on any error."""
-
-    async def collect() -> np.ndarray:
-        return np.concatenate([first, *[chunk async for chunk in stream]])
+async def _whole_audio(request: Request, speech: Speech) -> np.ndarray | None:
+    """All of the audio for an answer sent in one piece; None when the client went away first (the synthesis is
+    cancelled then). Cancels the stream on any error."""
 
     async def client_gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    collecting, watching = asyncio.create_task(collect()), asyncio.create_task(client_gone())
+    collecting, watching = asyncio.create_task(speech.whole()), asyncio.create_task(client_gone())
     try:
         await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
         if collecting.done():
@@ -136,7 +128,7 @@ async def _whole_audio(request: Request, stream: SynthesisStream, first: np.ndar
     finally:
         watching.cancel()
         collecting.cancel()
-        stream.cancel()
+        speech.stream.cancel()
 
 
 def rejected(error: Exception, record: RequestRecord, headers: dict[str, str]) -> ApiError:
@@ -148,3 +140,15 @@ def rejected(error: Exception, record: RequestRecord, headers: dict[str, str]) -
         raise error
     record.finish(api_error.status_code, f"rejected({api_error.detail})")
     return ApiError(api_error.status_code, api_error.detail, {**api_error.headers, **headers})
+
+
+async def speech_response(speech: SpeechService, answer: Answer,
+                          error: Callable[[ApiError], Response] = error_response) -> Response:
+    """`answer` a new request (its id in X-Request-Id); an error before its first byte is answered by `error` (the
+    API's error shape) and logged."""
+    record = speech.record()
+    headers = {"X-Request-Id": record.id}
+    try:
+        return await answer(record, headers)
+    except Exception as e:
+        return error(rejected(e, record, headers))

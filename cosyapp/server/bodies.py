@@ -1,18 +1,24 @@
 """Request bodies as the routes read them: size limits (refuse what is declared too large before reading it,
-and what grows too large while it is read: chunked uploads declare nothing), JSON objects, and audio files sent
-inside a body as bytes or base64."""
+and what grows too large while it is read: chunked uploads declare nothing), JSON objects, forms, and audio files
+sent inside a body as bytes or base64."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
-from typing import Any
+from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.types import Message
 
 from cosyapp.server.errors import ApiError
+from cosyapp.server.fields import Fields, form_values
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Largest text field of a form (a file part is limited by the body's limit only).
+FIELD_PART_LIMIT = 64 * 1024
 
 
 def media_type(request: Request) -> str:
@@ -52,6 +58,23 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return value
+
+
+@contextlib.asynccontextmanager
+async def read_form(request: Request, accepted: tuple[str, ...], limit: int, max_files: int,
+                    part_limit: int = FIELD_PART_LIMIT) -> AsyncIterator[Fields]:
+    """The form's fields (numbers and flags as text): 415 unless the body is a form, 413 past `limit` bytes. Its
+    files are readable until the block ends."""
+    content_type = media_type(request)
+    if content_type not in FORM_TYPES:
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
+                            "(or application/x-www-form-urlencoded)")
+    form = await limited_request(request, limit).form(max_files=max_files, max_fields=2 * len(accepted),
+                                                      max_part_size=part_limit)
+    try:
+        yield Fields(form_values(form), accepted, strings=True)
+    finally:
+        await form.close()
 
 
 def audio_bytes(value: Any, what: str, max_bytes: int) -> bytes:

@@ -1,29 +1,24 @@
-"""What the routes share: settings, one engine per loaded backend, and where prompt voices come from."""
+"""What the routes share: settings, one engine per loaded backend (loaded and warmed up in the background), the
+speaker registry and the default prompt."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from pathlib import Path
+from typing import Awaitable, Callable
 
-from cosyapp.audio import check_duration, decode_audio, read_audio_file
+from cosyapp.audio import check_duration, decode_audio
 from cosyapp.backends.weights import resolve_device
 from cosyapp.config import AUTO, Settings
 from cosyapp.engine.registry import load_backend
 from cosyapp.engine.scheduler import Engine
 from cosyapp.engine.sizing import auto_max_concurrent
-from cosyapp.engine.types import InputError, Mode, SynthesisRequest, Voice
+from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError
-from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, load_voice, make_voice_files
+from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, make_voice_files, validate_speaker_id
 
 log = logging.getLogger("cosyapp.server")
-
-WARMUP_TEXT = "你好。"
-# Tokens (CosyVoice2) or frames (Fish) of the warm-up synthesis: enough for the first chunk and the next hops'
-# shapes; a fixed length, so a model that does not stop soon (random weights never do) cannot hold start-up.
-WARMUP_TOKENS = 80
 
 
 class ServiceState:
@@ -41,6 +36,13 @@ class ServiceState:
         """The engine of `[model] backend` (None until loaded)."""
         return self.engines.get(self.settings.model.backend)
 
+    def not_ready(self) -> dict[str, str]:
+        """What a health check answers (with a 503) before the service is ready: loading, or the error."""
+        body = {"status": self.status}
+        if self.error:
+            body["detail"] = self.error
+        return body
+
     def ready_engine(self, backend: str | None = None) -> Engine:
         """The engine of `backend` (default: `[model] backend`), a 400 when the service does not load that
         backend, or a 503 that says why there is none yet."""
@@ -54,8 +56,9 @@ class ServiceState:
             raise ApiError(503, f"model failed to load: {self.error}")
         raise ApiError(503, "model is loading; retry shortly", {"Retry-After": "5"})
 
-    async def load(self) -> None:
-        """Load every backend off the event loop (one engine each), warm them up, then report ready. Never raises."""
+    async def load(self, warm_up: Callable[[Engine], Awaitable[None]]) -> None:
+        """Load every backend off the event loop (one engine each), `warm_up` each (when configured), then report
+        ready. Never raises."""
         model = self.settings.model
         started = time.perf_counter()
         streams = self.stream_slots()
@@ -71,7 +74,7 @@ class ServiceState:
                                 engine_settings.retry_after_s, engine_settings.voice_cache_size)
                 self.engines[name] = engine
                 if model.warmup:
-                    await self._warm_up(engine)
+                    await warm_up(engine)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -91,61 +94,15 @@ class ServiceState:
         log.info("max_concurrent auto: %d streams at once (%s)", streams, reason)
         return streams
 
-    async def _warm_up(self, engine: Engine) -> None:
-        try:
-            voice = await self.default_voice(engine)
-        except InputError as e:
-            log.warning("skipping warm-up: %s", e)
-            return
-        instruction = self.default_instruction(engine)
-        mode = Mode.INSTRUCT2 if instruction else Mode.CROSS_LINGUAL
-        request = SynthesisRequest(text=WARMUP_TEXT, voice=voice, mode=mode, instruction=instruction or None,
-                                   fixed_length=WARMUP_TOKENS)
-        started = time.perf_counter()
-        stream = await engine.start(request, engine.admit())
-        async for _ in stream:
-            pass
-        log.info("warm-up synthesis done in %.2f s", time.perf_counter() - started)
-
     def default_instruction(self, engine: Engine) -> str:
         """The instruction of requests that give none ("" when unset or when the model has no instruct2 mode:
         such requests then use the cross-lingual mode)."""
-        if Mode.INSTRUCT2.value not in engine.info.modes:
+        if not engine.info.instruct:
             return ""
         stored = self.default_prompt.get()
         if stored is not None and stored.meta.get("instruction"):
             return stored.meta["instruction"]
         return self.settings.defaults.instruction
-
-    async def default_voice(self, engine: Engine) -> Voice:
-        """The default prompt voice: `prompts set-default` if set, else the config's prompt_wav."""
-        stored = self.default_prompt.get()
-        if stored is not None:
-            return await engine.voice(f"default:{stored.path}:{stored.version}",
-                                      lambda: load_voice(stored, engine.backend))
-        path = self.settings.defaults.prompt_wav
-        try:
-            version = path.stat().st_mtime_ns
-        except OSError:
-            raise InputError(f"No prompt_wav provided and default file not found: {path}. Upload prompt_wav, "
-                             "name a speaker, or set a default with `cosyapp prompts set-default`") from None
-        return await engine.voice(f"default:{path}:{version}", lambda: self._prepare_file(engine, path))
-
-    def _prepare_file(self, engine: Engine, path: Path) -> Voice:
-        samples, sample_rate = read_audio_file(path)
-        return engine.backend.prepare_voice(samples, sample_rate, None)
-
-    async def upload_voice(self, engine: Engine, data: bytes) -> Voice:
-        """A voice from an uploaded recording, cached by the file's content hash."""
-        limits = self.settings.limits
-
-        def prepare() -> Voice:
-            samples, sample_rate = decode_audio(data)
-            check_duration(samples, sample_rate, limits.min_prompt_s, limits.max_prompt_s)
-            return engine.backend.prepare_voice(samples, sample_rate, None)
-
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())  # up to MBs: off the loop
-        return await engine.voice(f"upload:{digest}", prepare)
 
     async def add_speaker(self, engine: Engine, speaker_id: str, data: bytes, text: str | None, what: str,
                           meta: dict[str, str], taken: str) -> StoredVoice:
@@ -167,8 +124,9 @@ class ServiceState:
             raise ApiError(409, taken)
         return await asyncio.to_thread(store)
 
-    async def speaker_voice(self, engine: Engine, speaker_id: str) -> tuple[Voice, StoredVoice]:
-        stored = self.speakers.get(speaker_id)  # InputError for a bad or unknown id
-        voice = await engine.voice(f"speaker:{stored.path}:{stored.version}",
-                                   lambda: load_voice(stored, engine.backend))
-        return voice, stored
+    async def remove_speaker(self, speaker_id: str, not_found: str) -> None:
+        """Delete a registered speaker (off the event loop): 400 for an invalid id, 404 `not_found` when unknown."""
+        validate_speaker_id(speaker_id)
+        if speaker_id not in self.speakers.ids():
+            raise ApiError(404, not_found)
+        await asyncio.to_thread(self.speakers.remove, speaker_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import queue
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -88,7 +88,13 @@ class CosyVoice2Backend:
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode))
+                           modes=tuple(m.value for m in Mode), instruct=True)
+
+    def parse_options(self, values: Mapping[str, Any] | None) -> None:
+        """CosyVoice2 samples as it was trained to: it takes no request options."""
+        if values:
+            raise InputError(f"unknown CosyVoice2 options {sorted(values)}: the model takes none")
+        return None
 
     # ---- voices -----------------------------------------------------------------------------------
 

@@ -12,17 +12,20 @@ Deviations, each harmless to parity:
 * `penalty_main_history=True` (load option) penalises the main token with its own history instead of S1's
   one-frame slice; off by default.
 
-Request options (`request.options`): temperature, top_p, repetition_penalty, max_new_tokens, chunk_length.
+Request options (`FishOptions`, parsed once by `parse_options`): temperature, top_p, repetition_penalty,
+max_new_tokens, chunk_length.
 Modes: zero_shot (reference codes + transcripts) and cross_lingual (reference codes, empty transcripts).
 A voice holds zero or more references; zero references = the model's own random voice.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,42 +44,63 @@ from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, 
 
 MODEL_TYPE = "OpenAudio-S1-mini"
 MODES = (Mode.ZERO_SHOT.value, Mode.CROSS_LINGUAL.value)
-OPTION_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "chunk_length")
 MAX_REFERENCE_SECONDS = 90.0  # upstream's maintainers' advice; longer references crowd out the text
 # Streaming schedule: the first audio chunk after this many frames (~186 ms), then every `STREAM_FRAMES`.
 STREAM_FIRST_FRAMES = 4
 STREAM_FRAMES = 16
 
 
-def sampling_params(options: dict[str, Any] | None, penalty_main_history: bool = False) -> SamplingParams:
-    """Validate `request.options` into SamplingParams (ranges of S1's `generate_long` asserts)."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTION_KEYS))
+@dataclass(frozen=True)
+class FishOptions:
+    """A request's options, each checked against its range once (`parse_options`): upstream's API ranges, where
+    its sampler's asserts are looser (S1 documents and serves these)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.8
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 1024  # 0: up to the context
+    chunk_length: int = 200  # accepted as upstream's API does; S1 speaks the whole text in one prompt
+
+
+# name -> (low, high) of the real-valued options; the whole-number ones are checked in `parse_options`.
+OPTION_RANGES = {"temperature": (0.1, 1.0), "top_p": (0.1, 1.0), "repetition_penalty": (0.9, 2.0)}
+CHUNK_LENGTHS = (100, 300)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a number; got {value!r}")
+    low, high = OPTION_RANGES[name]
+    if not low <= value <= high:
+        raise InputError(f"{name} must be from {low:g} to {high:g}; got {value!r}")
+    return float(value)
+
+
+def _whole(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer; got {value!r}")
+    return value
+
+
+def parse_options(values: Mapping[str, Any] | None) -> FishOptions:
+    """Request options by name -> FishOptions; InputError naming the first bad one."""
+    values = dict(values or {})
+    known = tuple(field.name for field in fields(FishOptions))
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise InputError(f"unknown Fish options {unknown}; known: {', '.join(OPTION_KEYS)}")
-    defaults = SamplingParams()
-    try:
-        temperature = float(options.get("temperature", defaults.temperature))
-        top_p = float(options.get("top_p", defaults.top_p))
-        repetition_penalty = float(options.get("repetition_penalty", defaults.repetition_penalty))
-        max_new_tokens = options.get("max_new_tokens", defaults.max_new_tokens)
-        chunk_length = options.get("chunk_length", 200)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"bad Fish option value: {exc}") from None
-    if not 0 < temperature < 2:
-        raise InputError(f"temperature must be in (0, 2), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    # Upstream's sampler asserts < 2, yet its API (and ours) documents 0.9..2.0: 2.0 is a fine penalty.
-    if not 0 < repetition_penalty <= 2:
-        raise InputError(f"repetition_penalty must be in (0, 2], got {repetition_penalty}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0 \
-            or max_new_tokens == 1:
-        raise InputError(f"max_new_tokens must be 0 (up to the context) or an integer >= 2, got {max_new_tokens!r}")
-    if not isinstance(chunk_length, int) or isinstance(chunk_length, bool) or chunk_length < 0:
-        raise InputError(f"chunk_length must be a non-negative integer, got {chunk_length!r}")
-    return SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                          max_new_tokens=max_new_tokens, penalty_main_history=penalty_main_history)
+        raise InputError(f"unknown Fish options {unknown}; known: {', '.join(known)}")
+    parsed = {name: _number(name, values[name]) for name in OPTION_RANGES if name in values}
+    if "max_new_tokens" in values:
+        max_new_tokens = _whole("max_new_tokens", values["max_new_tokens"])
+        if max_new_tokens < 0 or max_new_tokens == 1:
+            raise InputError(f"max_new_tokens must be 0 (up to the context) or an integer >= 2; got {max_new_tokens}")
+        parsed["max_new_tokens"] = max_new_tokens
+    if "chunk_length" in values:
+        chunk_length = _whole("chunk_length", values["chunk_length"])
+        if not CHUNK_LENGTHS[0] <= chunk_length <= CHUNK_LENGTHS[1]:
+            raise InputError(f"chunk_length must be from {CHUNK_LENGTHS[0]} to {CHUNK_LENGTHS[1]}; got {chunk_length}")
+        parsed["chunk_length"] = chunk_length
+    return FishOptions(**parsed)
 
 
 def resample_to_codec_rate(audio: np.ndarray, sample_rate: int) -> torch.Tensor:
@@ -111,7 +135,12 @@ class FishBackend:
             self._free_rows.put(row)
 
     def info(self) -> BackendInfo:
-        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=SAMPLE_RATE, modes=MODES)
+        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=SAMPLE_RATE, modes=MODES,
+                           reference_voices=True, codec_codebooks=self.model.config.num_codebooks,
+                           options=tuple(field.name for field in fields(FishOptions)))
+
+    def parse_options(self, values: Mapping[str, Any] | None) -> FishOptions:
+        return parse_options(values)
 
     # ---- voices -----------------------------------------------------------------------------------
 
@@ -135,6 +164,20 @@ class FishBackend:
     def no_reference_voice(self) -> Voice:
         """A voice without references: S1 then speaks in a voice of its own choosing (seed-dependent)."""
         return Voice(backend=self.name, features=[], text=None)
+
+    def combine_voices(self, voices: Sequence[Voice], texts: Sequence[str]) -> Voice:
+        """One voice of the references of `voices`, in order, the i-th reference read as `texts[i]`."""
+        codes = [ref.codes for voice in voices for ref in voice.features]
+        return self.voice_from_state({"codes": codes, "texts": list(texts)}, None)
+
+    # ---- codec ------------------------------------------------------------------------------------
+
+    def encode_codes(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        return self.encode_reference(audio, sample_rate).numpy()
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        grid = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=self.device)
+        return self.codec.decode(grid[None])[0, 0].float().cpu().numpy()
 
     def voice_state(self, voice: Voice) -> dict[str, Any]:
         return {"codes": [ref.codes for ref in voice.features], "texts": [ref.text for ref in voice.features]}
@@ -176,7 +219,10 @@ class FishBackend:
 
         With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
         prompt = self.prompt_for(request)
-        params = sampling_params(getattr(request, "options", None), self.penalty_main_history)
+        options = request.options if isinstance(request.options, FishOptions) else parse_options(request.options)
+        params = SamplingParams(temperature=options.temperature, top_p=options.top_p,
+                                repetition_penalty=options.repetition_penalty, max_new_tokens=options.max_new_tokens,
+                                penalty_main_history=self.penalty_main_history)
         if request.fixed_length is not None and request.fixed_length < 1:
             raise InputError(f"fixed_length must be >= 1, got {request.fixed_length}")
         max_new = request.fixed_length if request.fixed_length is not None else params.max_new_tokens

@@ -1,3 +1,4 @@
-"""HTTP API surfaces, each a thin adapter over the engines (one per loaded backend): `status` (/health,
-/model_info, /stats), `synthesize` (seed 004's /synthesize) and `fish_api` (seed 001's Fish Speech API: /v1/tts,
-/v1/references/*, /v1/vqgan/*, the async tasks). Each module exposes `routes`."""
+"""The API surfaces, each a thin adapter between its wire format and the speech service (`../speech.py`):
+`status` (/health, /model_info, /stats, /metrics), `synthesize` (seed 004's /synthesize), `openai_api`,
+`flash_api`, `fish_api` (seed 001's Fish Speech API: /v1/tts, /v1/references/*, /v1/vqgan/*), `fish_async` (its
+async tasks) and `fish_live` (Fish's live WebSocket). Each module exposes `routes`; none imports another."""

@@ -27,22 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import ormsgpack
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le, wav_header
-from cosyapp.engine.scheduler import Engine
-from cosyapp.server.audio_responses import RequestRecord
+from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le
+from cosyapp.server.audio_responses import stream_header
 from cosyapp.server.errors import ApiError, as_api_error
-from cosyapp.server.routes.fish_api import TTS_FIELDS, Fields, TTSParams, fish_engine, parse_tts, start_synthesis
-from cosyapp.server.state import ServiceState
+from cosyapp.server.fields import Fields
+from cosyapp.server.fish_wire import FISH, TTS_FIELDS, TTSParams, fish_served, parse_tts
+from cosyapp.server.request_log import RequestRecord
+from cosyapp.server.speech import NoAudio, SpeechService
 
 # The live TTSRequest: /v1/tts's fields (less `streaming`: a live session always streams) and the cloud API's.
 LIVE_FIELDS = (*(name for name in TTS_FIELDS if name != "streaming"), "sample_rate", "mp3_bitrate", "opus_bitrate",
@@ -99,18 +97,18 @@ class TextSegmenter:
 
 @dataclass(frozen=True)
 class LiveParams:
-    tts: TTSParams  # text: what the start request already holds (usually "")
+    tts: TTSParams  # speech.text: what the start request already holds (usually "")
     min_chunk_length: int
     chunk_length: int
 
 
-def parse_start(payload: Any, state: ServiceState, sample_rate: int) -> LiveParams:
+def parse_start(payload: Any, speech: SpeechService, sample_rate: int) -> LiveParams:
     """The session's start event: its TTSRequest with /v1/tts's defaults and ranges (mp3 by default, as the Fish
     cloud), and the live-only fields checked (see the module docstring)."""
     if not isinstance(payload, dict) or payload.get("event") != "start":
         raise ApiError(400, "the first event must be {\"event\": \"start\", \"request\": {...}}")
     fields = Fields(payload.get("request"), LIVE_FIELDS)
-    tts = parse_tts(fields, 0, state.settings.limits.max_upload_bytes, default_format="mp3", text_required=False)
+    tts = parse_tts(fields, speech.state, 0, default_format="mp3", text_required=False)
     if tts.format not in LIVE_FORMATS:
         raise ApiError(400, f"format {tts.format} cannot be streamed live; use one of {', '.join(LIVE_FORMATS)}")
     requested_rate = fields.integer("sample_rate", None, nullable=True)
@@ -129,7 +127,8 @@ def parse_start(payload: Any, state: ServiceState, sample_rate: int) -> LivePara
                                 "(leave prosody out, or speed 1 and volume 0)")
     fields.boolean("condition_on_previous_chunks", True)
     fields.number("early_stop_threshold", 1.0, 0.0, 1.0)
-    chunk_length = tts.options["chunk_length"]
+    # The Fish backend checks its options once for the whole session; its chunk_length is the segment length.
+    chunk_length = speech.parse_options(tts.speech).chunk_length
     min_chunk_length = fields.integer("min_chunk_length", 50, 0, chunk_length)
     return LiveParams(tts=tts, min_chunk_length=min_chunk_length, chunk_length=chunk_length)
 
@@ -179,52 +178,56 @@ async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments:
             segments.put_nowait(segment)
 
 
-async def speak(websocket: WebSocket, state: ServiceState, engine: Engine, params: LiveParams,
+async def speak(websocket: WebSocket, speech: SpeechService, params: LiveParams,
                 segments: asyncio.Queue[str | None], record: RequestRecord) -> None:
     """Synthesize the segments in order, sending their audio as it is made (mp3: once per segment)."""
-    rate = engine.info.sample_rate
-    header = wav_header(rate) if params.tts.format == "wav" else b""
+    audio_format = params.tts.format
+    header = b""
 
     async def send_audio(data: bytes) -> None:
         nonlocal header
-        if record.ttfb_s is None:
-            record.ttfb_s = time.perf_counter() - record.started
         await send_event(websocket, {"event": "audio", "audio": header + data})
         header = b""
 
     while (text := await segments.get()) is not None:
-        stream = await start_synthesis(state, engine, replace(params.tts, text=text), True, engine.admit())
         try:
-            if params.tts.format == "mp3":
-                audio = np.concatenate([chunk async for chunk in stream])
-                record.audio_samples += audio.shape[0]
-                await send_audio(mp3_stream_piece(await asyncio.to_thread(encode_audio, audio, rate, "mp3")))
-            else:
-                async for chunk in stream:
-                    record.audio_samples += chunk.shape[0]
-                    await send_audio(to_s16le(chunk))
+            synthesis = await speech.start(replace(params.tts.speech, text=text, stream=True), record)
+        except NoAudio:
+            continue  # nothing speakable in this segment (e.g. only punctuation): go on with the next
+        if record.audio_samples == 0:
+            header = stream_header(audio_format, synthesis.sample_rate)  # at the start of the first audio event
+        if audio_format == "mp3":
+            audio = await synthesis.whole()
+            record.audio_samples += audio.shape[0]
+            encoded = await asyncio.to_thread(encode_audio, audio, synthesis.sample_rate, "mp3")
+            await send_audio(mp3_stream_piece(encoded))
+            continue
+        try:
+            record.audio_samples += synthesis.first.shape[0]
+            await send_audio(to_s16le(synthesis.first))
+            async for chunk in synthesis.stream:
+                record.audio_samples += chunk.shape[0]
+                await send_audio(to_s16le(chunk))
         finally:
-            stream.cancel()
+            synthesis.stream.cancel()
 
 
 async def live(websocket: WebSocket) -> None:
-    state: ServiceState = websocket.app.state.service
-    record = RequestRecord(uuid.uuid4().hex[:12])
-    record.mode = "fish_live"
+    speech: SpeechService = websocket.app.state.speech
+    record = speech.record("fish_live")
     await websocket.accept()
     tasks: list[asyncio.Task] = []
     try:
         start = await receive_event(websocket)  # answered even when there is no Fish engine to serve it
-        engine = fish_engine(state)
-        record.sample_rate = engine.info.sample_rate
-        params = parse_start(start, state, record.sample_rate)
+        fish_served(speech.state)
+        params = parse_start(start, speech, speech.state.ready_engine(FISH).info.sample_rate)
         segmenter = TextSegmenter(params.min_chunk_length, params.chunk_length)
         segments: asyncio.Queue[str | None] = asyncio.Queue()
-        record.text_chars = len(params.tts.text)
-        for segment in segmenter.add(params.tts.text):
+        record.text_chars = len(params.tts.speech.text)
+        for segment in segmenter.add(params.tts.speech.text):
             segments.put_nowait(segment)
         tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record)),
-                 asyncio.create_task(speak(websocket, state, engine, params, segments, record))]
+                 asyncio.create_task(speak(websocket, speech, params, segments, record))]
         pending = set(tasks)
         while pending:  # the first failure (a bad event, a failed synthesis, the client leaving) ends the session
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

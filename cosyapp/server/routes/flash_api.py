@@ -26,20 +26,20 @@ voices are not fetched from URLs (send the audio itself); `latent_file` (MegaTTS
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cosyapp.audio import AUDIO_MEDIA_TYPES, wav_header
-from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
-from cosyapp.server.bodies import audio_bytes, base64_size, limited_request, media_type, read_json_object
-from cosyapp.server.errors import ApiError, error_response
-from cosyapp.server.routes.synthesize import FIELD_PART_LIMIT, SynthesisForm, start_stream
+from cosyapp.audio import AUDIO_MEDIA_TYPES
+from cosyapp.server.audio_responses import audio_response, speech_response
+from cosyapp.server.bodies import audio_bytes, base64_size, read_form, read_json_object
+from cosyapp.server.errors import ApiError
+from cosyapp.server.fields import Fields
+from cosyapp.server.request_log import RequestRecord
+from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import validate_speaker_id
 
@@ -50,54 +50,9 @@ OPTION_FIELDS = ("pitch", "speed", "temperature", "top_k", "top_p", "max_tokens"
 SPEAK_FIELDS = ("name", "text", *OPTION_FIELDS)
 CLONE_FIELDS = ("text", "reference_audio", "reference_audio_file", "reference_text", "latent_file", *OPTION_FIELDS)
 ADD_FIELDS = ("name", "audio", "audio_file", "reference_text", "latent_file")
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-class FlashFields:
-    """Request fields from JSON (typed) or a form (strings), read with Flash-TTS's defaults; every problem is a
-    400 naming the field, unknown fields included."""
-
-    def __init__(self, values: dict[str, Any], accepted: tuple[str, ...]) -> None:
-        unknown = sorted(str(name) for name in values if name not in accepted)
-        if unknown:
-            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
-        self.values = values
-
-    def text(self, name: str, required: bool = False) -> str | None:
-        value = self.values.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            if required:
-                raise ApiError(400, f"{name} is missing or empty")
-            return None
-        if not isinstance(value, str):
-            raise ApiError(400, f"{name} must be text")
-        return value.strip()
-
-    def number(self, name: str, low: float, high: float, whole: bool = False) -> float | None:
-        value = self.values.get(name)
-        if value is None:
-            return None
-        try:
-            if isinstance(value, bool) or (whole and isinstance(value, float)):
-                raise ValueError
-            number = int(value) if whole else float(value)
-        except (TypeError, ValueError):
-            raise ApiError(400, f"{name} must be a{' whole' if whole else ''} number; got {value!r}") from None
-        if not low <= number <= high:
-            raise ApiError(400, f"{name} must be from {low:g} to {high:g}; got {number!r}")
-        return number
-
-    def flag(self, name: str) -> bool:
-        value = self.values.get(name, False)
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in (*TRUE, *FALSE):
-            return value.strip().lower() in TRUE
-        raise ApiError(400, f"{name} must be true or false; got {value!r}")
-
-
-def read_options(fields: FlashFields) -> tuple[str, bool]:
+def read_options(fields: Fields) -> tuple[str, bool]:
     """The options /speak and /clone_voice share, checked -> (response_format, stream)."""
     for name in ("pitch", "speed"):
         level = fields.text(name) or "moderate"
@@ -105,42 +60,24 @@ def read_options(fields: FlashFields) -> tuple[str, bool]:
             raise ApiError(400, f"{name} must be one of {', '.join(LEVELS)}; got {level!r}")
         if level != "moderate":
             raise ApiError(400, f"{name} {level} is not supported: the model speaks at its own {name} (moderate)")
-    fields.number("temperature", 0.0, 100.0)
-    fields.number("top_p", 0.0, 1.0)
+    fields.number("temperature", None, 0.0, 100.0)
+    fields.number("top_p", None, 0.0, 1.0)
     for name in ("top_k", "max_tokens", "length_threshold", "window_size"):
-        fields.number(name, 1, 1_000_000, whole=True)
+        fields.integer(name, None, 1, 1_000_000, nullable=True)
     audio_format = (fields.text("response_format") or "mp3").lower()
     if audio_format not in AUDIO_MEDIA_TYPES:
         raise ApiError(400, f"response_format must be one of {', '.join(AUDIO_MEDIA_TYPES)}; got {audio_format!r}")
-    stream = fields.flag("stream")
+    stream = fields.boolean("stream", False)
     if stream and audio_format not in STREAMED_FORMATS:
         raise ApiError(400, f"stream: true sends {' or '.join(STREAMED_FORMATS)}; got response_format {audio_format}")
     return audio_format, stream
 
 
-async def read_form_fields(request: Request, limit: int, accepted: tuple[str, ...],
-                           part_limit: int) -> tuple[FlashFields, FormData]:
-    """The form's fields (the caller closes the form: its files stay readable until then)."""
-    if media_type(request) not in FORM_TYPES:
-        raise ApiError(415, "send the fields as multipart/form-data or application/x-www-form-urlencoded")
-    form = await limited_request(request, limit).form(max_files=2, max_fields=2 * len(accepted),
-                                                      max_part_size=part_limit)
-    repeated = sorted({name for name in form.keys() if len(form.getlist(name)) > 1})
-    if repeated:
-        await form.close()
-        raise ApiError(400, f"field(s) given more than once: {', '.join(repeated)}")
-    try:
-        return FlashFields(dict(form), accepted), form
-    except ApiError:
-        await form.close()
-        raise
-
-
-async def voice_audio(fields: FlashFields, text_name: str, file_name: str, max_bytes: int) -> bytes | None:
+async def voice_audio(fields: Fields, text_name: str, file_name: str, max_bytes: int) -> bytes | None:
     """The voice recording of a form: an uploaded file, or base64 text (not a URL: nothing is fetched)."""
-    if fields.values.get("latent_file") is not None:
+    if fields.get("latent_file", None) is not None:
         raise ApiError(400, "latent_file is for MegaTTS3 voices; this model needs only the recording")
-    upload, encoded = fields.values.get(file_name), fields.values.get(text_name)
+    upload, encoded = fields.get(file_name, None), fields.get(text_name, None)
     if upload is not None and encoded is not None:
         raise ApiError(400, f"give either {file_name} or {text_name}, not both")
     if upload is not None:
@@ -155,48 +92,46 @@ async def voice_audio(fields: FlashFields, text_name: str, file_name: str, max_b
     return audio_bytes(encoded, text_name, max_bytes)
 
 
-async def read_speak(request: Request, state: ServiceState) -> tuple[SynthesisForm, bool]:
+def _form_limits(state: ServiceState) -> tuple[int, int]:
+    """(body limit, part limit) of forms that carry a recording, as a file or as base64."""
+    max_bytes = state.settings.limits.max_upload_bytes
+    return 2 * base64_size(max_bytes), base64_size(max_bytes)
+
+
+async def read_speak(request: Request, state: ServiceState) -> tuple[SpeechRequest, str, bool]:
     body = await read_json_object(request, 4 * state.settings.limits.max_text_chars + 16 * 1024)
-    fields = FlashFields(body, SPEAK_FIELDS)
+    fields = Fields(body, SPEAK_FIELDS, strings=True)
     name = fields.text("name", required=True)
     audio_format, stream = read_options(fields)
-    return SynthesisForm(text=_text(fields, state), instruction=None, prompt_text=None, prompt_wav=None,
-                         speaker=name, format=audio_format), stream
+    text = fields.text("text", required=True, limit=state.settings.limits.max_text_chars)
+    return SpeechRequest(text=text, voice=VoiceReference(speaker=name)), audio_format, stream
 
 
-async def read_clone(request: Request, state: ServiceState) -> tuple[SynthesisForm, bool]:
-    max_bytes = state.settings.limits.max_upload_bytes
-    fields, form_data = await read_form_fields(request, 2 * base64_size(max_bytes), CLONE_FIELDS,
-                                               base64_size(max_bytes))
-    try:
-        prompt_wav = await voice_audio(fields, "reference_audio", "reference_audio_file", max_bytes)
-    finally:
-        await form_data.close()
+async def read_clone(request: Request, state: ServiceState) -> tuple[SpeechRequest, str, bool]:
+    limit, part_limit = _form_limits(state)
+    async with read_form(request, CLONE_FIELDS, limit, max_files=2, part_limit=part_limit) as fields:
+        prompt_wav = await voice_audio(fields, "reference_audio", "reference_audio_file",
+                                       state.settings.limits.max_upload_bytes)
     if prompt_wav is None:
         raise ApiError(400, "give the voice to clone: reference_audio (base64) or reference_audio_file")
     audio_format, stream = read_options(fields)
-    return SynthesisForm(text=_text(fields, state), instruction=None, prompt_text=fields.text("reference_text"),
-                         prompt_wav=prompt_wav, speaker=None, format=audio_format), stream
+    text = fields.text("text", required=True, limit=state.settings.limits.max_text_chars)
+    voice = VoiceReference(recordings=(Recording(prompt_wav, "reference_audio"),),
+                           transcript=fields.text("reference_text"))
+    return SpeechRequest(text=text, voice=voice), audio_format, stream
 
 
-async def answer(request: Request, read: Callable[[Request, ServiceState], Awaitable[tuple[SynthesisForm, bool]]]
+async def answer(request: Request, read: Callable[[Request, ServiceState], Awaitable[tuple[SpeechRequest, str, bool]]]
                  ) -> Response:
     """Read the request with `read`, synthesize it on the configured backend, answer with a file or a stream."""
-    state: ServiceState = request.app.state.service
-    record = RequestRecord(uuid.uuid4().hex[:12])
-    headers = {"X-Request-Id": record.id}
-    try:
-        form, stream_answer = await read(request, state)
-        stream, first_chunk = await start_stream(state, state.ready_engine(), form, record)
-    except Exception as e:
-        return error_response(rejected(e, record, headers))
-    if stream_answer:
-        header = wav_header(record.sample_rate) if form.format == "wav" else b""
-        return streamed_response(stream, first_chunk, record, AUDIO_MEDIA_TYPES[form.format], headers, header)
-    try:
-        return await file_response(request, stream, first_chunk, record, form.format, headers)
-    except Exception as e:
-        return error_response(rejected(e, record, headers))
+    speech: SpeechService = request.app.state.speech
+
+    async def respond(record: RequestRecord, headers: dict[str, str]) -> Response:
+        body, audio_format, stream = await read(request, speech.state)
+        started = await speech.start(body, record)
+        return await audio_response(request, started, record, audio_format, headers, stream)
+
+    return await speech_response(speech, respond)
 
 
 async def speak(request: Request) -> Response:
@@ -207,27 +142,15 @@ async def clone_voice(request: Request) -> Response:
     return await answer(request, read_clone)
 
 
-def _text(fields: FlashFields, state: ServiceState) -> str:
-    text = fields.text("text", required=True)
-    limit = state.settings.limits.max_text_chars
-    if len(text) > limit:
-        raise ApiError(400, f"text is too long: {len(text)} characters, the limit is {limit}")
-    return text
-
-
 async def add_speaker(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.service
     engine = state.ready_engine()
-    max_bytes = state.settings.limits.max_upload_bytes
-    fields, form_data = await read_form_fields(request, 2 * base64_size(max_bytes), ADD_FIELDS,
-                                               base64_size(max_bytes))
-    try:
+    limit, part_limit = _form_limits(state)
+    async with read_form(request, ADD_FIELDS, limit, max_files=2, part_limit=part_limit) as fields:
         name = fields.text("name", required=True)
         validate_speaker_id(name)
-        data = await voice_audio(fields, "audio", "audio_file", max_bytes)
-        filename = getattr(fields.values.get("audio_file"), "filename", None) or ""
-    finally:
-        await form_data.close()
+        data = await voice_audio(fields, "audio", "audio_file", state.settings.limits.max_upload_bytes)
+        filename = getattr(fields.get("audio_file", None), "filename", None) or ""
     if data is None:
         raise ApiError(400, "give the speaker's recording: audio_file (upload) or audio (base64)")
     await state.add_speaker(engine, name, data, fields.text("reference_text"), "audio",
@@ -238,13 +161,9 @@ async def add_speaker(request: Request) -> JSONResponse:
 
 async def delete_speaker(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.service
-    fields, form_data = await read_form_fields(request, 64 * 1024, ("name",), FIELD_PART_LIMIT)
-    await form_data.close()
-    name = fields.text("name", required=True)
-    validate_speaker_id(name)
-    if name not in state.speakers.ids():
-        raise ApiError(404, f"role {name!r} not found; roles: {', '.join(state.speakers.ids()) or 'none'}")
-    await asyncio.to_thread(state.speakers.remove, name)
+    async with read_form(request, ("name",), 64 * 1024, max_files=0) as fields:
+        name = fields.text("name", required=True)
+    await state.remove_speaker(name, f"role {name!r} not found; roles: {', '.join(state.speakers.ids()) or 'none'}")
     return JSONResponse({"success": True, "role": name})
 
 

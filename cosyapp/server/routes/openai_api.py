@@ -5,7 +5,7 @@ front-ends) can use the service:
     GET  /v1/audio/voices   {"voices": ["default", <registered speakers>...]}
     GET  /v1/models         the loaded backends, as OpenAI's model list
 
-A speech request becomes the same form as POST /synthesize (same voices, modes and engine):
+A speech request becomes a request to the speech service, like POST /synthesize (same voices, modes and engine):
 - model: a backend's name (cosyvoice2, fish) picks it (a 400 when the service does not load it); any other name
   (tts-1, tts-1-hd, gpt-4o-mini-tts: what OpenAI clients send) means `[model] backend`.
 - voice: a registered speaker id (`cosyapp speakers add`), a string or {"id": ...}; "default" and OpenAI's
@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +37,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cosyapp.audio import AUDIO_MEDIA_TYPES, to_s16le, wav_header
+from cosyapp.audio import to_s16le
 from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
-from cosyapp.server.audio_responses import RequestRecord, file_response, rejected, streamed_response
+from cosyapp.server.audio_responses import audio_response, speech_response, streamed_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_json_object
 from cosyapp.server.errors import ApiError
-from cosyapp.server.routes.synthesize import SynthesisForm, start_stream
+from cosyapp.server.fields import Fields
+from cosyapp.server.request_log import RequestRecord
+from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import SPEAKER_ID
 
@@ -60,23 +61,14 @@ BODY_ALLOWANCE = 16 * 1024
 
 @dataclass(frozen=True)
 class SpeechParams:
-    form: SynthesisForm
-    backend: str | None  # None: [model] backend
+    speech: SpeechRequest
+    format: str
     sse: bool
 
 
-def _string(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ApiError(400, f"{name} must be a string; got {type(value).__name__}")
-    return value.strip()
-
-
-def _voice(body: dict[str, Any], max_bytes: int) -> tuple[str | None, bytes | None]:
-    """(registered speaker, None), (None, recording to clone) or (None, None) for the default voice."""
-    voice = body.get("voice")
+def _voice(fields: Fields, max_bytes: int) -> VoiceReference:
+    """A registered speaker, a recording to clone (cross-lingual: no transcript comes with it), or the default."""
+    voice = fields.get("voice", None)
     if isinstance(voice, dict):
         voice = voice.get("id")
         if not isinstance(voice, str):
@@ -85,13 +77,13 @@ def _voice(body: dict[str, Any], max_bytes: int) -> tuple[str | None, bytes | No
         raise ApiError(400, f"voice must be a string or {{\"id\": ...}}; got {type(voice).__name__}")
     voice = (voice or "").strip()
     if not voice or voice == DEFAULT_VOICE or voice in OPENAI_VOICES:
-        return None, None
+        return VoiceReference()
     if SPEAKER_ID.fullmatch(voice):
-        return voice, None
+        return VoiceReference(speaker=voice)
     if voice.lower().startswith(("http://", "https://")):
         raise ApiError(400, "voice URLs are not fetched: send the recording itself as base64")
     try:
-        return None, audio_bytes(voice, "voice", max_bytes)
+        return VoiceReference(recordings=(Recording(audio_bytes(voice, "voice", max_bytes), "voice"),))
     except ApiError as e:
         if e.status_code == 413:
             raise
@@ -100,33 +92,25 @@ def _voice(body: dict[str, Any], max_bytes: int) -> tuple[str | None, bytes | No
 
 
 def parse_speech(body: dict[str, Any], limits: LimitsSettings) -> SpeechParams:
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}")
-    text = _string(body, "input")
-    if not text:
-        raise ApiError(400, "input is missing or empty: give the text to speak")
-    if len(text) > limits.max_text_chars:
-        raise ApiError(400, f"input is too long: {len(text)} characters, the limit is {limits.max_text_chars}")
-    model = _string(body, "model")
-    audio_format = (_string(body, "response_format") or "mp3").lower()
+    fields = Fields(body, FIELDS)
+    text = fields.text("input", required=True, limit=limits.max_text_chars)
+    model = fields.text("model")
+    audio_format = (fields.text("response_format") or "mp3").lower()
     if audio_format not in (*STREAMED_FORMATS, *FILE_FORMATS):
         raise ApiError(400, f"response_format must be one of {', '.join((*STREAMED_FORMATS, *FILE_FORMATS))}; "
                             f"got {audio_format!r}")
-    speed = body.get("speed", 1.0)
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise ApiError(400, f"speed must be a number; got {speed!r}")
+    speed = fields.number("speed", 1.0)
     if speed != 1.0:
         raise ApiError(400, f"speed {speed:g} is not supported: the model speaks at its own pace (speed 1.0)")
-    stream_format = (_string(body, "stream_format") or "audio").lower()
+    stream_format = (fields.text("stream_format") or "audio").lower()
     if stream_format not in ("audio", "sse"):
         raise ApiError(400, f"stream_format must be audio or sse; got {stream_format!r}")
     if stream_format == "sse" and audio_format != "pcm":
         raise ApiError(400, "stream_format sse sends base64 pcm chunks: use response_format pcm with it")
-    speaker, prompt_wav = _voice(body, limits.max_upload_bytes)
-    form = SynthesisForm(text=text, instruction=_string(body, "instructions") or None, prompt_text=None,
-                         prompt_wav=prompt_wav, speaker=speaker, format=audio_format)
-    return SpeechParams(form=form, backend=model if model in backend_names() else None, sse=stream_format == "sse")
+    speech = SpeechRequest(text=text, voice=_voice(fields, limits.max_upload_bytes),
+                           instruction=fields.text("instructions"),
+                           backend=model if model in backend_names() else None)
+    return SpeechParams(speech=speech, format=audio_format, sse=stream_format == "sse")
 
 
 def openai_error(error: ApiError) -> JSONResponse:
@@ -145,29 +129,20 @@ def sse_delta(chunk: np.ndarray) -> bytes:
 
 
 async def speech(request: Request) -> Response:
-    state: ServiceState = request.app.state.service
-    record = RequestRecord(uuid.uuid4().hex[:12])
-    headers = {"X-Request-Id": record.id}
-    try:
-        limits = state.settings.limits
+    service: SpeechService = request.app.state.speech
+
+    async def answer(record: RequestRecord, headers: dict[str, str]) -> Response:
+        limits = service.state.settings.limits
         limit = 4 * limits.max_text_chars + base64_size(limits.max_upload_bytes) + BODY_ALLOWANCE
         params = parse_speech(await read_json_object(request, limit), limits)
-        engine = state.ready_engine(params.backend)
-        stream, first_chunk = await start_stream(state, engine, params.form, record)
-    except Exception as e:
-        return openai_error(rejected(e, record, headers))
+        started = await service.start(params.speech, record)
+        if params.sse:
+            return streamed_response(started, record, "text/event-stream", headers, encode=sse_delta,
+                                     trailer=sse_event({"type": "speech.audio.done"}))
+        return await audio_response(request, started, record, params.format, headers,
+                                    stream=params.format in STREAMED_FORMATS)
 
-    audio_format = params.form.format
-    if params.sse:
-        return streamed_response(stream, first_chunk, record, "text/event-stream", headers, encode=sse_delta,
-                                 trailer=sse_event({"type": "speech.audio.done"}))
-    if audio_format in STREAMED_FORMATS:
-        header = wav_header(record.sample_rate) if audio_format == "wav" else b""
-        return streamed_response(stream, first_chunk, record, AUDIO_MEDIA_TYPES[audio_format], headers, header)
-    try:
-        return await file_response(request, stream, first_chunk, record, audio_format, headers)
-    except Exception as e:
-        return openai_error(rejected(e, record, headers))
+    return await speech_response(service, answer, openai_error)
 
 
 async def voices(request: Request) -> JSONResponse:

@@ -1,12 +1,15 @@
-"""GET /health, /model_info (the seed's fields plus the audio format, modes and speakers) and /stats."""
+"""GET /health, /model_info (the seed's fields plus the audio format, modes and speakers), /stats (the engine's
+counters as JSON) and /metrics (Prometheus' text format, `metrics.py`)."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cosyapp.audio import SAMPLE_FORMAT
+from cosyapp.server.metrics import Metrics
 from cosyapp.server.state import ServiceState
 
 USAGE = "Use /synthesize endpoint with 'instruction' parameter (CosyVoice2/3)"
@@ -16,10 +19,7 @@ async def health(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.service
     if state.status == "ok" and state.engine is not None:
         return JSONResponse({"status": "ok", "model_type": state.engine.info.model_type})
-    body = {"status": state.status}
-    if state.error:
-        body["detail"] = state.error
-    return JSONResponse(body, status_code=503)
+    return JSONResponse(state.not_ready(), status_code=503)
 
 
 async def model_info(request: Request) -> JSONResponse:
@@ -47,8 +47,15 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse(state.ready_engine().snapshot())
 
 
+async def metrics(request: Request) -> Response:
+    """Every counter and histogram of this app, for Prometheus to scrape (answers while the model loads, too)."""
+    app_metrics: Metrics = request.app.state.metrics
+    return Response(app_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
 routes = [
     Route("/health", health, methods=["GET"]),
     Route("/model_info", model_info, methods=["GET"]),
     Route("/stats", stats, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]

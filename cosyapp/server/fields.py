@@ -1,0 +1,128 @@
+"""Request fields as every adapter reads them, from JSON, MessagePack or a form: one reader and one set of rules
+(unknown fields, missing and null values, types, ranges, text length), so that every API answers the same
+mistake with the same kind of 400 naming the field."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable
+
+from starlette.datastructures import FormData
+
+from cosyapp.server.errors import ApiError
+
+MISSING = object()
+TOO_LONG = "{name} is too long: {length} characters, the limit is {limit}"
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def check_length(text: str, limit: int, name: str, message: str = TOO_LONG) -> str:
+    """The text-length rule: at most `limit` characters (0: no limit). `message` is the API's wording, formatted
+    with name, length and limit."""
+    if limit > 0 and len(text) > limit:
+        raise ApiError(400, message.format(name=name, length=len(text), limit=limit))
+    return text
+
+
+def form_values(form: FormData) -> dict[str, Any]:
+    """A form's fields by name; a field sent more than once is a 400 (which value was meant is unknown)."""
+    for name in form.keys():
+        count = len(form.getlist(name))
+        if count > 1:
+            raise ApiError(400, f"field {name!r} was given {count} times")
+    return dict(form)
+
+
+class Fields:
+    """A request's fields read one by one; every problem is a 400 naming the field. Unknown fields are refused (a
+    typo must not silently fall back to a default). `strings`: numbers and flags may come as text (forms, and
+    APIs whose clients send either)."""
+
+    def __init__(self, values: Any, accepted: Iterable[str], strings: bool = False) -> None:
+        accepted = tuple(accepted)
+        if not isinstance(values, dict):
+            raise ApiError(400, "the request body must be an object (a map) of fields")
+        unknown = sorted(str(name) for name in values if name not in accepted)
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        self.values = values
+        self.strings = strings
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def get(self, name: str, default: Any = MISSING, nullable: bool = False) -> Any:
+        if name not in self.values:
+            if default is MISSING:
+                raise ApiError(400, f"missing required field {name!r}")
+            return default
+        value = self.values[name]
+        if value is None and not nullable:
+            raise ApiError(400, f"{name} must not be null")
+        return value
+
+    def string(self, name: str, default: Any = MISSING, nullable: bool = False) -> str | None:
+        """The value as sent (not stripped)."""
+        value = self.get(name, default, nullable)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a string; got {type(value).__name__}")
+        return value
+
+    def text(self, name: str, required: bool = False, limit: int = 0) -> str | None:
+        """Stripped text, None when absent, null or blank (a 400 when `required`), at most `limit` characters."""
+        value = self.string(name, None, nullable=True)
+        value = value.strip() if value is not None else ""
+        if not value:
+            if required:
+                raise ApiError(400, f"{name} is missing or empty")
+            return None
+        return check_length(value, limit, name)
+
+    def integer(self, name: str, default: Any, low: int | None = None, high: int | None = None,
+                nullable: bool = False) -> int | None:
+        value = self._parsed(name, default, nullable, int)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(400, f"{name} must be a whole number; got {value!r}")
+        return self._in_range(name, value, low, high)
+
+    def number(self, name: str, default: Any, low: float | None = None, high: float | None = None) -> float | None:
+        value = self._parsed(name, default, default is None, float)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ApiError(400, f"{name} must be a number; got {value!r}")
+        return float(self._in_range(name, value, low, high))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if self.strings and isinstance(value, str) and value.strip().lower() in (*TRUE, *FALSE):
+            return value.strip().lower() in TRUE
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{name} must be true or false; got {value!r}")
+        return value
+
+    def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
+        choices = tuple(choices)
+        value = self.get(name, default)
+        if value not in choices:
+            raise ApiError(400, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def _parsed(self, name: str, default: Any, nullable: bool, parse: Callable[[str], Any]) -> Any:
+        """The value, parsed from text where text is allowed (a value that does not parse is left as it is)."""
+        value = self.get(name, default, nullable)
+        if self.strings and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return parse(value)
+        return value
+
+    @staticmethod
+    def _in_range(name: str, value: float, low: float | None, high: float | None) -> Any:
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low:g} to {high:g}" if low is not None and high is not None else \
+                f"at least {low:g}" if low is not None else f"at most {high:g}"
+            raise ApiError(400, f"{name} must be {bounds}; got {value!r}")
+        return value
