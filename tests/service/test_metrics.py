@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from cosyapp.config import load_settings
-from fish_service import tiny_fish_model
 from service_live import DEFAULT_PROMPT
 
 API_KEY = "metrics-key"
@@ -34,10 +33,9 @@ def value(metrics: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def app_settings(tmp_path_factory: pytest.TempPathFactory):
-    model_dir: Path = tiny_fish_model(tmp_path_factory)
+def app_settings(tiny_fish_dir: Path):
     return lambda data_dir: load_settings(None, env={
-        "COSYAPP_MODEL_BACKEND": "fish", "COSYAPP_MODEL_MODEL_DIR": str(model_dir), "COSYAPP_MODEL_DEVICE": "cpu",
+        "COSYAPP_MODEL_BACKEND": "fish", "COSYAPP_MODEL_MODEL_DIR": str(tiny_fish_dir), "COSYAPP_MODEL_DEVICE": "cpu",
         "COSYAPP_MODEL_WARMUP": "false", "COSYAPP_STORAGE_DATA_DIR": str(data_dir),
         "COSYAPP_SERVER_API_KEY": API_KEY})
 
