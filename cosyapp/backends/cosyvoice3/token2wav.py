@@ -1,0 +1,116 @@
+"""Speech tokens -> 24 kHz audio for CosyVoice3: upstream's streaming schedule (`CosyVoice3Model.tts` and
+`token2wav`) with its state held per stream.
+
+The schedule is CosyVoice2's (first hop 25 + pad tokens so that prompt + hop ends on the 25-token chunk grid,
+then hops doubling up to 100; a chunk needs hop + 3 look-ahead tokens; `finish()` vocodes the rest with full
+attention). What differs is token2wav: upstream re-runs the flow on ALL tokens so far (chunk-masked for
+non-final calls), appends the mel frames of the new tokens to the mel of the earlier calls, and re-vocodes the
+whole accumulated mel with the causal HiFT, emitting the samples past what it emitted before (no cross-fade).
+That is what `Token2Wav` computes; its cost per chunk grows with the utterance.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from cosyapp.backends.cosyvoice2.token2wav import HOP_GROWTH, MAX_HOP_CHUNKS, prompt_token_pad
+from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
+from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
+from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
+
+
+class Token2Wav:
+    """Flow + causal HiFT behind upstream's chunk schedule; shared by all requests, holds no request state."""
+
+    def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFTGenerator, config: CosyVoice3Config) -> None:
+        self.flow = flow
+        self.hift = hift
+        self.chunk_size = config.chunk_size
+        self.max_hop = MAX_HOP_CHUNKS * config.chunk_size
+        self.pre_lookahead = config.flow.pre_lookahead_len
+        self.token_mel_ratio = config.token_mel_ratio
+
+    def new_stream(self, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                   stream: bool = True) -> "Token2WavStream":
+        """Start one request: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192], on the model
+        device. `stream=False`: `push` only collects tokens and `finish` makes one call over all of them."""
+        return Token2WavStream(self, prompt_token, prompt_feat, embedding, stream)
+
+    def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor,
+             embedding: Tensor) -> Tensor:
+        """Non-streaming synthesis of all tokens at once -> waveform [n]."""
+        session = self.new_stream(prompt_token, prompt_feat, embedding, stream=False)
+        session.push(tokens)
+        return session.finish()
+
+
+class Token2WavStream:
+    """One request's state: tokens so far, offset, hop, the accumulated mel and the samples emitted."""
+
+    def __init__(self, owner: Token2Wav, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                 stream: bool) -> None:
+        self.owner = owner
+        self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
+        self.stream = stream
+        self.device = prompt_token.device
+        self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.offset = 0  # tokens whose mel has been vocoded
+        self.hop = owner.chunk_size
+        self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
+        self.mel: Tensor | None = None  # [1, 80, frames] of every call so far
+        self.speech_offset = 0  # samples emitted
+        self.finished = False
+        self.calls: list[dict] = []  # (token_len, token_offset, finalize) of each call, for inspection
+
+    def tokens_wanted(self) -> int | None:
+        """How many more tokens the next chunk needs (at least 1); None when not streaming (all of them)."""
+        if not self.stream:
+            return None
+        return max(1, self._tokens_short())
+
+    def _tokens_short(self) -> int:
+        return self.offset + self.next_hop() + self.owner.pre_lookahead - self.tokens.numel()
+
+    def next_hop(self) -> int:
+        return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
+
+    def push(self, tokens: Sequence[int] | Tensor) -> list[Tensor]:
+        """Add speech tokens; returns the chunks (1-D float32 tensors) that became ready, maybe none."""
+        if self.finished:
+            raise RuntimeError("push() after finish()")
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device).reshape(-1)
+        self.tokens = torch.cat([self.tokens, tokens])
+        chunks: list[Tensor] = []
+        while self.stream and self._tokens_short() <= 0:
+            hop = self.next_hop()
+            chunks.append(self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False))
+            self.offset += hop
+            self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
+        return chunks
+
+    def finish(self) -> Tensor:
+        """Vocode every remaining token (full attention) -> the last chunk, 1-D float32."""
+        if self.finished:
+            raise RuntimeError("finish() called twice")
+        self.finished = True
+        if self.tokens.numel() == 0:
+            return torch.zeros(0, device=self.device)
+        return self.vocode(self.tokens.numel(), finalize=True)
+
+    @torch.inference_mode()
+    def vocode(self, num_tokens: int, finalize: bool) -> Tensor:
+        """Upstream `CosyVoice3Model.token2wav` on tokens[:num_tokens] (streaming mask unless finalize)."""
+        owner = self.owner
+        self.calls.append({"token_len": num_tokens, "token_offset": self.offset, "finalize": finalize,
+                           "speech_offset_before": self.speech_offset})
+        mel = owner.flow.inference(self.tokens[None, :num_tokens], self.prompt_token, self.prompt_feat, self.embedding,
+                                   streaming=not finalize, finalize=finalize)
+        mel = mel[:, :, owner.token_mel_ratio * self.offset:]
+        self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=2)
+        speech, _ = owner.hift.inference(self.mel, finalize=finalize)
+        chunk = speech[0, self.speech_offset:]
+        self.speech_offset += chunk.numel()
+        return chunk
