@@ -39,6 +39,12 @@ def tiny_cosyvoice2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cosyvoice3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CosyVoice3 model in the official layout, for the CosyVoice3 backend tests."""
+    return _tiny_model("cosyvoice3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_fish_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Fish model in the release layout, for the Fish backend and service tests."""
     return _tiny_model("fish", tmp_path_factory)

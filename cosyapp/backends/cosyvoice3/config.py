@@ -18,7 +18,6 @@ from cosyapp.engine.types import ModelFileError
 CONFIG_FILE = "cosyvoice3.yaml"
 # Upstream hard-codes these outside the yaml.
 NUM_STOP_IDS = 200  # ids speech_token_size .. +199 all end decoding
-ENDOFPROMPT_ID = 151646  # `<|endofprompt|>`; CosyVoice3LM asserts it is in the LM's text
 SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)  # FSQ silence/breath tokens
 MAX_SILENT_RUN = 5  # later tokens of a longer run of silent tokens are not passed to flow
 

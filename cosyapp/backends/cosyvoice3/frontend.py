@@ -11,7 +11,6 @@ from __future__ import annotations
 
 
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, ModelInput, VoiceFeatures
-from cosyapp.backends.cosyvoice3.config import ENDOFPROMPT_ID
 from cosyapp.backends.cosyvoice3.tokenizer import CosyVoice3Tokenizer
 from cosyapp.engine.types import Mode
 
@@ -43,7 +42,7 @@ class CosyVoice3Frontend(CosyVoice2Frontend):
                           prompt_text_ids: list[int] | None = None) -> ModelInput:
         """As CosyVoice2's; cross_lingual sentences without `<|endofprompt|>` get the system prompt prepended
         (it then counts towards the sentence's length limits, as upstream's prefixed text does)."""
-        if Mode(mode) is Mode.CROSS_LINGUAL and ENDOFPROMPT_ID not in text_ids:
+        if Mode(mode) is Mode.CROSS_LINGUAL and self.tokenizer.token_id(END_OF_PROMPT) not in text_ids:
             text_ids = self.tokenizer.encode(SYSTEM_PROMPT + END_OF_PROMPT) + list(text_ids)
         return super().build_model_input(mode, text_ids, voice, prompt_text_ids)
 
