@@ -1,7 +1,9 @@
 """Parity of the CosyVoice3 backend's product API with upstream's: golden e2e.npz (ladder 7).
 
 Text -> tokens -> audio through `load()` and `synthesize()` for every mode, streaming and not, seeded like the
-golden runs: the speech tokens handed to flow (after the silence cap), the chunk lengths, and the audio.
+golden runs: the speech tokens handed to flow (after the silence cap), the chunk lengths, and the audio. The
+backend runs upstream's exact streaming path (`exact_streaming=True`); the bounded one is checked by
+test_cosyvoice3_stream.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ WAV_ATOL = 1e-4  # README: waveforms within ~1e-4 abs
 
 @pytest.fixture(scope="module")
 def backend(cosyvoice3_golden: Path) -> CosyVoice3Backend:
-    return load(cosyvoice3_golden / "tiny", device="cpu", dtype="float32", max_streams=1)
+    return load(cosyvoice3_golden / "tiny", device="cpu", dtype="float32", max_streams=1, exact_streaming=True)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def token2wav(cosyvoice3_golden: Path) -> Token2Wav:
     model_dir = cosyvoice3_golden / "tiny"
     config = CosyVoice3Config.from_model_dir(model_dir)
     return Token2Wav(CosyVoice3Flow.from_pretrained(model_dir, config),
-                     CausalHiFTGenerator.from_pretrained(model_dir, config), config)
+                     CausalHiFTGenerator.from_pretrained(model_dir, config), config, exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,22 @@ def test_streaming_schedule_and_chunks(token2wav, prompt, cv3_npz, cv3_settings)
 def test_non_streaming(token2wav, prompt, cv3_npz):
     golden, tokens = cv3_npz("stream"), cv3_npz("flow")["tokens"].tolist()
     close(token2wav.full(tokens, *prompt), golden["nonstream_wav"], "nonstream_wav")
+
+
+def test_bounded_streaming(token2wav, prompt, cv3_npz):
+    """`exact=False`: only the new frames go through flow and the last ones through HiFT. The non-final chunks
+    are upstream's; the final call's mel is the chunk-masked one (flow.npz), and every sample is HiFT's on the
+    whole mel."""
+    golden, flow_golden = cv3_npz("stream"), cv3_npz("flow")
+    bounded = Token2Wav(token2wav.flow, token2wav.hift, token2wav.config, exact=False)
+    session = bounded.new_stream(*prompt, stream=True)
+    chunks = []
+    for token in flow_golden["tokens"].tolist():
+        chunks += session.push([token])
+    chunks.append(session.finish())
+    assert [c.numel() for c in chunks] == golden["chunk_lengths"].tolist()
+    for i, chunk in enumerate(chunks[:-1]):
+        close(chunk, golden[f"chunk{i}"], f"bounded chunk{i}")
+    close(session.mel[0], flow_golden["fullseq_streamingmask_finalize_mel"], "bounded mel")
+    whole, _ = token2wav.hift.inference(session.mel, finalize=True)
+    close(torch.cat(chunks), whole[0].numpy(), "bounded audio vs HiFT on the whole mel")

@@ -59,3 +59,17 @@ def test_bad_model_dir_names_the_file(tiny_cosyvoice3_dir: Path, tmp_path: Path,
     (model_dir / victim).write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ModelFileError, match=victim.replace(".", r"\.")):
         load_backend("cosyvoice3", model_dir, device="cpu", dtype="float32", max_streams=1)
+
+
+def test_bounded_streaming_matches_exact_before_the_last_chunk(backend: CosyVoice3Backend, voice,
+                                                               tiny_cosyvoice3_dir: Path) -> None:
+    """The default bounded chunks equal upstream's re-run chunks, except the last (chunk mask kept there)."""
+    exact = load_backend("cosyvoice3", tiny_cosyvoice3_dir, device="cpu", dtype="float32", max_streams=1,
+                         exact_streaming=True)
+    request = dict(text="Bounded streaming.", voice=voice, mode=Mode.CROSS_LINGUAL, seed=5, fixed_length=200)
+    bounded_chunks = list(backend.synthesize(SynthesisRequest(**request)))
+    exact_chunks = list(exact.synthesize(SynthesisRequest(**request)))
+    assert [len(c) for c in bounded_chunks] == [len(c) for c in exact_chunks]
+    assert len(bounded_chunks) >= 4
+    for ours, theirs in zip(bounded_chunks[:-1], exact_chunks[:-1]):
+        assert np.abs(ours - theirs).max() < 1e-4

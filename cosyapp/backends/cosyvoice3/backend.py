@@ -1,8 +1,9 @@
 """The CosyVoice3 backend: frontend -> LM (+ silence cap) -> flow -> causal HiFT behind the engine's `Backend`.
 
 One object per loaded model, shared by every request; request state (LM cache row, sampling generator,
-streaming schedule, mel and sample offsets) lives in the call to `synthesize`. Each stream decodes its own LM
-tokens on the request thread, in its own row of the KV cache.
+streaming schedule, flow caches, mel and sample offsets) lives in the call to `synthesize`. Each stream decodes
+its own LM tokens on the request thread, in its own row of the KV cache. Streaming chunks cost what they add
+(`token2wav.py`), unless `exact_streaming` asks for upstream's re-run of the whole utterance per chunk.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class CosyVoice3Backend:
     _features = CosyVoice2Backend._features
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
-                 lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline") -> None:
+                 lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
+                 exact_streaming: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         # On the CPU each stream's thread gets an equal share of the cores (see CosyVoice2Backend).
@@ -60,7 +62,8 @@ class CosyVoice3Backend:
         self.lm_context = lm_context
         self.flow = CosyVoice3Flow.from_pretrained(self.model_dir, self.config, self.device)
         self.hift = CausalHiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
-        self.token2wav = Token2Wav(self.flow, self.hift, self.config)
+        # exact_streaming: upstream's chunks (every chunk re-runs the utterance so far); otherwise bounded chunks.
+        self.token2wav = Token2Wav(self.flow, self.hift, self.config, exact=exact_streaming)
         self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
         for row in range(max_streams):
             self._free_rows.put(row)

@@ -38,6 +38,28 @@ class TimeEmbedding(nn.Module):
         return self.time_mlp(timestep_features(t, self.freq_dim).to(t.dtype))
 
 
+class DiTCache:
+    """What the DiT needs of the frames before a call's to compute that call's frames alone: every layer's keys
+    and values, and the last kernel - 1 inputs of both position convs. Valid with the chunk mask only, when
+    earlier frames never attend to later ones; one per Euler step (their inputs differ)."""
+
+    def __init__(self) -> None:
+        self.length = 0  # frames held
+        self.keys: list[torch.Tensor] = []  # per layer [B, heads, length, dim_head]
+        self.values: list[torch.Tensor] = []
+        self.conv_inputs: list[torch.Tensor | None] = [None, None]  # [B, dim, kernel - 1] per position conv
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a call's keys/values [B, heads, T, dim_head] to the layer's; returns all of them."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
 class CausalConvPositionEmbedding(nn.Module):
     """Two grouped convs, each left-padded to stay causal and followed by Mish."""
 
@@ -47,10 +69,15 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim] -> [B, T, dim]."""
-        h = self.conv1(F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0)))
-        h = self.conv2(F.pad(h, (self.kernel_size - 1, 0)))
+    def forward(self, x: torch.Tensor, cache: DiTCache | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; with `cache`, x follows the cached frames."""
+        h = x.transpose(1, 2)
+        for i, conv in enumerate((self.conv1, self.conv2)):
+            history = None if cache is None else cache.conv_inputs[i]
+            h = F.pad(h, (self.kernel_size - 1, 0)) if history is None else torch.cat([history, h], dim=2)
+            if cache is not None:
+                cache.conv_inputs[i] = h[:, :, -(self.kernel_size - 1):]
+            h = conv(h)
         return h.transpose(1, 2)
 
 
@@ -60,11 +87,12 @@ class InputEmbedding(nn.Module):
         self.proj = nn.Linear(2 * config.mel_dim + config.mu_dim + config.spk_dim, config.dim)
         self.conv_pos_embed = CausalConvPositionEmbedding(config.dim, config.conv_pos_kernel, config.conv_pos_groups)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+                cache: DiTCache | None = None) -> torch.Tensor:
         """x, cond, mu [B, T, C]; spks [B, C] -> [B, T, dim]."""
         spks = spks.unsqueeze(1).expand(-1, x.size(1), -1)
         h = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
-        return self.conv_pos_embed(h) + h
+        return self.conv_pos_embed(h, cache) + h
 
 
 class RotaryEmbedding(nn.Module):
@@ -75,9 +103,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, dim_head, 2).float() / dim_head))
         self.register_buffer("inv_freq", inv_freq)  # persistent: flow.pt holds it
 
-    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, dim_head]."""
-        angles = torch.arange(length, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None]
+    def forward(self, length: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, dim_head] of positions start..start + length - 1."""
+        positions = torch.arange(start, start + length, device=self.inv_freq.device).float()
+        angles = positions[:, None] * self.inv_freq[None]
         angles = angles.repeat_interleave(2, dim=-1)
         return angles.cos(), angles.sin()
 
@@ -101,15 +130,21 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.Sequential(nn.Linear(inner, dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, T, dim]; mask bool [B or 1, 1, T, T] (True = may attend)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[DiTCache, int] | None = None) -> torch.Tensor:
+        """x [B, T, dim]; mask bool [B or 1, 1, T, keys] (True = may attend); `cache` (cache, layer index): the
+        keys start with the cached frames'."""
         batch, length, _ = x.shape
         q = apply_rotary(self.to_q(x), *rope)  # before the head split: upstream's quirk (head 0 only)
         k = apply_rotary(self.to_k(x), *rope)
         v = self.to_v(x)
         q, k, v = (z.view(batch, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            k, v = cache[0].attend(cache[1], k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.to_out(y.transpose(1, 2).reshape(batch, length, -1))
+        if cache is not None:
+            return y
         # Upstream zeroes the rows its mask's last query row cannot see (padding; none in inference).
         return y.masked_fill(~mask[:, 0, -1].unsqueeze(-1), 0.0)
 
@@ -148,10 +183,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(config.dim, config.heads, config.dim_head)
         self.ff = FeedForward(config.dim, config.ff_mult)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[DiTCache, int] | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm.modulation(t)
-        x = x + gate_msa * self.attn(AdaLayerNorm.norm(x, scale_msa, shift_msa), mask, rope)
+        x = x + gate_msa * self.attn(AdaLayerNorm.norm(x, scale_msa, shift_msa), mask, rope, cache)
         return x + gate_mlp * self.ff(AdaLayerNorm.norm(x, scale_mlp, shift_mlp))
 
 
@@ -184,12 +219,24 @@ class DiT(nn.Module):
         return (chunks & keys).unsqueeze(1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
-                cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; mask [B or 1, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]."""
+                cond: torch.Tensor, streaming: bool = False, cache: DiTCache | None = None) -> torch.Tensor:
+        """x, mu, cond [B, 80, T]; mask [B or 1, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T].
+
+        With `cache` (chunk mask only; no padding) the T frames follow the cached ones, which they attend to;
+        the cache then holds them too.
+        """
+        start = 0 if cache is None else cache.length
         t = self.time_embed(t)
-        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
-        rope = self.rotary_embed(h.size(1))
-        attn_mask = self.attention_mask(mask, streaming)
-        for block in self.transformer_blocks:
-            h = block(h, t, attn_mask, rope)
+        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks, cache)
+        rope = self.rotary_embed(h.size(1), start)
+        if cache is None:
+            attn_mask = self.attention_mask(mask, streaming)
+        else:
+            if not streaming:
+                raise ValueError("a DiT cache needs the chunk mask (streaming=True)")
+            attn_mask = chunk_attention_mask(start + h.size(1), self.config.static_chunk_size, h.device, start)[None, None]
+        for i, block in enumerate(self.transformer_blocks):
+            h = block(h, t, attn_mask, rope, None if cache is None else (cache, i))
+        if cache is not None:
+            cache.length += h.size(1)
         return self.proj_out(self.norm_out(h, t)).transpose(1, 2)

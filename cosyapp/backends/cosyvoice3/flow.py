@@ -4,7 +4,8 @@ vector) -> 50 Hz mel.
 There is no conformer any more: token embeddings (80-d) go through CosyVoice2's PreLookaheadLayer (narrower
 hidden width) and are repeated token_mel_ratio times to give `mu`; CosyVoice2's conditional flow matching
 solver (fixed noise, cosine schedule, 10 Euler steps, classifier-free guidance) then integrates the DiT's
-velocity. Every call recomputes the whole prompt + target sequence, as upstream does.
+velocity. `inference` recomputes the whole prompt + target sequence, as upstream does every call;
+`forward_cached` computes only a call's new frames, through per-stream DiT caches (chunk mask only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from cosyapp.backends.cosyvoice2.flow import CausalFlowMatching
 from cosyapp.backends.cosyvoice2.flow_encoder import PreLookaheadLayer
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config, FlowConfig
-from cosyapp.backends.cosyvoice3.estimator import DiT
+from cosyapp.backends.cosyvoice3.estimator import DiT, DiTCache
 from cosyapp.backends.weights import check_keys, load_state_dict
 
 
@@ -51,7 +52,7 @@ class CosyVoice3Flow(nn.Module):
 
         N' = N when `finalize`, else N - pre_lookahead_len: the last tokens then only serve as look-ahead.
         """
-        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        spks = self.speaker(embedding)
         x = self.input_embedding(torch.cat([prompt_token, token], dim=1).clamp(min=0))
         if finalize:
             h = self.pre_lookahead_layer(x, None)
@@ -75,6 +76,38 @@ class CosyVoice3Flow(nn.Module):
         mu, spks, cond = self.encode(token, prompt_token, prompt_feat, embedding, finalize)
         mel = self.decoder(mu, torch.ones_like(mu[:, :1]), spks, cond, streaming)
         return mel[:, :, prompt_feat.size(1):]
+
+    def speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        """CAM++ embedding [1, 192] -> the decoder's speaker vector [1, 80]."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def new_caches(self) -> list[DiTCache]:
+        """Empty caches for one stream's `forward_cached` calls: one per Euler step."""
+        return [DiTCache() for _ in range(self.config.n_timesteps)]
+
+    @torch.inference_mode()
+    def forward_cached(self, tokens: torch.Tensor, end: int, finalize: bool, spks: torch.Tensor,
+                       prompt_feat: torch.Tensor, caches: list[DiTCache]) -> torch.Tensor:
+        """Chunk-masked mel [1, 80, ratio * (end - start)] of tokens[:, start:end], start being the tokens the
+        caches hold (tokens [1, n] = prompt ++ speech tokens, `spks` = `speaker(embedding)`).
+
+        Equal to frames [ratio * start, ratio * end) of `inference(streaming=True)` on tokens[:, :end] (plus
+        the 3 look-ahead tokens after it unless `finalize`), as long as every call ends on the chunk grid
+        except the last: a chunk's frames attend to their own chunk and never to later frames.
+        """
+        ratio, lookahead = self.config.token_mel_ratio, self.config.pre_lookahead_len
+        start = caches[0].length // ratio
+        first = max(0, start - 2)  # conv2 of the look-ahead layer (kernel 3) needs 2 earlier positions
+        x = self.input_embedding(tokens[:, first:end].clamp(min=0))
+        context = None if finalize else self.input_embedding(tokens[:, end:end + lookahead].clamp(min=0))
+        h = self.pre_lookahead_layer(x, context)[:, start - first:]
+        mu = h.repeat_interleave(ratio, dim=1).transpose(1, 2).contiguous()
+        cond = torch.zeros_like(mu)
+        prompt_frames = min(prompt_feat.size(1) - ratio * start, mu.size(2))
+        if prompt_frames > 0:
+            cond[:, :, :prompt_frames] = prompt_feat[:, ratio * start:ratio * start + prompt_frames].transpose(1, 2)
+        return self.decoder(mu, torch.ones_like(mu[:, :1]), spks, cond, streaming=True, start=ratio * start,
+                            caches=caches)
 
     def _check_shapes(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                       embedding: torch.Tensor, finalize: bool) -> None:

@@ -174,19 +174,32 @@ class CausalHarmonicSource(nn.Module):
         self.register_buffer("harmonics", torch.arange(1, self.num_harmonics + 1, dtype=torch.float32),
                              persistent=False)
 
+    def frame_increments(self, f0: Tensor) -> Tensor:
+        """f0 [B, T] (float32) -> per-frame phase increments of the harmonics, in turns, [B, harmonics, T].
+
+        Upstream computes them per sample and down-samples linearly by the hop; each frame's two middle samples
+        (the ones that down-sampling reads) hold the frame's f0, so this is the same value per frame.
+        """
+        return (f0.unsqueeze(-1) * self.harmonics / self.sampling_rate).remainder(1).transpose(1, 2)
+
+    def from_phase(self, turns: Tensor, f0_audio: Tensor, start: int) -> Tensor:
+        """Cumulative phase per frame `turns` [B, harmonics, T] (float32), f0 [B, L, 1] at the audio rate, and
+        the absolute index of its first sample `start` (it selects the fixed noise) -> source [B, L, 1]."""
+        phase = turns * 2 * math.pi
+        phase = F.interpolate(phase * self.upsample_scale, scale_factor=float(self.upsample_scale), mode="nearest")
+        sines = torch.sin(phase).transpose(1, 2) * self.sine_amp
+        voiced = (f0_audio > self.voiced_threshold).to(sines.dtype)
+        noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
+        noise = self.fixed.noise(start + f0_audio.size(1))[:, start:]
+        sines = sines * voiced + noise_amp * noise.to(f0_audio.device)
+        return torch.tanh(self.l_linear(sines))
+
     def forward(self, f0: Tensor) -> Tensor:
-        """f0 [B, L, 1] at the audio rate (float32) -> source [B, L, 1]."""
-        length = f0.size(1)
+        """f0 [B, L, 1] at the audio rate (float32), from sample 0 -> source [B, L, 1]."""
         rad = (f0 * self.harmonics / self.sampling_rate) % 1  # phase increment per sample, in turns
         rad[:, 0, :] = rad[:, 0, :] + self.fixed.initial_phase.to(f0.device)
         rad = F.interpolate(rad.transpose(1, 2), scale_factor=1.0 / self.upsample_scale, mode="linear")
-        phase = torch.cumsum(rad, dim=2) * 2 * math.pi
-        phase = F.interpolate(phase * self.upsample_scale, scale_factor=float(self.upsample_scale), mode="nearest")
-        sines = torch.sin(phase).transpose(1, 2) * self.sine_amp
-        voiced = (f0 > self.voiced_threshold).to(sines.dtype)
-        noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        sines = sines * voiced + noise_amp * self.fixed.noise(length).to(f0.device)
-        return torch.tanh(self.l_linear(sines))
+        return self.from_phase(torch.cumsum(rad, dim=2), f0, 0)
 
 
 class CausalHiFTGenerator(nn.Module):
@@ -241,10 +254,13 @@ class CausalHiFTGenerator(nn.Module):
         check_keys(model, state, str(path))
         return model.to(device).eval()
 
+    def upsample_f0(self, f0: Tensor) -> Tensor:
+        """f0 [B, T] at the mel frame rate -> [B, T * upsample_scale, 1] float32 (nearest)."""
+        return F.interpolate(f0.float()[:, None], scale_factor=float(self.upsample_scale), mode="nearest").transpose(1, 2)
+
     def source(self, f0: Tensor) -> Tensor:
         """f0 [B, T] at the mel frame rate -> excitation [B, 1, T * upsample_scale] (float32)."""
-        f0_audio = F.interpolate(f0.float()[:, None], scale_factor=float(self.upsample_scale), mode="nearest")
-        return self.m_source(f0_audio.transpose(1, 2)).transpose(1, 2)
+        return self.m_source(self.upsample_f0(f0)).transpose(1, 2)
 
     def decode(self, mel: Tensor, source: Tensor, finalize: bool = True, stage_out: dict | None = None) -> Tensor:
         """mel [B, 80, T], source [B, 1, 480 T] -> waveform [B, 480 T] (finalize) or [B, 480 (T - look_right - 1)]

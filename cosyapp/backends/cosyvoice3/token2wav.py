@@ -6,7 +6,17 @@ then hops doubling up to 100; a chunk needs hop + 3 look-ahead tokens; `finish()
 attention). What differs is token2wav: upstream re-runs the flow on ALL tokens so far (chunk-masked for
 non-final calls), appends the mel frames of the new tokens to the mel of the earlier calls, and re-vocodes the
 whole accumulated mel with the causal HiFT, emitting the samples past what it emitted before (no cross-fade).
-That is what `Token2Wav` computes; its cost per chunk grows with the utterance.
+Its cost per chunk grows with the utterance; `Token2Wav(exact=True)` computes exactly that.
+
+`exact=False` (the service's default) keeps each chunk's cost bounded by what the chunk adds:
+- flow computes only the new tokens' frames, through per-stream DiT caches (`CosyVoice3Flow.forward_cached`).
+  Earlier chunks never attend to later frames under the chunk mask, so the non-final chunks' mels are
+  upstream's; the final call also uses the chunk mask (upstream switches to full attention there).
+- HiFT re-vocodes only the last frames: the new ones plus HIFT_CONTEXT_FRAMES before them, more than the
+  causal generator's receptive field. Its f0 (final once 3 frames of look-ahead exist) and the cumulative
+  source phase (summed in float64 like torch's float32 cumsum on the CPU) are carried from call to call, and
+  the fixed source noise is read at absolute sample positions, so the samples match the whole re-run.
+Non-streaming requests make upstream's single full-attention call either way.
 """
 
 from __future__ import annotations
@@ -19,13 +29,21 @@ from torch import Tensor
 from cosyapp.backends.cosyvoice2.token2wav import HOP_GROWTH, MAX_HOP_CHUNKS, prompt_token_pad
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
-from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
+from cosyapp.backends.cosyvoice3.hift import F0_RIGHT_CONTEXT, CausalHiFTGenerator
+
+# Mel frames re-vocoded before a bounded chunk's first new frame: above the causal HiFT generator's receptive
+# field (about 22 frames for the release's kernels and dilations) so that the new samples are the full re-run's.
+HIFT_CONTEXT_FRAMES = 32
+F0_CONTEXT_FRAMES = 8  # the f0 predictor's causal convs (4 x kernel 3) see 8 frames back
 
 
 class Token2Wav:
     """Flow + causal HiFT behind upstream's chunk schedule; shared by all requests, holds no request state."""
 
-    def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFTGenerator, config: CosyVoice3Config) -> None:
+    def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFTGenerator, config: CosyVoice3Config,
+                 exact: bool = True) -> None:
+        self.exact = exact
+        self.config = config
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
@@ -55,6 +73,7 @@ class Token2WavStream:
         self.owner = owner
         self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
         self.stream = stream
+        self.bounded = stream and not owner.exact
         self.device = prompt_token.device
         self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.offset = 0  # tokens whose mel has been vocoded
@@ -62,6 +81,12 @@ class Token2WavStream:
         self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
         self.mel: Tensor | None = None  # [1, 80, frames] of every call so far
         self.speech_offset = 0  # samples emitted
+        if self.bounded:
+            self.caches = owner.flow.new_caches()
+            self.spks = owner.flow.speaker(embedding)
+            self.f0 = torch.zeros(1, 0, dtype=torch.float64, device=self.device)  # final f0 per frame
+            self.turns = torch.zeros(1, owner.hift.m_source.num_harmonics, 0, dtype=torch.float64,
+                                     device=self.device)  # cumulative source phase per frame
         self.finished = False
         self.calls: list[dict] = []  # (token_len, token_offset, finalize) of each call, for inspection
 
@@ -102,15 +127,48 @@ class Token2WavStream:
 
     @torch.inference_mode()
     def vocode(self, num_tokens: int, finalize: bool) -> Tensor:
-        """Upstream `CosyVoice3Model.token2wav` on tokens[:num_tokens] (streaming mask unless finalize)."""
-        owner = self.owner
+        """Upstream `CosyVoice3Model.token2wav` on tokens[:num_tokens] (streaming mask unless finalize); the next
+        chunk of samples, 1-D."""
         self.calls.append({"token_len": num_tokens, "token_offset": self.offset, "finalize": finalize,
                            "speech_offset_before": self.speech_offset})
-        mel = owner.flow.inference(self.tokens[None, :num_tokens], self.prompt_token, self.prompt_feat, self.embedding,
-                                   streaming=not finalize, finalize=finalize)
-        mel = mel[:, :, owner.token_mel_ratio * self.offset:]
+        mel = self._new_mel(num_tokens, finalize)
         self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=2)
-        speech, _ = owner.hift.inference(self.mel, finalize=finalize)
-        chunk = speech[0, self.speech_offset:]
-        self.speech_offset += chunk.numel()
-        return chunk
+        if self.bounded:
+            speech = self._vocode_window(finalize)
+        else:
+            speech = self.owner.hift.inference(self.mel, finalize=finalize)[0][0, self.speech_offset:]
+        self.speech_offset += speech.numel()
+        return speech
+
+    def _new_mel(self, num_tokens: int, finalize: bool) -> Tensor:
+        """The mel frames of tokens [offset, num_tokens - look-ahead) (all of them when finalize)."""
+        owner, ratio = self.owner, self.owner.token_mel_ratio
+        if not self.bounded:
+            mel = owner.flow.inference(self.tokens[None, :num_tokens], self.prompt_token, self.prompt_feat,
+                                       self.embedding, streaming=not finalize, finalize=finalize)
+            return mel[:, :, ratio * self.offset:]
+        prompt_len = self.prompt_token.shape[1]
+        end = prompt_len + num_tokens - (0 if finalize else owner.pre_lookahead)
+        tokens = torch.cat([self.prompt_token, self.tokens[None]], dim=1)
+        first_call = self.caches[0].length == 0
+        mel = owner.flow.forward_cached(tokens, end, finalize, self.spks, self.prompt_feat, self.caches)
+        return mel[:, :, ratio * prompt_len:] if first_call else mel
+
+    def _vocode_window(self, finalize: bool) -> Tensor:
+        """The samples past speech_offset of HiFT on the whole mel, from its last frames only."""
+        hift, hop = self.owner.hift, self.owner.hift.upsample_scale
+        frames = self.mel.size(2)
+        f0_end = frames if finalize else frames - F0_RIGHT_CONTEXT
+        done = self.f0.size(1)
+        first = max(0, done - F0_CONTEXT_FRAMES)
+        f0 = hift.f0_predictor(self.mel[:, :, first:], finalize)[:, done - first:f0_end - first]
+        increments = hift.m_source.frame_increments(f0.float()).double()
+        carry = self.turns[:, :, -1:] if done else torch.zeros_like(increments[:, :, :1])
+        self.f0 = torch.cat([self.f0, f0], dim=1)
+        self.turns = torch.cat([self.turns, carry + increments.cumsum(dim=2)], dim=2)
+
+        start = max(0, self.speech_offset // hop - HIFT_CONTEXT_FRAMES)
+        f0_audio = hift.upsample_f0(self.f0[:, start:f0_end])
+        source = hift.m_source.from_phase(self.turns[:, :, start:f0_end].float(), f0_audio, start * hop)
+        speech = hift.decode(self.mel[:, :, start:f0_end], source.transpose(1, 2), finalize)
+        return speech[0, self.speech_offset - start * hop:]
