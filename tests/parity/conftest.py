@@ -1,6 +1,7 @@
 """Parity-test fixtures: the golden folders (`--golden DIR`, by default ../shared/golden beside the repository),
 the CosyVoice2 golden settings, config and vocoder shared by several test files, the CosyVoice3 golden settings
-and arrays, and the Fish golden files and models loaded from them. Every test here skips, with one reason, when its golden set is missing."""
+and arrays, and the Fish golden files and models loaded from them. Every test here skips, with one reason, when
+its golden set is missing."""
 
 from __future__ import annotations
 

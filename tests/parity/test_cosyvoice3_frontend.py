@@ -87,7 +87,8 @@ def test_offline_normalisation_strings(frontend: CosyVoice3Frontend, cv3_setting
 
 def test_sentence_token_ids(frontend: CosyVoice3Frontend, cv3_settings: dict, golden: dict[str, np.ndarray]) -> None:
     keys = [k for k in golden if k.startswith("text__")]
-    assert len(keys) == sum(len(ref["split"]) for ref in cv3_settings["text_normalize"]["offline_no_tn_engine"].values())
+    references = cv3_settings["text_normalize"]["offline_no_tn_engine"].values()
+    assert len(keys) == sum(len(ref["split"]) for ref in references)
     for name in keys:
         key, index = re.fullmatch(r"text__(.+)__sent(\d+)", name).groups()
         sentences = frontend.text_sentences(cv3_settings["texts_raw"][key])

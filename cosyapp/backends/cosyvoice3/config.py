@@ -101,7 +101,8 @@ class CosyVoice3Config:
         if not yaml_path.is_file():
             raise ModelFileError(f"{yaml_path}: missing (not a CosyVoice3 model directory?)")
         hyper = read_hyperpyyaml(yaml_path)
-        return cls.from_dicts(hyper, read_json_file(model_dir / "CosyVoice-BlankEN" / "config.json"), source=str(yaml_path))
+        qwen_raw = read_json_file(model_dir / "CosyVoice-BlankEN" / "config.json")
+        return cls.from_dicts(hyper, qwen_raw, source=str(yaml_path))
 
     @classmethod
     def from_dicts(cls, y: dict[str, Any], q: dict[str, Any], source: str = CONFIG_FILE) -> "CosyVoice3Config":

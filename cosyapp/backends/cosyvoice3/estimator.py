@@ -234,7 +234,8 @@ class DiT(nn.Module):
         else:
             if not streaming:
                 raise ValueError("a DiT cache needs the chunk mask (streaming=True)")
-            attn_mask = chunk_attention_mask(start + h.size(1), self.config.static_chunk_size, h.device, start)[None, None]
+            chunk = self.config.static_chunk_size
+            attn_mask = chunk_attention_mask(start + h.size(1), chunk, h.device, start)[None, None]
         for i, block in enumerate(self.transformer_blocks):
             h = block(h, t, attn_mask, rope, None if cache is None else (cache, i))
         if cache is not None:

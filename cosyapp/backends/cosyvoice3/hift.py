@@ -256,7 +256,8 @@ class CausalHiFTGenerator(nn.Module):
 
     def upsample_f0(self, f0: Tensor) -> Tensor:
         """f0 [B, T] at the mel frame rate -> [B, T * upsample_scale, 1] float32 (nearest)."""
-        return F.interpolate(f0.float()[:, None], scale_factor=float(self.upsample_scale), mode="nearest").transpose(1, 2)
+        f0_audio = F.interpolate(f0.float()[:, None], scale_factor=float(self.upsample_scale), mode="nearest")
+        return f0_audio.transpose(1, 2)
 
     def source(self, f0: Tensor) -> Tensor:
         """f0 [B, T] at the mel frame rate -> excitation [B, 1, T * upsample_scale] (float32)."""
