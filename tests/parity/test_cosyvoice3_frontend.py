@@ -159,6 +159,9 @@ def test_prompt_prefix_is_added_when_missing(frontend: CosyVoice3Frontend, voice
     transcript = raw_prompt.split("<|endofprompt|>")[-1]
     assert frontend.prompt_text_ids(transcript) == frontend.prompt_text_ids(raw_prompt)
     assert endofprompt in frontend.instruction_ids("Speak slowly.")
+    # Without the tag the transcript is normalised (digits spelled out) before the prefix goes in front.
+    assert frontend.prompt_text_ids("Room 7.") == frontend.tokenizer.encode("You are a helpful assistant."
+                                                                             "<|endofprompt|>Room seven.")
     text_ids = frontend.text_sentences("Hello there.")[0]
     model_input = frontend.build_model_input(Mode.CROSS_LINGUAL, text_ids, voice)
     assert endofprompt in model_input.text[0].tolist()

@@ -25,11 +25,11 @@ class CosyVoice3Frontend(CosyVoice2Frontend):
     speech_tokenizer_file = "speech_tokenizer_v3.onnx"
 
     def prompt_text_ids(self, text: str) -> list[int]:
-        """The zero-shot prompt transcript, with the system prompt in front when it has no `<|endofprompt|>`.
-        (A text holding a `<|...|>` tag is not normalised, as upstream.)"""
-        if END_OF_PROMPT not in text:
-            text = SYSTEM_PROMPT + END_OF_PROMPT + text
-        return super().prompt_text_ids(text)
+        """The zero-shot prompt transcript: used raw when it holds `<|endofprompt|>` (upstream leaves texts with
+        tags alone), else normalised and put after the system prompt."""
+        if END_OF_PROMPT in text:
+            return self.tokenizer.encode(text)
+        return self.tokenizer.encode(SYSTEM_PROMPT + END_OF_PROMPT) + super().prompt_text_ids(text)
 
     def instruction_ids(self, text: str) -> list[int]:
         """The instruct2 instruction, raw; wrapped as `You are a helpful assistant. <text><|endofprompt|>` when it
