@@ -73,3 +73,35 @@ def test_bounded_streaming_matches_exact_before_the_last_chunk(backend: CosyVoic
     assert len(bounded_chunks) >= 4
     for ours, theirs in zip(bounded_chunks[:-1], exact_chunks[:-1]):
         assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_bounded_chunks_only_compute_what_they_add(backend: CosyVoice3Backend, voice) -> None:
+    """Per chunk, flow runs on the new frames and HiFT on at most the new frames plus a fixed context."""
+    from cosyapp.backends.cosyvoice3.token2wav import HIFT_CONTEXT_FRAMES
+
+    token2wav = backend.token2wav
+    assert not token2wav.exact
+    flow_frames, hift_frames = [], []
+    decoder, decode = token2wav.flow.decoder.forward, token2wav.hift.decode
+
+    def record_flow(mu, *args, **kwargs):
+        flow_frames.append(mu.size(2))
+        return decoder(mu, *args, **kwargs)
+
+    def record_hift(mel, *args, **kwargs):
+        hift_frames.append(mel.size(2))
+        return decode(mel, *args, **kwargs)
+
+    token2wav.flow.decoder.forward, token2wav.hift.decode = record_flow, record_hift
+    try:
+        request = SynthesisRequest(text="Long enough.", voice=voice, mode=Mode.CROSS_LINGUAL, seed=1, fixed_length=400)
+        chunks = list(backend.synthesize(request))
+    finally:
+        del token2wav.flow.decoder.forward, token2wav.hift.decode
+    ratio, max_hop = backend.config.token_mel_ratio, token2wav.max_hop
+    prompt_frames = voice.features.speech_feat.shape[1]
+    assert len(chunks) == len(flow_frames) == len(hift_frames) >= 5
+    assert flow_frames[0] <= prompt_frames + ratio * (max_hop + token2wav.chunk_size)
+    assert max(flow_frames[1:]) <= ratio * max_hop
+    assert max(hift_frames) <= ratio * max_hop + HIFT_CONTEXT_FRAMES + 8
+    assert sum(flow_frames) == prompt_frames + ratio * 400
