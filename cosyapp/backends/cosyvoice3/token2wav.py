@@ -88,7 +88,8 @@ class Token2WavStream:
             self.turns = torch.zeros(1, owner.hift.m_source.num_harmonics, 0, dtype=torch.float64,
                                      device=self.device)  # cumulative source phase per frame
         self.finished = False
-        self.calls: list[dict] = []  # (token_len, token_offset, finalize) of each call, for inspection
+        # Each call's token_len, token_offset, finalize and speech_offset_before (upstream's names), for inspection.
+        self.calls: list[dict] = []
 
     def tokens_wanted(self) -> int | None:
         """How many more tokens the next chunk needs (at least 1); None when not streaming (all of them)."""
@@ -117,7 +118,8 @@ class Token2WavStream:
         return chunks
 
     def finish(self) -> Tensor:
-        """Vocode every remaining token (full attention) -> the last chunk, 1-D float32."""
+        """Vocode every remaining token (full attention; chunk mask on the bounded path) -> the last chunk, 1-D
+        float32."""
         if self.finished:
             raise RuntimeError("finish() called twice")
         self.finished = True
