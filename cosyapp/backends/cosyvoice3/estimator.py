@@ -49,6 +49,13 @@ class DiTCache:
         self.values: list[torch.Tensor] = []
         self.conv_inputs: list[torch.Tensor | None] = [None, None]  # [B, dim, kernel - 1] per position conv
 
+    def fork(self) -> "DiTCache":
+        """An independent copy (the held tensors are shared: calls replace them, never write into them)."""
+        other = DiTCache()
+        other.length, other.keys, other.values = self.length, list(self.keys), list(self.values)
+        other.conv_inputs = list(self.conv_inputs)
+        return other
+
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a call's keys/values [B, heads, T, dim_head] to the layer's; returns all of them."""
         if layer == len(self.keys):

@@ -85,6 +85,12 @@ class CosyVoice3Flow(nn.Module):
         """Empty caches for one stream's `forward_cached` calls: one per Euler step."""
         return [DiTCache() for _ in range(self.config.n_timesteps)]
 
+    def prefill_length(self, prompt_tokens: int) -> int:
+        """Prompt tokens whose frames can be cached before the speech tokens are known: whole chunks whose
+        look-ahead tokens are prompt tokens too."""
+        chunk = self.config.estimator.static_chunk_size // self.config.token_mel_ratio
+        return max(0, prompt_tokens - self.config.pre_lookahead_len) // chunk * chunk
+
     @torch.inference_mode()
     def forward_cached(self, tokens: torch.Tensor, end: int, finalize: bool, spks: torch.Tensor,
                        prompt_feat: torch.Tensor, caches: list[DiTCache]) -> torch.Tensor:

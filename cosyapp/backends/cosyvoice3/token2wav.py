@@ -9,9 +9,10 @@ whole accumulated mel with the causal HiFT, emitting the samples past what it em
 Its cost per chunk grows with the utterance; `Token2Wav(exact=True)` computes exactly that.
 
 `exact=False` (the service's default) keeps each chunk's cost bounded by what the chunk adds:
-- flow computes only the new tokens' frames, through per-stream DiT caches (`CosyVoice3Flow.forward_cached`).
-  Earlier chunks never attend to later frames under the chunk mask, so the non-final chunks' mels are
-  upstream's; the final call also uses the chunk mask (upstream switches to full attention there).
+- flow computes only the new tokens' frames, through per-stream DiT caches (`CosyVoice3Flow.forward_cached`)
+  that start from the voice's prefilled prompt chunks. Earlier chunks never attend to later frames under the
+  chunk mask, so the non-final chunks' mels are upstream's; the final call also uses the chunk mask
+  (upstream switches to full attention there).
 - HiFT re-vocodes only the last frames: the new ones plus HIFT_CONTEXT_FRAMES before them, more than the
   causal generator's receptive field. Its f0 (final once 3 frames of look-ahead exist) and the cumulative
   source phase (summed in float64 like torch's float32 cumsum on the CPU) are carried from call to call, and
@@ -21,6 +22,9 @@ Non-streaming requests make upstream's single full-attention call either way.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.token2wav import HOP_GROWTH, MAX_HOP_CHUNKS, prompt_token_pad
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
+from cosyapp.backends.cosyvoice3.estimator import DiTCache
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
 from cosyapp.backends.cosyvoice3.hift import F0_RIGHT_CONTEXT, CausalHiFTGenerator
 
@@ -35,6 +40,9 @@ from cosyapp.backends.cosyvoice3.hift import F0_RIGHT_CONTEXT, CausalHiFTGenerat
 # field (about 22 frames for the release's kernels and dilations) so that the new samples are the full re-run's.
 HIFT_CONTEXT_FRAMES = 32
 F0_CONTEXT_FRAMES = 8  # the f0 predictor's causal convs (4 x kernel 3) see 8 frames back
+# Voices whose prompt flow caches are kept (most recent first): a bounded stream starts from its voice's,
+# computed on the voice's first request, so its first chunk runs flow on little more than the first hop.
+PREFILLED_VOICES = 4
 
 
 class Token2Wav:
@@ -50,12 +58,33 @@ class Token2Wav:
         self.max_hop = MAX_HOP_CHUNKS * config.chunk_size
         self.pre_lookahead = config.flow.pre_lookahead_len
         self.token_mel_ratio = config.token_mel_ratio
+        # id(prompt_token) -> (weak reference to it, its prefilled flow caches), least recent first.
+        self._prefilled: OrderedDict[int, tuple[weakref.ref, list[DiTCache]]] = OrderedDict()
+        self._prefill_lock = threading.Lock()
 
     def new_stream(self, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                    stream: bool = True) -> "Token2WavStream":
         """Start one request: prompt_token [1, P], prompt_feat [1, 2P, 80], embedding [1, 192], on the model
         device. `stream=False`: `push` only collects tokens and `finish` makes one call over all of them."""
         return Token2WavStream(self, prompt_token, prompt_feat, embedding, stream)
+
+    def prompt_caches(self, prompt_token: Tensor, prompt_feat: Tensor, spks: Tensor) -> list[DiTCache]:
+        """Flow caches holding the prompt's complete chunks (`CosyVoice3Flow.prefill_length`), forked from the
+        voice's, which are computed on its first request."""
+        with self._prefill_lock:
+            entry = self._prefilled.get(id(prompt_token))
+            if entry is not None and entry[0]() is prompt_token:
+                self._prefilled.move_to_end(id(prompt_token))
+                caches = entry[1]
+            else:
+                caches = self.flow.new_caches()
+                end = self.flow.prefill_length(prompt_token.shape[1])
+                if end:
+                    self.flow.forward_cached(prompt_token, end, False, spks, prompt_feat, caches)
+                self._prefilled[id(prompt_token)] = (weakref.ref(prompt_token), caches)
+                while len(self._prefilled) > PREFILLED_VOICES:
+                    self._prefilled.popitem(last=False)
+        return [cache.fork() for cache in caches]
 
     def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor,
              embedding: Tensor) -> Tensor:
@@ -82,8 +111,9 @@ class Token2WavStream:
         self.mel: Tensor | None = None  # [1, 80, frames] of every call so far
         self.speech_offset = 0  # samples emitted
         if self.bounded:
-            self.caches = owner.flow.new_caches()
-            self.spks = owner.flow.speaker(embedding)
+            with torch.inference_mode():
+                self.spks = owner.flow.speaker(embedding)
+            self.caches = owner.prompt_caches(prompt_token, prompt_feat, self.spks)
             self.f0 = torch.zeros(1, 0, dtype=torch.float64, device=self.device)  # final f0 per frame
             self.turns = torch.zeros(1, owner.hift.m_source.num_harmonics, 0, dtype=torch.float64,
                                      device=self.device)  # cumulative source phase per frame
@@ -152,9 +182,9 @@ class Token2WavStream:
         prompt_len = self.prompt_token.shape[1]
         end = prompt_len + num_tokens - (0 if finalize else owner.pre_lookahead)
         tokens = torch.cat([self.prompt_token, self.tokens[None]], dim=1)
-        first_call = self.caches[0].length == 0
+        prompt_left = max(0, prompt_len - self.caches[0].length // ratio)  # prompt tokens not yet in the caches
         mel = owner.flow.forward_cached(tokens, end, finalize, self.spks, self.prompt_feat, self.caches)
-        return mel[:, :, ratio * prompt_len:] if first_call else mel
+        return mel[:, :, ratio * prompt_left:]
 
     def _vocode_window(self, finalize: bool) -> Tensor:
         """The samples past speech_offset of HiFT on the whole mel, from its last frames only."""
