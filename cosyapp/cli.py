@@ -39,6 +39,12 @@ HUB_MODELS = {
         ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx",
          "CosyVoice-BlankEN/*"),
     ),
+    # The same id on both hubs. llm.rl.pt (RL-tuned weights in llm.pt's layout) is left out: nothing loads it.
+    "cosyvoice3": HubModel(
+        "FunAudioLLM/Fun-CosyVoice3-0.5B-2512", "FunAudioLLM/Fun-CosyVoice3-0.5B-2512", "Fun-CosyVoice3-0.5B",
+        ("cosyvoice3.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx",
+         "CosyVoice-BlankEN/*"),
+    ),
     "fish": HubModel(
         "fishaudio/openaudio-s1-mini", None, "openaudio-s1-mini",
         ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"),
@@ -47,7 +53,7 @@ HUB_MODELS = {
     ),
 }
 # A file that marks a folder as a backend's layout (for `models list`).
-LAYOUT_MARKERS = {"cosyvoice2": "cosyvoice2.yaml", "fish": "codec.pth"}
+LAYOUT_MARKERS = {"cosyvoice2": "cosyvoice2.yaml", "cosyvoice3": "cosyvoice3.yaml", "fish": "codec.pth"}
 PRETRAINED_DIR = PROJECT_ROOT / "pretrained_models"
 
 

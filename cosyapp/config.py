@@ -86,6 +86,14 @@ class CosyVoice2Settings:
 
 
 @dataclass(frozen=True)
+class CosyVoice3Settings:
+    """Options of the CosyVoice3 backend (passed to `CosyVoice3Backend`)."""
+
+    text_frontend: str = field(default="offline", metadata=_rule(choices=("offline", "wetext")))
+    exact_streaming: bool = False
+
+
+@dataclass(frozen=True)
 class FishSettings:
     """Options of the Fish backend (passed to `FishBackend`)."""
 
@@ -160,6 +168,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
     cosyvoice2: CosyVoice2Settings = CosyVoice2Settings()
+    cosyvoice3: CosyVoice3Settings = CosyVoice3Settings()
     fish: FishSettings = FishSettings()
     fishapi: FishApiSettings = FishApiSettings()
     hub: HubSettings = HubSettings()
@@ -188,6 +197,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "model": ModelSettings,
     "cosyvoice2": CosyVoice2Settings,
+    "cosyvoice3": CosyVoice3Settings,
     "fish": FishSettings,
     "fishapi": FishApiSettings,
     "hub": HubSettings,

@@ -61,11 +61,12 @@ def load_state_dict(path: str | Path, strip_prefix: str = "") -> dict[str, torch
     return state
 
 
-def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_weight_norm(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Replace weight-norm pairs by the effective weight `g * v / ||v||` (norm over every dim but 0).
 
     Accepts both spellings torch has used: `X.parametrizations.weight.original0/original1` and
-    `X.weight_g/X.weight_v`. Inference never needs the decomposition, so modules hold plain weights.
+    `X.weight_g/X.weight_v`. Inference never needs the decomposition, so modules hold plain weights. The fold
+    runs in `dtype` (a module that runs in float64 should get its weights folded in float64).
     """
     out: dict[str, torch.Tensor] = {}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -83,7 +84,7 @@ def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for base, pair in pairs.items():
         if set(pair) != {"g", "v"}:
             raise ModelFileError(f"weight-norm parameter {base} is missing its {'g' if 'v' in pair else 'v'} half")
-        g, v = pair["g"].float(), pair["v"].float()
+        g, v = pair["g"].to(dtype), pair["v"].to(dtype)
         norm = v.norm(dim=tuple(range(1, v.dim())), keepdim=True)
         out[base + ".weight"] = g * v / norm
     return out

@@ -15,6 +15,7 @@ from cosyapp.engine.types import Backend
 # and `make_tiny(out_dir, size) -> None`.
 BACKEND_MODULES = {
     "cosyvoice2": "cosyapp.backends.cosyvoice2.backend",
+    "cosyvoice3": "cosyapp.backends.cosyvoice3.backend",
     "fish": "cosyapp.backends.fish.backend",
 }
 

@@ -22,7 +22,7 @@ REPO_ID = "FunAudioLLM/CosyVoice2-0.5B"
 def test_models_list_shows_sources_and_the_configured_model(cli, tiny_cosyvoice2_dir: Path):
     output = cli("models", "list").output
     assert "FunAudioLLM/CosyVoice2-0.5B" in output and "iic/CosyVoice2-0.5B" in output
-    assert "fishaudio/openaudio-s1-mini" in output
+    assert "fishaudio/openaudio-s1-mini" in output and "FunAudioLLM/Fun-CosyVoice3-0.5B-2512" in output
     assert f"Configured: backend=cosyvoice2 model_dir={tiny_cosyvoice2_dir} (present)" in output
 
 
@@ -71,10 +71,10 @@ def fake_hub(tiny_cosyvoice2_dir: Path, tmp_path: Path):
     hub.stop()
 
 
-def _pull(url: str, target: Path, home: Path) -> subprocess.CompletedProcess:
+def _pull(url: str, target: Path, home: Path, backend: str = "cosyvoice2") -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if not name.startswith(("COSYAPP_", "HF_"))}
     env.update({"HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"})
-    return subprocess.run([sys.executable, "-m", "cosyapp", "models", "pull", "cosyvoice2", "--source", "hf",
+    return subprocess.run([sys.executable, "-m", "cosyapp", "models", "pull", backend, "--source", "hf",
                            "--dir", str(target)], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -100,6 +100,26 @@ def test_models_pull_downloads_the_official_layout_then_verifies(fake_hub, tiny_
     again = _pull(url, target, tmp_path / "hf_home")
     assert again.returncode == 0, again.stdout + again.stderr
     assert hub.downloads() == []
+
+
+def test_models_pull_cosyvoice3(tiny_cosyvoice3_dir: Path, tmp_path: Path):
+    """Fun-CosyVoice3-0.5B-2512: the official layout only (not the unused llm.rl.pt), then verified."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_cosyvoice3_dir, repo)
+    shutil.copyfile(repo / "llm.pt", repo / "llm.rl.pt")
+    hub = FakeHub("FunAudioLLM/Fun-CosyVoice3-0.5B-2512", repo)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = hub.start(port)
+    try:
+        target = tmp_path / "Fun-CosyVoice3-0.5B"
+        result = _pull(url, target, tmp_path / "hf_home", backend="cosyvoice3")
+    finally:
+        hub.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "llm.pt: loaded" in result.stdout and f"ok: {target}" in result.stdout
+    assert (target / "speech_tokenizer_v3.onnx").is_file() and not (target / "llm.rl.pt").exists()
 
 
 def test_models_pull_reports_an_unreachable_hub(tmp_path: Path):

@@ -1,6 +1,7 @@
 """Parity-test fixtures: the golden folders (`--golden DIR`, by default ../shared/golden beside the repository),
-the CosyVoice2 golden settings, config and vocoder shared by several test files, and the Fish golden files and
-models loaded from them. Every test here skips, with one reason, when its golden set is missing."""
+the CosyVoice2 golden settings, config and vocoder shared by several test files, the CosyVoice3 golden settings
+and arrays, and the Fish golden files and models loaded from them. Every test here skips, with one reason, when
+its golden set is missing."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 
-_BACKEND_NAMES = {"cosyvoice2": "CosyVoice2", "fish": "Fish"}
+_BACKEND_NAMES = {"cosyvoice2": "CosyVoice2", "cosyvoice3": "CosyVoice3", "fish": "Fish"}
 
 
 def _backend_of(folder: Path) -> str | None:
     if (folder / "settings.json").is_file() and (folder / "tiny" / "cosyvoice2.yaml").is_file():
         return "cosyvoice2"
+    if (folder / "settings.json").is_file() and (folder / "tiny" / "cosyvoice3.yaml").is_file():
+        return "cosyvoice3"
     if (folder / "goldens.json").is_file() and (folder / "tiny" / "config.json").is_file():
         return "fish"
     return None
@@ -73,6 +76,30 @@ def config(cosyvoice2_golden: Path) -> CosyVoice2Config:
 @pytest.fixture(scope="module")
 def hift(cosyvoice2_golden: Path, config: CosyVoice2Config) -> HiFTGenerator:
     return HiFTGenerator.from_pretrained(cosyvoice2_golden / "tiny", config)
+
+
+@pytest.fixture(scope="session")
+def cosyvoice3_golden(golden_root: Path) -> Path:
+    return golden_folder(golden_root, "cosyvoice3")
+
+
+@pytest.fixture(scope="session")
+def cv3_settings(cosyvoice3_golden: Path) -> dict:
+    return json.loads((cosyvoice3_golden / "settings.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def cv3_npz(cosyvoice3_golden: Path):
+    """`cv3_npz("flow")` -> the arrays of the CosyVoice3 flow.npz (loaded once per file)."""
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            with np.load(cosyvoice3_golden / f"{name}.npz", allow_pickle=False) as data:
+                cache[name] = dict(data)
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")

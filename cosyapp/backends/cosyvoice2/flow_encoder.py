@@ -194,11 +194,12 @@ class PreLookaheadLayer(nn.Module):
     """Lets each token see the next `lookahead` tokens: conv k=lookahead+1 over x ++ lookahead context (or zeros),
     leaky ReLU, causal conv k=3, plus the residual. Output has the length of x."""
 
-    def __init__(self, dim: int, lookahead: int) -> None:
+    def __init__(self, dim: int, lookahead: int, channels: int | None = None) -> None:
         super().__init__()
         self.lookahead = lookahead
-        self.conv1 = nn.Conv1d(dim, dim, kernel_size=lookahead + 1)
-        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3)
+        channels = dim if channels is None else channels  # CosyVoice3 narrows the hidden width
+        self.conv1 = nn.Conv1d(dim, channels, kernel_size=lookahead + 1)
+        self.conv2 = nn.Conv1d(channels, dim, kernel_size=3)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache: ChunkCache | None = None) -> torch.Tensor:
         """x [B, T, D]; context [B, <=lookahead, D] holds the embedded tokens after x, None at the end of speech.

@@ -148,12 +148,15 @@ class CosyVoice2Frontend:
     Thread-safe: nothing is mutated after construction.
     """
 
+    tokenizer_class: type[CosyVoice2Tokenizer] = CosyVoice2Tokenizer
+    speech_tokenizer_file = "speech_tokenizer_v2.onnx"
+
     def __init__(self, model_dir: str | Path, config: CosyVoice2Config, device: torch.device | str = "cpu",
                  text_frontend: str = "offline", wetext_fst_dir: str | Path | None = None) -> None:
         model_dir = Path(model_dir)
         self.config = config
         self.device = torch.device(device)
-        self.tokenizer = CosyVoice2Tokenizer(model_dir / "CosyVoice-BlankEN")
+        self.tokenizer = self.tokenizer_class(model_dir / "CosyVoice-BlankEN")
         if text_frontend == "offline":
             self._fst: FstNormalizer | None = None
         elif text_frontend == "wetext":
@@ -161,7 +164,7 @@ class CosyVoice2Frontend:
         else:
             raise ValueError(f"text_frontend must be 'offline' or 'wetext', got {text_frontend!r}")
         self._speaker_model = _onnx_session(model_dir / "campplus.onnx", ["CPUExecutionProvider"], n_inputs=1)
-        self._speech_tokenizer = _onnx_session(model_dir / "speech_tokenizer_v2.onnx",
+        self._speech_tokenizer = _onnx_session(model_dir / self.speech_tokenizer_file,
                                                _speech_tokenizer_providers(self.device), n_inputs=2)
 
     # ---- text -------------------------------------------------------------------------------------
@@ -236,7 +239,7 @@ class CosyVoice2Frontend:
         embedding = torch.from_numpy(np.asarray(embedding, dtype=np.float32).reshape(-1))
         if embedding.numel() != self.config.spk_embed_dim:
             raise ModelFileError(f"campplus.onnx: produced {embedding.numel()} values, expected "
-                                 f"{self.config.spk_embed_dim} (spk_embed_dim of cosyvoice2.yaml)")
+                                 f"{self.config.spk_embed_dim} (spk_embed_dim of the model yaml)")
         return embedding
 
     # ---- assembly ---------------------------------------------------------------------------------

@@ -35,12 +35,15 @@ COSYVOICE2_SPECIAL_TOKENS = (
 )
 
 
-def _read_vocab(path: Path) -> dict[str, int]:
+def _read_vocab(path: Path, specials: dict[str, int]) -> dict[str, int]:
+    """The BPE vocabulary. Besides the regular tokens (ids 0..n-1) it may list specials of `specials` (token ->
+    id) at their own ids, anywhere above: that is how a small test vocabulary keeps the release's special ids."""
     vocab = read_json_file(path)
     if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) for v in vocab.values()):
         raise ModelFileError(f"{path}: expected a non-empty JSON object mapping tokens to integer ids")
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ModelFileError(f"{path}: token ids are not 0..{len(vocab) - 1} without gaps")
+    regular = sorted(token_id for token, token_id in vocab.items() if specials.get(token) != token_id)
+    if regular != list(range(len(regular))):
+        raise ModelFileError(f"{path}: token ids are not 0..{len(regular) - 1} without gaps")
     return vocab
 
 
@@ -88,11 +91,13 @@ def _read_added_tokens(path: Path) -> list[tuple[int, AddedToken]]:
 class CosyVoice2Tokenizer:
     """Text -> Qwen2 token ids, exactly as upstream `CosyVoice2Tokenizer.encode` (no BOS/EOS added)."""
 
+    special_tokens: tuple[str, ...] = COSYVOICE2_SPECIAL_TOKENS  # added in this order after the config's
+
     def __init__(self, blank_en_dir: str | Path) -> None:
         blank_en_dir = Path(blank_en_dir)
-        vocab = _read_vocab(blank_en_dir / "vocab.json")
-        merges = _read_merges(blank_en_dir / "merges.txt", vocab)
         config_added = _read_added_tokens(blank_en_dir / "tokenizer_config.json")
+        vocab = _read_vocab(blank_en_dir / "vocab.json", {token.content: token_id for token_id, token in config_added})
+        merges = _read_merges(blank_en_dir / "merges.txt", vocab)
 
         tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=None, continuing_subword_prefix="",
                                   end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
@@ -108,9 +113,9 @@ class CosyVoice2Tokenizer:
             if tokenizer.token_to_id(token.content) != token_id:
                 raise ModelFileError(
                     f"{blank_en_dir / 'tokenizer_config.json'}: added token {token.content!r} wants id {token_id}, "
-                    f"which does not follow the {len(vocab)} tokens of vocab.json"
+                    f"which neither follows the {len(vocab)} tokens of vocab.json nor is listed there"
                 )
-        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in COSYVOICE2_SPECIAL_TOKENS])
+        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in self.special_tokens])
         self._tokenizer = tokenizer
 
     @property

@@ -1,0 +1,166 @@
+"""The CosyVoice3 backend: frontend -> LM (+ silence cap) -> flow -> causal HiFT behind the engine's `Backend`.
+
+One object per loaded model, shared by every request; request state (LM cache row, sampling generator,
+streaming schedule, flow caches, mel and sample offsets) lives in the call to `synthesize`. Each stream decodes
+its own LM tokens on the request thread, in its own row of the KV cache. Streaming chunks cost what they add
+(`token2wav.py`), unless `exact_streaming` asks for upstream's re-run of the whole utterance per chunk.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, cpu_cores
+from cosyapp.backends.cosyvoice2.frontend import VoiceFeatures
+from cosyapp.backends.cosyvoice2.llm import length_limits
+from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
+from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
+from cosyapp.backends.cosyvoice3.frontend import CosyVoice3Frontend
+from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
+from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
+from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
+from cosyapp.backends.cosyvoice3.token2wav import Token2Wav
+from cosyapp.backends.weights import resolve_device, resolve_dtype
+from cosyapp.engine.stats import timed
+from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest
+
+MODEL_TYPE = "CosyVoice3"
+REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx",
+                  "CosyVoice-BlankEN/config.json", "CosyVoice-BlankEN/vocab.json", "CosyVoice-BlankEN/merges.txt",
+                  "CosyVoice-BlankEN/tokenizer_config.json")
+# LM positions per stream: prompt text + text + prompt speech tokens (<= 30 s = 750) + 20x a sentence's tokens.
+DEFAULT_LM_CONTEXT = 4096
+
+
+class CosyVoice3Backend:
+    name = "cosyvoice3"
+
+    # Voices are CosyVoice2's: the same prompt features, stored the same way.
+    prepare_voice = CosyVoice2Backend.prepare_voice
+    voice_state = CosyVoice2Backend.voice_state
+    voice_from_state = CosyVoice2Backend.voice_from_state
+    _features = CosyVoice2Backend._features
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
+                 lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
+                 exact_streaming: bool = False) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        # On the CPU each stream's thread gets an equal share of the cores (see CosyVoice2Backend).
+        self.cpu_threads = max(1, cpu_cores() // max_streams) if self.device.type == "cpu" else None
+        self.config = CosyVoice3Config.from_model_dir(self.model_dir)
+        self.frontend = CosyVoice3Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
+        self.llm = CosyVoice3LM.from_pretrained(self.model_dir, self.config, self.device,
+                                                resolve_dtype(dtype, self.device))
+        # Allocated once: generation is capped to fit, so the cache is never reallocated under a running stream.
+        self.llm.setup_cache(max_streams, lm_context)
+        self.lm_context = lm_context
+        self.flow = CosyVoice3Flow.from_pretrained(self.model_dir, self.config, self.device)
+        self.hift = CausalHiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
+        # exact_streaming: upstream's chunks (every chunk re-runs the utterance so far); otherwise bounded chunks.
+        self.token2wav = Token2Wav(self.flow, self.hift, self.config, exact=exact_streaming)
+        self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
+        for row in range(max_streams):
+            self._free_rows.put(row)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
+                           modes=tuple(m.value for m in Mode))
+
+    def _prompt_ids(self, request: SynthesisRequest) -> list[int] | None:
+        if request.mode is Mode.ZERO_SHOT:
+            prompt_text = request.prompt_text or request.voice.text
+            if not prompt_text or not prompt_text.strip():
+                raise InputError("zero_shot mode needs prompt_text (the transcript of the prompt recording)")
+            return self.frontend.prompt_text_ids(prompt_text)
+        if request.mode is Mode.INSTRUCT2:
+            instruction = (request.instruction or "").strip()
+            if not instruction:
+                raise InputError("instruct2 mode needs an instruction")
+            return self.frontend.instruction_ids(instruction)
+        return None
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise."""
+        if self.cpu_threads is not None:
+            torch.set_num_threads(self.cpu_threads)
+        with timed(request.stats, "frontend"):
+            voice = self._features(request.voice)
+            sentences = self.frontend.text_sentences(request.text)
+            prompt_ids = self._prompt_ids(request)
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        try:
+            row = self._free_rows.get_nowait()
+        except queue.Empty:
+            raise RuntimeError("more concurrent streams than the backend's max_streams") from None
+        try:
+            pieces: list[np.ndarray] = []
+            for text_ids in sentences:
+                for chunk in self._sentence(request, voice, text_ids, prompt_ids, row, generator):
+                    if request.stream:
+                        yield chunk
+                    else:
+                        pieces.append(chunk)
+            if not request.stream:
+                yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        finally:
+            self._free_rows.put(row)
+
+    def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
+                  prompt_ids: list[int] | None, row: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+        with timed(request.stats, "frontend"):
+            model_input = self.frontend.build_model_input(request.mode, text_ids, voice, prompt_ids)
+            lm_input = self.llm.build_lm_input(model_input.text, model_input.prompt_text,
+                                               model_input.llm_prompt_speech_token)
+        min_len, max_len = length_limits(model_input.text_len)
+        room = self.lm_context - lm_input.shape[1]
+        if request.fixed_length is not None and request.fixed_length > room:
+            raise InputError(f"fixed_length {request.fixed_length} exceeds the LM context left ({room} tokens)")
+        max_len = min(max_len, room)
+        if max_len <= min_len:
+            raise InputError("prompt and sentence are too long for the LM context; use a shorter prompt or text")
+        session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
+                                            model_input.flow_embedding, stream=request.stream)
+        cap = SilenceCap()
+        for token in self.llm.generate(lm_input, min_len, max_len, generator, request.fixed_length, cache_row=row):
+            request.check_cancelled()
+            if cap.keep(token):
+                for chunk in session.push([token]):
+                    yield chunk.float().cpu().numpy()
+        request.check_cancelled()
+        yield session.finish().float().cpu().numpy()
+
+
+def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice3Backend:
+    return CosyVoice3Backend(model_dir, device=device, dtype=dtype, **options)
+
+
+def verify(model_dir: Path) -> list[str]:
+    """Check the official layout file by file, then load every stage on the CPU. Raises ModelFileError."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFileError(f"{model_dir}: not a directory")
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
+    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in REQUIRED_FILES]
+    backend = CosyVoice3Backend(model_dir, device="cpu", dtype="float32", max_streams=1, lm_context=256)
+    qwen = backend.config.llm.qwen
+    report.append(f"llm.pt: loaded (Qwen2 {qwen.num_layers} layers x {qwen.hidden_size}, vocab {qwen.vocab_size})")
+    report.append(f"flow.pt: loaded ({sum(p.numel() for p in backend.flow.parameters()):,} parameters)")
+    report.append(f"hift.pt: loaded ({sum(p.numel() for p in backend.hift.parameters()):,} parameters)")
+    report.append("campplus.onnx, speech_tokenizer_v3.onnx: loaded with onnxruntime")
+    return report
+
+
+def make_tiny(out_dir: Path, size: str = "tiny") -> None:
+    _make_tiny(out_dir, size=size)
