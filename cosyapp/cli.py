@@ -103,7 +103,7 @@ def _read_prompt(settings: Settings, wav: Path):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cosyapp")
 def main() -> None:
-    """cosyapp: a streaming text-to-speech service (CosyVoice2) and its tools."""
+    """cosyapp: a streaming text-to-speech service (CosyVoice2, CosyVoice3, Fish) and its tools."""
 
 
 # ----------------------------------------------------------------------------------------------- serve

@@ -108,3 +108,21 @@ def test_bounded_chunks_only_compute_what_they_add(backend: CosyVoice3Backend, v
     assert max(flow_frames) <= ratio * max_hop
     assert max(hift_frames) <= ratio * max_hop + HIFT_CONTEXT_FRAMES + 8
     assert sum(flow_frames) == ratio * (prompt_tokens - prefilled + 400)
+
+
+def test_declares_instructions_and_no_options(backend: CosyVoice3Backend) -> None:
+    info = backend.info()
+    assert info.model_type == "CosyVoice3" and info.instruct and "instruct2" in info.modes
+    assert backend.parse_options({}) is None and backend.parse_options(None) is None
+    with pytest.raises(InputError, match="temperature"):
+        backend.parse_options({"temperature": 0.5})
+
+
+def test_instruction_forms_become_upstreams(backend: CosyVoice3Backend) -> None:
+    """The service's instructions (CosyVoice2's form, ending with the marker) and bare ones get CosyVoice3's
+    system prompt; upstream's full form is used as it is."""
+    frontend = backend.frontend
+    want = frontend.tokenizer.encode("You are a helpful assistant. Speak slowly.<|endofprompt|>")
+    assert frontend.instruction_ids("Speak slowly.") == want
+    assert frontend.instruction_ids("Speak slowly.<|endofprompt|>") == want
+    assert frontend.instruction_ids("You are a helpful assistant. Speak slowly.<|endofprompt|>") == want

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -70,7 +70,13 @@ class CosyVoice3Backend:
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode))
+                           modes=tuple(m.value for m in Mode), instruct=True)
+
+    def parse_options(self, values: Mapping[str, Any] | None) -> None:
+        """CosyVoice3 samples as it was trained to: it takes no request options."""
+        if values:
+            raise InputError(f"unknown CosyVoice3 options {sorted(values)}: the model takes none")
+        return None
 
     def _prompt_ids(self, request: SynthesisRequest) -> list[int] | None:
         if request.mode is Mode.ZERO_SHOT:

@@ -3,7 +3,8 @@ CosyVoice3 tokenizer, speech tokenizer v3, the yaml's 12 kHz prompt mel, and the
 
 The CosyVoice3 LM only works when `<|endofprompt|>` is in its text (upstream asserts it and the worker
 dies). Upstream leaves that to the caller (its examples prefix a system prompt by hand); here each mode gets
-it added when the caller did not: zero_shot prefixes the prompt transcript, instruct2 wraps the instruction,
+it added when the caller did not: zero_shot prefixes the prompt transcript, instruct2 wraps the instruction
+(also one in CosyVoice2's form, which ends with the marker but lacks the system prompt),
 cross_lingual prefixes the sentence itself (it has no prompt text), exactly as upstream's examples spell it.
 """
 
@@ -32,10 +33,12 @@ class CosyVoice3Frontend(CosyVoice2Frontend):
         return self.tokenizer.encode(SYSTEM_PROMPT + END_OF_PROMPT) + super().prompt_text_ids(text)
 
     def instruction_ids(self, text: str) -> list[int]:
-        """The instruct2 instruction, raw; wrapped as `You are a helpful assistant. <text><|endofprompt|>` when it
-        has no `<|endofprompt|>` (upstream's example form)."""
-        if END_OF_PROMPT not in text:
-            text = f"{SYSTEM_PROMPT} {text}{END_OF_PROMPT}"
+        """The instruct2 instruction in upstream's example form `You are a helpful assistant. <text><|endofprompt|>`.
+        The service's (CosyVoice2's) form `<text><|endofprompt|>` and a bare `<text>` are wrapped into it; a text
+        that already starts with the system prompt, or holds the marker elsewhere, is used raw."""
+        body = text.removesuffix(END_OF_PROMPT)
+        if END_OF_PROMPT not in body and not body.startswith(SYSTEM_PROMPT):
+            text = f"{SYSTEM_PROMPT} {body}{END_OF_PROMPT}"
         return self.tokenizer.encode(text)
 
     def build_model_input(self, mode: Mode, text_ids: list[int], voice: VoiceFeatures,

@@ -6,7 +6,7 @@ front-ends) can use the service:
     GET  /v1/models         the loaded backends, as OpenAI's model list
 
 A speech request becomes a request to the speech service, like POST /synthesize (same voices, modes and engine):
-- model: a backend's name (cosyvoice2, fish) picks it (a 400 when the service does not load it); any other name
+- model: a backend's name (cosyvoice2, cosyvoice3, fish) picks it (a 400 when the service does not load it); any other name
   (tts-1, tts-1-hd, gpt-4o-mini-tts: what OpenAI clients send) means `[model] backend`.
 - voice: a registered speaker id (`cosyapp speakers add`), a string or {"id": ...}; "default" and OpenAI's
   built-in voice names (alloy, ash, ...) mean the default prompt voice; a recording as base64 is cloned (the
