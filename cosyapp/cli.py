@@ -231,10 +231,10 @@ def models_list(config_file: Path | None) -> None:
     click.echo(f"Local model directories in {PRETRAINED_DIR}:")
     found = False
     for folder in sorted(PRETRAINED_DIR.iterdir()) if PRETRAINED_DIR.is_dir() else []:
-        layout = [name for name, marker in LAYOUT_MARKERS.items() if (folder / marker).is_file()]
+        layout = _layout(folder)
         if layout:
             found = True
-            click.echo(f"  {folder.name:<24} {layout[0]} layout")
+            click.echo(f"  {folder.name:<24} {layout} layout")
     if not found:
         click.echo("  (none)")
     model = settings.model
@@ -242,14 +242,21 @@ def models_list(config_file: Path | None) -> None:
     click.echo(f"Configured: backend={model.backend} model_dir={model.model_dir} ({present})")
 
 
+def _layout(folder: Path) -> str | None:
+    """The backend whose layout `folder` holds (its marker file), if any."""
+    return next((name for name, marker in LAYOUT_MARKERS.items() if (folder / marker).is_file()), None)
+
+
 @models.command("verify")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(sorted(HUB_MODELS)))
+@click.option("--backend", type=click.Choice(sorted(HUB_MODELS)),
+              help="the model's backend  [default: the layout found in MODEL_DIR, else cosyvoice2]")
 @user_errors
-def models_verify(model_dir: Path, backend: str) -> None:
+def models_verify(model_dir: Path, backend: str | None) -> None:
     """Check a model directory's official layout and that every file loads."""
     from cosyapp.engine.registry import verify_model_dir
 
+    backend = backend or _layout(model_dir) or "cosyvoice2"
     for line in verify_model_dir(backend, model_dir):
         click.echo(line)
     click.echo(f"ok: {model_dir} is a valid {backend} model directory")

@@ -31,3 +31,12 @@ curl -X POST "http://<server-ip>:50000/synthesize" \\
 """
 # From the seed's troubleshooting section.
 SEED_STATUS_COMMANDS = ["curl http://localhost:50000/health", "curl http://localhost:50000/model_info"]
+
+
+def seed_curl_commands() -> list[tuple[str, str]]:
+    """(comment, command) for each example in the block."""
+    examples = []
+    for paragraph in SEED_CURL_BLOCK.strip().split("\n\n"):
+        comment, command = paragraph.split("\n", 1)
+        examples.append((comment.lstrip("# "), command))
+    return examples

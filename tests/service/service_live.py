@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from cosyapp.service_process import ServiceStartError, free_port, start_service
 
 # free_port: for the tests that put the port into a service's environment before starting it.
 __all__ = ["DEFAULT_PROMPT", "LONG_TEXT", "REPO_ROOT", "LiveService", "assert_pcm", "free_port", "resampled_prompt",
-           "running_service", "wait_idle"]
+           "running_service", "service_env", "wait_idle"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPT = REPO_ROOT / "asset" / "zero_shot_prompt.wav"
@@ -53,6 +54,23 @@ class LiveService:
                     return line
             time.sleep(0.05)
         raise AssertionError(f"no log line for request {request_id}")
+
+
+def service_env(workdir: Path, backend: str, model_dir: Path) -> dict[str, str]:
+    """The environment of a test service on the tiny `backend` model in `model_dir`, keeping its data in `workdir`."""
+    return {
+        **os.environ,
+        "COSYAPP_CONFIG": str(REPO_ROOT / "config.toml"),
+        "COSYAPP_SERVER_HOST": "127.0.0.1",
+        "COSYAPP_SERVER_PORT": str(free_port()),
+        "COSYAPP_MODEL_BACKEND": backend,
+        "COSYAPP_MODEL_MODEL_DIR": str(model_dir),
+        "COSYAPP_MODEL_DEVICE": "cpu",
+        "COSYAPP_ENGINE_MAX_CONCURRENT": "1",
+        "COSYAPP_ENGINE_MAX_QUEUE": "1",
+        "COSYAPP_STORAGE_DATA_DIR": str(workdir / "data"),
+        "OMP_NUM_THREADS": "2",
+    }
 
 
 @contextlib.contextmanager

@@ -12,17 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from seed_curl_examples import SEED_CURL_BLOCK, SEED_STATUS_COMMANDS
+from seed_curl_examples import SEED_STATUS_COMMANDS, seed_curl_commands
 from service_live import assert_pcm
-
-
-def seed_curl_commands() -> list[tuple[str, str]]:
-    """(comment, command) for each example in the block."""
-    examples = []
-    for paragraph in SEED_CURL_BLOCK.strip().split("\n\n"):
-        comment, command = paragraph.split("\n", 1)
-        examples.append((comment.lstrip("# "), command))
-    return examples
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (scripts/setup.sh installs it)")

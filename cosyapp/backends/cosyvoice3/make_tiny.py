@@ -161,12 +161,19 @@ _HIFT_WEIGHT_NORMED = re.compile(
 )
 
 
+SPEECH_LOGIT_SCALE = 8.0
+
+
 def _llm_state(config: CosyVoice3Config) -> dict[str, torch.Tensor]:
     from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 
     state = {k: v.detach().clone() for k, v in CosyVoice3LM(config.llm).state_dict().items()}
     # The release ties Qwen's unused lm_head to the text embedding; torch.save stores the storage once.
     state["llm.model.lm_head.weight"] = state["llm.model.model.embed_tokens.weight"]
+    # Any of the 200 ids past the speech tokens stops decoding, even before min_len (upstream's rule); with
+    # random heads of one scale a sentence would stop after a few tokens about a third of the time and make no
+    # audio. Sharper speech logits keep the stop ids out of the sampled top-k, so random models speak on.
+    state["llm_decoder.weight"][:config.llm.speech_token_size] *= SPEECH_LOGIT_SCALE
     return state
 
 
