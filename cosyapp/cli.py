@@ -584,7 +584,7 @@ def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
               help="cosyvoice2: also time the vocoding of this many streams at once, all in step, e.g. 1,2,4,8 "
                    "(per-stream cost and audio per second against the first count: what batching gains)")
 @click.option("--flow-left-chunks", type=click.IntRange(-1),
-              help="cosyvoice2 backend option flow_left_chunks: left context of streaming flow calls in chunks "
+              help="cosyvoice2/3 backend option flow_left_chunks: left context of streaming flow calls in chunks "
                    "(-1: all, exact; default: the backend's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -600,8 +600,8 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
 
     backend_options: dict[str, int] = {}
     if flow_left_chunks is not None:
-        if backend != "cosyvoice2":
-            raise click.BadParameter("only the cosyvoice2 backend has this option", param_hint="--flow-left-chunks")
+        if backend not in ("cosyvoice2", "cosyvoice3"):
+            raise click.BadParameter("only the CosyVoice backends have this option", param_hint="--flow-left-chunks")
         backend_options["flow_left_chunks"] = flow_left_chunks
     if batch_streams and backend != "cosyvoice2":
         raise click.BadParameter("only the cosyvoice2 backend batches streams' chunks", param_hint="--batch-streams")

@@ -91,6 +91,7 @@ class CosyVoice3Settings:
 
     text_frontend: str = field(default="offline", metadata=_rule(choices=("offline", "wetext")))
     exact_streaming: bool = False
+    flow_left_chunks: int = field(default=8, metadata=_rule(min=-1, max=10000))
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class CosyVoice3Backend:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
-                 exact_streaming: bool = False) -> None:
+                 exact_streaming: bool = False, flow_left_chunks: int = 8) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         # On the CPU each stream's thread gets an equal share of the cores (see CosyVoice2Backend).
@@ -62,8 +62,10 @@ class CosyVoice3Backend:
         self.lm_context = lm_context
         self.flow = CosyVoice3Flow.from_pretrained(self.model_dir, self.config, self.device)
         self.hift = CausalHiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
-        # exact_streaming: upstream's chunks (every chunk re-runs the utterance so far); otherwise bounded chunks.
-        self.token2wav = Token2Wav(self.flow, self.hift, self.config, exact=exact_streaming)
+        # exact_streaming: upstream's chunks (every chunk re-runs the utterance so far); otherwise bounded chunks,
+        # whose flow sees the prompt and the last flow_left_chunks chunks (-1: all).
+        self.token2wav = Token2Wav(self.flow, self.hift, self.config, exact=exact_streaming,
+                                   left_chunks=flow_left_chunks)
         self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
         for row in range(max_streams):
             self._free_rows.put(row)
@@ -136,6 +138,7 @@ class CosyVoice3Backend:
             raise InputError("prompt and sentence are too long for the LM context; use a shorter prompt or text")
         session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
                                             model_input.flow_embedding, stream=request.stream)
+        session.stats = request.stats
         cap = SilenceCap()
         for token in self.llm.generate(lm_input, min_len, max_len, generator, request.fixed_length, cache_row=row):
             request.check_cancelled()

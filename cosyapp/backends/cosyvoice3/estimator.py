@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkWindow
 from cosyapp.backends.cosyvoice2.estimator import timestep_features
 from cosyapp.backends.cosyvoice2.flow_encoder import chunk_attention_mask
 from cosyapp.backends.cosyvoice3.config import DiTConfig
@@ -41,20 +42,58 @@ class TimeEmbedding(nn.Module):
 class DiTCache:
     """What the DiT needs of the frames before a call's to compute that call's frames alone: every layer's keys
     and values, and the last kernel - 1 inputs of both position convs. Valid with the chunk mask only, when
-    earlier frames never attend to later ones; one per Euler step (their inputs differ)."""
+    earlier frames never attend to later ones; one per Euler step (their inputs differ).
 
-    def __init__(self) -> None:
+    With a `window` (bounded left context, see cosyvoice2/chunk_cache.py) a frame sees the pinned prompt
+    frames and its own and the window's chunks only, and after each call the keys and values no later frame
+    can see are dropped: the attention cost and memory per call stop growing with the utterance."""
+
+    def __init__(self, window: ChunkWindow | None = None) -> None:
         self.length = 0  # frames held
-        self.keys: list[torch.Tensor] = []  # per layer [B, heads, length, dim_head]
+        self.keys: list[torch.Tensor] = []  # per layer [B, heads, kept frames, dim_head]
         self.values: list[torch.Tensor] = []
         self.conv_inputs: list[torch.Tensor | None] = [None, None]  # [B, dim, kernel - 1] per position conv
+        self.window = window
+        # Frames [pinned, pinned + dropped) are gone from keys/values (always 0 without a window).
+        self.dropped = 0
 
-    def fork(self) -> "DiTCache":
-        """An independent copy (the held tensors are shared: calls replace them, never write into them)."""
-        other = DiTCache()
+    def fork(self, window: ChunkWindow | None = None) -> "DiTCache":
+        """An independent copy with `window` (the held tensors are shared: calls replace them, never write into
+        them). Only a cache that has dropped nothing can take a window."""
+        if self.dropped:
+            raise ValueError("a cache that has dropped frames cannot be forked")
+        other = DiTCache(window)
         other.length, other.keys, other.values = self.length, list(self.keys), list(self.values)
         other.conv_inputs = list(self.conv_inputs)
         return other
+
+    def key_positions(self, end: int, device: torch.device) -> torch.Tensor:
+        """Absolute frame positions of the keys held once a call has appended frames up to `end`."""
+        positions = torch.arange(end, device=device)
+        if not self.dropped:
+            return positions
+        pinned = self.window.pinned
+        return positions[(positions < pinned) | (positions >= pinned + self.dropped)]
+
+    def attention_mask(self, new: int, device: torch.device, chunk_size: int) -> torch.Tensor:
+        """Bool [1, 1, new, keys] of a call appending `new` frames: the chunk mask, windowed when set."""
+        if self.window is None:
+            return chunk_attention_mask(self.length + new, chunk_size, device, self.length)[None, None]
+        queries = torch.arange(self.length, self.length + new, device=device)
+        return self.window.visible(queries, self.key_positions(self.length + new, device))[None, None]
+
+    def trim(self) -> None:
+        """Drop the keys/values of frames that no frame from `length` on can see (window only)."""
+        if self.window is None:
+            return
+        pinned = self.window.pinned
+        gone = self.window.first_needed(self.length) - pinned - self.dropped
+        if gone <= 0:
+            return
+        for store in (self.keys, self.values):
+            for layer, held in enumerate(store):
+                store[layer] = torch.cat([held[:, :, :pinned], held[:, :, pinned + gone:]], dim=2)
+        self.dropped += gone
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a call's keys/values [B, heads, T, dim_head] to the layer's; returns all of them."""
@@ -241,10 +280,10 @@ class DiT(nn.Module):
         else:
             if not streaming:
                 raise ValueError("a DiT cache needs the chunk mask (streaming=True)")
-            chunk = self.config.static_chunk_size
-            attn_mask = chunk_attention_mask(start + h.size(1), chunk, h.device, start)[None, None]
+            attn_mask = cache.attention_mask(h.size(1), h.device, self.config.static_chunk_size)
         for i, block in enumerate(self.transformer_blocks):
             h = block(h, t, attn_mask, rope, None if cache is None else (cache, i))
         if cache is not None:
             cache.length += h.size(1)
+            cache.trim()
         return self.proj_out(self.norm_out(h, t)).transpose(1, 2)

@@ -12,7 +12,9 @@ Its cost per chunk grows with the utterance; `Token2Wav(exact=True)` computes ex
 - flow computes only the new tokens' frames, through per-stream DiT caches (`CosyVoice3Flow.forward_cached`)
   that start from the voice's prefilled prompt chunks. Earlier chunks never attend to later frames under the
   chunk mask, so the non-final chunks' mels are upstream's; the final call also uses the chunk mask
-  (upstream switches to full attention there).
+  (upstream switches to full attention there). With `left_chunks` = k a frame sees the prompt and the last k
+  chunks before its own only (an approximation, as CosyVoice2's `flow_left_chunks`), so a chunk's flow cost
+  stops growing along the utterance; None is exact.
 - HiFT re-vocodes only the last frames: the new ones plus HIFT_CONTEXT_FRAMES before them, more than the
   causal generator's receptive field. Its f0 (final once 3 frames of look-ahead exist) and the cumulative
   source phase (summed in float64 like torch's float32 cumsum on the CPU) are carried from call to call, and
@@ -30,11 +32,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkWindow, normalized_left_chunks
 from cosyapp.backends.cosyvoice2.token2wav import HOP_GROWTH, MAX_HOP_CHUNKS, prompt_token_pad
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.cosyvoice3.estimator import DiTCache
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
 from cosyapp.backends.cosyvoice3.hift import F0_RIGHT_CONTEXT, CausalHiFTGenerator
+from cosyapp.engine.stats import StageTimes, timed
 
 # Mel frames re-vocoded before a bounded chunk's first new frame: above the causal HiFT generator's receptive
 # field (about 22 frames for the release's kernels and dilations) so that the new samples are the full re-run's.
@@ -49,8 +53,10 @@ class Token2Wav:
     """Flow + causal HiFT behind upstream's chunk schedule; shared by all requests, holds no request state."""
 
     def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFTGenerator, config: CosyVoice3Config,
-                 exact: bool = True) -> None:
+                 exact: bool = True, left_chunks: int | None = None) -> None:
         self.exact = exact
+        # Bounded streams' flow left context in chunks besides the prompt (None: every earlier chunk).
+        self.left_chunks = normalized_left_chunks(left_chunks)
         self.config = config
         self.flow = flow
         self.hift = hift
@@ -70,7 +76,7 @@ class Token2Wav:
 
     def prompt_caches(self, prompt_token: Tensor, prompt_feat: Tensor, spks: Tensor) -> list[DiTCache]:
         """Flow caches holding the prompt's complete chunks (`CosyVoice3Flow.prefill_length`), forked from the
-        voice's, which are computed on its first request."""
+        voice's, which are computed on its first request; windowed by `left_chunks` with the prompt pinned."""
         with self._prefill_lock:
             entry = self._prefilled.get(id(prompt_token))
             if entry is not None and entry[0]() is prompt_token:
@@ -84,7 +90,9 @@ class Token2Wav:
                 self._prefilled[id(prompt_token)] = (weakref.ref(prompt_token), caches)
                 while len(self._prefilled) > PREFILLED_VOICES:
                     self._prefilled.popitem(last=False)
-        return [cache.fork() for cache in caches]
+        window = None if self.left_chunks is None else ChunkWindow(
+            self.config.flow.estimator.static_chunk_size, self.left_chunks, prompt_feat.size(1))
+        return [cache.fork(window) for cache in caches]
 
     def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor,
              embedding: Tensor) -> Tensor:
@@ -118,6 +126,7 @@ class Token2WavStream:
             self.turns = torch.zeros(1, owner.hift.m_source.num_harmonics, 0, dtype=torch.float64,
                                      device=self.device)  # cumulative source phase per frame
         self.finished = False
+        self.stats: StageTimes | None = None  # the request's, to time each chunk's flow and vocoder calls
         # Each call's token_len, token_offset, finalize and speech_offset_before (upstream's names), for inspection.
         self.calls: list[dict] = []
 
@@ -163,12 +172,14 @@ class Token2WavStream:
         chunk of samples, 1-D."""
         self.calls.append({"token_len": num_tokens, "token_offset": self.offset, "finalize": finalize,
                            "speech_offset_before": self.speech_offset})
-        mel = self._new_mel(num_tokens, finalize)
+        with timed(self.stats, "flow_chunk"):
+            mel = self._new_mel(num_tokens, finalize)
         self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=2)
-        if self.bounded:
-            speech = self._vocode_window(finalize)
-        else:
-            speech = self.owner.hift.inference(self.mel, finalize=finalize)[0][0, self.speech_offset:]
+        with timed(self.stats, "vocoder_chunk"):
+            if self.bounded:
+                speech = self._vocode_window(finalize)
+            else:
+                speech = self.owner.hift.inference(self.mel, finalize=finalize)[0][0, self.speech_offset:]
         self.speech_offset += speech.numel()
         return speech
 
