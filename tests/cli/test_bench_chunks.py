@@ -103,6 +103,20 @@ def test_profile_needs_one_flow_and_vocoder_call_per_chunk() -> None:
         chunk_profile([960, 960], [0.01], [0.01, 0.01], tokens=2, sample_rate=24000, elapsed_s=1.0)
 
 
-def test_flow_left_chunks_is_a_cosyvoice2_option(cli) -> None:
+def test_flow_left_chunks_is_a_cosyvoice_option(cli) -> None:
     result = cli("bench", "engine", "--backend", "fish", "--flow-left-chunks", "2", expect_ok=False)
-    assert result.exit_code == 2 and "only the cosyvoice2 backend has this option" in result.output
+    assert result.exit_code == 2 and "only the CosyVoice backends have this option" in result.output
+
+
+def test_cosyvoice3_long_request_is_profiled(cli, tiny_cosyvoice3_dir: Path, tmp_path: Path) -> None:
+    """CosyVoice3 times every chunk's flow and vocoder calls too, with its own flow_left_chunks option."""
+    out = tmp_path / "bench.json"
+    cli("bench", "engine", "--backend", "cosyvoice3", "--model-dir", str(tiny_cosyvoice3_dir), "--device", "cpu",
+        "--runs", "1", "--tokens", "20", "--long-tokens", str(LONG_TOKENS), "--flow-left-chunks", "1",
+        "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["backend_options"] == {"flow_left_chunks": 1}
+    profile = report["chunk_profile"]
+    assert profile["full_hop_tokens"] == FULL_HOP and len(profile["full_hop_indices"]) == 3
+    assert all(chunk["flow_ms"] > 0 and chunk["vocoder_ms"] > 0 for chunk in profile["chunks"])
+    assert profile["audio_s"] == pytest.approx(LONG_TOKENS / 25)
