@@ -9,6 +9,7 @@ its own LM tokens on the request thread, in its own row of the KV cache. Streami
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -140,11 +141,16 @@ class CosyVoice3Backend:
                                             model_input.flow_embedding, stream=request.stream)
         session.stats = request.stats
         cap = SilenceCap()
+        stats = request.stats
+        started = time.perf_counter()  # each token's decode time: from the previous token's chunks to its arrival
         for token in self.llm.generate(lm_input, min_len, max_len, generator, request.fixed_length, cache_row=row):
+            if stats is not None:
+                stats.add("lm_token", time.perf_counter() - started)
             request.check_cancelled()
             if cap.keep(token):
                 for chunk in session.push([token]):
                     yield chunk.float().cpu().numpy()
+            started = time.perf_counter()
         request.check_cancelled()
         yield session.finish().float().cpu().numpy()
 
