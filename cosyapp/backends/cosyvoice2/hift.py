@@ -160,6 +160,15 @@ class HiFTStages:
     and in what it trims for streaming. Needs the generator's n_fft, hop_len, stft_window, ups, source_downs,
     source_resblocks, resblocks, num_kernels, conv_post and cfg."""
 
+    def set_sizes(self, cfg: HiftConfig) -> tuple[int, list[int]]:
+        """Keep `cfg` and the STFT sizes on the generator; returns (source spectrum channels, stage channels)."""
+        self.cfg = cfg
+        self.n_fft, self.hop_len = cfg.istft_n_fft, cfg.istft_hop_len
+        self.upsample_scale = cfg.upsample_scale
+        self.num_kernels = len(cfg.resblock_kernel_sizes)
+        spec_channels = self.n_fft + 2  # real ++ imag of n_fft // 2 + 1 bins
+        return spec_channels, [cfg.base_channels // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
+
     def source_spectrum(self, source: Tensor) -> Tensor:
         """source [B, 1, 480 T] -> real and imaginary STFT bins stacked [B, 18, 120 T + 1]."""
         spec = torch.view_as_real(torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft,
@@ -195,14 +204,8 @@ class HiFTStages:
 class HiFTGenerator(HiFTStages, nn.Module):
     def __init__(self, cfg: HiftConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.n_fft = cfg.istft_n_fft
-        self.hop_len = cfg.istft_hop_len
-        self.upsample_scale = cfg.upsample_scale
-        self.num_kernels = len(cfg.resblock_kernel_sizes)
-        spec_channels = self.n_fft + 2  # real ++ imag of n_fft // 2 + 1 bins
+        spec_channels, stage_channels = self.set_sizes(cfg)
         base = cfg.base_channels
-        stage_channels = [base // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
 
         self.f0_predictor = F0Predictor(cfg.f0_predictor.in_channels, cfg.f0_predictor.cond_channels,
                                         cfg.f0_predictor.num_class)

@@ -198,14 +198,9 @@ class CausalHiFTGenerator(HiFTStages, nn.Module):
     def __init__(self, config: CosyVoice3Config) -> None:
         super().__init__()
         cfg = config.hift
-        self.cfg = cfg
+        spec_channels, stage_channels = self.set_sizes(cfg)
         self.look_right = config.conv_pre_look_right
-        self.n_fft, self.hop_len = cfg.istft_n_fft, cfg.istft_hop_len
-        self.upsample_scale = cfg.upsample_scale
-        self.num_kernels = len(cfg.resblock_kernel_sizes)
-        spec_channels = self.n_fft + 2  # real ++ imag of n_fft // 2 + 1 bins
         base = cfg.base_channels
-        stage_channels = [base // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
 
         self.f0_predictor = CausalF0Predictor(cfg.f0_predictor.in_channels, cfg.f0_predictor.cond_channels,
                                               cfg.f0_predictor.num_class)

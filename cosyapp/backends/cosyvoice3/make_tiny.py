@@ -99,6 +99,7 @@ def _flow_state(config: CosyVoice3Config) -> dict[str, torch.Tensor]:
 def _hift_state(config: CosyVoice3Config) -> dict[str, torch.Tensor]:
     from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
 
+    # The causal F0 predictor is built in float64; the release's hift.pt holds float32 only.
     return hift_state(CausalHiFTGenerator(config), dtype=torch.float32)
 
 
