@@ -6,6 +6,7 @@ its golden set is missing."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,19 @@ def golden_folder(root: Path, backend: str) -> Path:
     return found[backend]
 
 
+def npz_loader(folder: Path) -> Callable[[str], dict[str, np.ndarray]]:
+    """`get(name)` -> the arrays of `folder/<name>.npz`, read once per file and kept for the session."""
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            with np.load(folder / f"{name}.npz", allow_pickle=False) as data:
+                cache[name] = dict(data)
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def golden_root(pytestconfig: pytest.Config) -> Path:
     return Path(pytestconfig.getoption("--golden")).expanduser().resolve()
@@ -91,15 +105,7 @@ def cv3_settings(cosyvoice3_golden: Path) -> dict:
 @pytest.fixture(scope="session")
 def cv3_npz(cosyvoice3_golden: Path):
     """`cv3_npz("flow")` -> the arrays of the CosyVoice3 flow.npz (loaded once per file)."""
-    cache: dict[str, dict[str, np.ndarray]] = {}
-
-    def get(name: str) -> dict[str, np.ndarray]:
-        if name not in cache:
-            with np.load(cosyvoice3_golden / f"{name}.npz", allow_pickle=False) as data:
-                cache[name] = dict(data)
-        return cache[name]
-
-    return get
+    return npz_loader(cosyvoice3_golden)
 
 
 @pytest.fixture(scope="session")
@@ -115,15 +121,7 @@ def fish_goldens_json(fish_golden: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def fish_npz(fish_golden: Path):
     """`fish_npz("codec")` -> the arrays of codec.npz (loaded once per file)."""
-    cache: dict[str, dict[str, np.ndarray]] = {}
-
-    def get(name: str) -> dict[str, np.ndarray]:
-        if name not in cache:
-            with np.load(fish_golden / f"{name}.npz", allow_pickle=False) as data:
-                cache[name] = dict(data)
-        return cache[name]
-
-    return get
+    return npz_loader(fish_golden)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from cosyapp.backends.cosyvoice2.text import (WetextNormalizer, find_wetext_fsts
 from cosyapp.backends.cosyvoice2.tokenizer import CosyVoice2Tokenizer
 from cosyapp.engine.types import InputError, Mode, ModelFileError
 
+from parity_helpers import assert_close, assert_equal, assert_model_input
+
 FEATURE_ATOL = 1e-4  # README: frontend features within ~1e-4 abs for an independent float32 implementation
 MODES = ("zero_shot", "cross_lingual", "instruct2")
 FRONTEND_FILES = ("campplus.onnx", "speech_tokenizer_v2.onnx", "CosyVoice-BlankEN/vocab.json",
@@ -59,20 +61,6 @@ def prompt_16k(prompt: tuple[np.ndarray, int]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def voice(frontend: CosyVoice2Frontend, prompt: tuple[np.ndarray, int]) -> VoiceFeatures:
     return frontend.extract_voice(*prompt)
-
-
-def assert_close(ours: torch.Tensor | np.ndarray, ref: np.ndarray, atol: float, name: str) -> None:
-    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != golden {ref.shape}"
-    err = float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
-    assert err <= atol, f"{name}: max abs diff {err:.3g} > {atol:g}"
-
-
-def assert_equal(ours: torch.Tensor | np.ndarray | list, ref: np.ndarray, name: str) -> None:
-    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != golden {ref.shape}"
-    mismatches = int((ours != ref).sum())
-    assert mismatches == 0, f"{name}: {mismatches} of {ref.size} values differ"
 
 
 # ---- text --------------------------------------------------------------------------------------------
@@ -190,15 +178,7 @@ def test_model_input(mode: str, frontend: CosyVoice2Frontend, voice: VoiceFeatur
     }[mode]()
     model_input = frontend.build_model_input(Mode(mode), text_ids, voice, prompt_ids)
 
-    assert len(spec["model_input_keys"]) == len([k for k in golden if k.startswith(f"{mode}__")])
-    for field in spec["model_input_keys"]:
-        ours, ref, name = getattr(model_input, field), golden[f"{mode}__{field}"], f"{mode}__{field}"
-        if field.endswith("_len"):
-            assert_equal([ours], ref, name)
-        elif ref.dtype.kind == "f":
-            assert_close(ours, ref, FEATURE_ATOL, name)
-        else:
-            assert_equal(ours, ref, name)
+    assert_model_input(model_input, spec["model_input_keys"], golden, mode, FEATURE_ATOL)
     # Keys upstream deletes for this mode are empty [1, 0] here.
     for field in ("prompt_text", "llm_prompt_speech_token"):
         if field not in spec["model_input_keys"]:

@@ -17,6 +17,8 @@ from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
 from cosyapp.engine.types import ModelFileError
 
+from parity_helpers import forced_hidden
+
 MODES = ("zero_shot", "cross_lingual", "instruct2")
 LOGP_ATOL = 1e-4  # README: logp within ~1e-4 abs for an independent float32 implementation
 # Candidate probs are softmax(logp); our logp differs from upstream's by <~1e-5, so the probs by less.
@@ -49,19 +51,6 @@ def mode_ids(frontend: dict[str, np.ndarray], mode: str) -> tuple[torch.Tensor, 
 
 def lm_input_for(lm: CosyVoice2LM, frontend: dict[str, np.ndarray], mode: str) -> torch.Tensor:
     return lm.build_lm_input(*mode_ids(frontend, mode))
-
-
-@torch.inference_mode()
-def forced_hidden(lm: CosyVoice2LM, lm_input: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """Incremental KV-cache path: prefill, then feed speech_embedding[forced[i]] one token at a time.
-    Returns the last hidden state of each call, [len(forced) + 1, hidden]."""
-    length = lm_input.shape[1]
-    lm.setup_cache(1, length + len(forced))
-    rows = [lm(lm_input, torch.arange(length)[None], 0, length)[0, -1]]
-    for i, token in enumerate(forced):
-        x = lm.speech_embedding(token.view(1, 1))
-        rows.append(lm(x, torch.tensor([[length + i]]), 0, length + i + 1)[0, -1])
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("mode", MODES)

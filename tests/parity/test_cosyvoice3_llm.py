@@ -20,6 +20,8 @@ from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
 from cosyapp.engine.types import ModelFileError
 
+from parity_helpers import forced_hidden
+
 MODES = ("zero_shot", "cross_lingual", "instruct2")
 LOGP_ATOL = 1e-4  # README: logp (~35 range) within ~1e-4 abs for an independent float32 implementation
 CAND_PROB_ATOL = 1e-5  # candidate probs are softmax(logp); our logp is within ~1e-5 of upstream's
@@ -51,18 +53,6 @@ def mode_ids(frontend: dict[str, np.ndarray], mode: str) -> tuple[torch.Tensor, 
 
 def lm_input_for(lm: CosyVoice3LM, frontend: dict[str, np.ndarray], mode: str) -> torch.Tensor:
     return lm.build_lm_input(*mode_ids(frontend, mode))
-
-
-@torch.inference_mode()
-def forced_hidden(lm: CosyVoice3LM, lm_input: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """Prefill, then feed speech_embedding[forced[i]] one at a time: the last hidden state of each call."""
-    length = lm_input.shape[1]
-    lm.setup_cache(1, length + len(forced))
-    rows = [lm(lm_input, torch.arange(length)[None], 0, length)[0, -1]]
-    for i, token in enumerate(forced):
-        x = lm.speech_embedding(token.view(1, 1))
-        rows.append(lm(x, torch.tensor([[length + i]]), 0, length + i + 1)[0, -1])
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -222,6 +222,111 @@ class MelConfig:
     center: bool
 
 
+# CosyVoice2 and CosyVoice3 yamls share these keys but build different dataclasses from them, so the readers
+# return keyword arguments; each version adds its own fields next to them.
+def model_fields(y: dict[str, Any]) -> dict[str, int]:
+    """The top-level rates and sizes of the yaml."""
+    return {
+        "sample_rate": int(y["sample_rate"]),
+        "token_frame_rate": int(y["token_frame_rate"]),
+        "token_mel_ratio": int(y["token_mel_ratio"]),
+        "chunk_size": int(y["chunk_size"]),
+        "spk_embed_dim": int(y["spk_embed_dim"]),
+    }
+
+
+def lm_fields(llm: dict[str, Any]) -> dict[str, Any]:
+    """Sizes and sampling settings of the yaml's `llm` section."""
+    sampling = llm["sampling"]
+    return {
+        "llm_input_size": int(llm["llm_input_size"]),
+        "llm_output_size": int(llm["llm_output_size"]),
+        "speech_token_size": int(llm["speech_token_size"]),
+        "top_p": float(sampling["top_p"]),
+        "top_k": int(sampling["top_k"]),
+        "win_size": int(sampling["win_size"]),
+        "tau_r": float(sampling["tau_r"]),
+    }
+
+
+def flow_fields(flow: dict[str, Any]) -> dict[str, Any]:
+    """Sizes of the yaml's `flow` section and its decoder's CFM settings (not the encoder or estimator)."""
+    dec = flow["decoder"]
+    cfm = dec["cfm_params"]["content"]
+    return {
+        "input_size": int(flow["input_size"]),
+        "output_size": int(flow["output_size"]),
+        "spk_embed_dim": int(flow["spk_embed_dim"]),
+        "vocab_size": int(flow["vocab_size"]),
+        "token_mel_ratio": int(flow["token_mel_ratio"]),
+        "pre_lookahead_len": int(flow["pre_lookahead_len"]),
+        "spk_emb_dim": int(dec["spk_emb_dim"]),
+        "inference_cfg_rate": float(cfm["inference_cfg_rate"]),
+        "t_scheduler": str(cfm["t_scheduler"]),
+        "sigma_min": float(cfm["sigma_min"]),
+    }
+
+
+def qwen2_config(q: dict[str, Any]) -> Qwen2Config:
+    """The Qwen2 LM body from `CosyVoice-BlankEN/config.json` (shared by CosyVoice2 and CosyVoice3)."""
+    return Qwen2Config(
+        hidden_size=int(q["hidden_size"]),
+        intermediate_size=int(q["intermediate_size"]),
+        num_layers=int(q["num_hidden_layers"]),
+        num_heads=int(q["num_attention_heads"]),
+        num_kv_heads=int(q.get("num_key_value_heads", q["num_attention_heads"])),
+        vocab_size=int(q["vocab_size"]),
+        rms_norm_eps=float(q["rms_norm_eps"]),
+        rope_theta=float(q.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(q.get("max_position_embeddings", 32768)),
+    )
+
+
+def hift_config(hift: dict[str, Any]) -> HiftConfig:
+    """The vocoder from the yaml's `hift` section; both model versions use the same keys."""
+    f0 = hift["f0_predictor"]
+    return HiftConfig(
+        in_channels=int(hift["in_channels"]),
+        base_channels=int(hift["base_channels"]),
+        nb_harmonics=int(hift["nb_harmonics"]),
+        sampling_rate=int(hift["sampling_rate"]),
+        nsf_alpha=float(hift["nsf_alpha"]),
+        nsf_sigma=float(hift["nsf_sigma"]),
+        nsf_voiced_threshold=float(hift["nsf_voiced_threshold"]),
+        upsample_rates=tuple(int(r) for r in hift["upsample_rates"]),
+        upsample_kernel_sizes=tuple(int(k) for k in hift["upsample_kernel_sizes"]),
+        istft_n_fft=int(hift["istft_params"]["n_fft"]),
+        istft_hop_len=int(hift["istft_params"]["hop_len"]),
+        resblock_kernel_sizes=tuple(int(k) for k in hift["resblock_kernel_sizes"]),
+        resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in hift["resblock_dilation_sizes"]),
+        source_resblock_kernel_sizes=tuple(int(k) for k in hift["source_resblock_kernel_sizes"]),
+        source_resblock_dilation_sizes=tuple(
+            tuple(int(d) for d in ds) for ds in hift["source_resblock_dilation_sizes"]
+        ),
+        lrelu_slope=float(hift["lrelu_slope"]),
+        audio_limit=float(hift["audio_limit"]),
+        f0_predictor=F0PredictorConfig(
+            num_class=int(f0["num_class"]),
+            in_channels=int(f0["in_channels"]),
+            cond_channels=int(f0["cond_channels"]),
+        ),
+    )
+
+
+def mel_config(feat: dict[str, Any]) -> MelConfig:
+    """The prompt mel extractor from the yaml's `feat_extractor` section."""
+    return MelConfig(
+        n_fft=int(feat["n_fft"]),
+        num_mels=int(feat["num_mels"]),
+        sampling_rate=int(feat["sampling_rate"]),
+        hop_size=int(feat["hop_size"]),
+        win_size=int(feat["win_size"]),
+        fmin=float(feat["fmin"]),
+        fmax=None if feat["fmax"] is None else float(feat["fmax"]),
+        center=bool(feat["center"]),
+    )
+
+
 @dataclass(frozen=True)
 class CosyVoice2Config:
     sample_rate: int
@@ -247,44 +352,17 @@ class CosyVoice2Config:
     def from_dicts(cls, y: dict[str, Any], q: dict[str, Any], source: str = "cosyvoice2.yaml") -> "CosyVoice2Config":
         try:
             llm, flow, hift, feat = y["llm"], y["flow"], y["hift"], y["feat_extractor"]
-            enc, dec = flow["encoder"], flow["decoder"]
-            est, cfm = dec["estimator"], dec["cfm_params"]["content"]
-            sampling, f0 = llm["sampling"], hift["f0_predictor"]
-            qwen = Qwen2Config(
-                hidden_size=int(q["hidden_size"]),
-                intermediate_size=int(q["intermediate_size"]),
-                num_layers=int(q["num_hidden_layers"]),
-                num_heads=int(q["num_attention_heads"]),
-                num_kv_heads=int(q.get("num_key_value_heads", q["num_attention_heads"])),
-                vocab_size=int(q["vocab_size"]),
-                rms_norm_eps=float(q["rms_norm_eps"]),
-                rope_theta=float(q.get("rope_theta", 10000.0)),
-                max_position_embeddings=int(q.get("max_position_embeddings", 32768)),
-            )
+            enc, est = flow["encoder"], flow["decoder"]["estimator"]
+            qwen = qwen2_config(q)
             return cls(
-                sample_rate=int(y["sample_rate"]),
-                token_frame_rate=int(y["token_frame_rate"]),
-                token_mel_ratio=int(y["token_mel_ratio"]),
-                chunk_size=int(y["chunk_size"]),
-                spk_embed_dim=int(y["spk_embed_dim"]),
+                **model_fields(y),
                 llm=LLMConfig(
-                    llm_input_size=int(llm["llm_input_size"]),
-                    llm_output_size=int(llm["llm_output_size"]),
-                    speech_token_size=int(llm["speech_token_size"]),
+                    **lm_fields(llm),
                     mix_ratio=tuple(llm.get("mix_ratio", (5, 15))),
-                    top_p=float(sampling["top_p"]),
-                    top_k=int(sampling["top_k"]),
-                    win_size=int(sampling["win_size"]),
-                    tau_r=float(sampling["tau_r"]),
                     qwen=qwen,
                 ),
                 flow=FlowConfig(
-                    input_size=int(flow["input_size"]),
-                    output_size=int(flow["output_size"]),
-                    spk_embed_dim=int(flow["spk_embed_dim"]),
-                    vocab_size=int(flow["vocab_size"]),
-                    token_mel_ratio=int(flow["token_mel_ratio"]),
-                    pre_lookahead_len=int(flow["pre_lookahead_len"]),
+                    **flow_fields(flow),
                     encoder=EncoderConfig(
                         input_size=int(enc["input_size"]),
                         output_size=int(enc["output_size"]),
@@ -305,47 +383,9 @@ class CosyVoice2Config:
                         act_fn=str(est["act_fn"]),
                         static_chunk_size=int(est["static_chunk_size"]),
                     ),
-                    spk_emb_dim=int(dec["spk_emb_dim"]),
-                    inference_cfg_rate=float(cfm["inference_cfg_rate"]),
-                    t_scheduler=str(cfm["t_scheduler"]),
-                    sigma_min=float(cfm["sigma_min"]),
                 ),
-                hift=HiftConfig(
-                    in_channels=int(hift["in_channels"]),
-                    base_channels=int(hift["base_channels"]),
-                    nb_harmonics=int(hift["nb_harmonics"]),
-                    sampling_rate=int(hift["sampling_rate"]),
-                    nsf_alpha=float(hift["nsf_alpha"]),
-                    nsf_sigma=float(hift["nsf_sigma"]),
-                    nsf_voiced_threshold=float(hift["nsf_voiced_threshold"]),
-                    upsample_rates=tuple(int(r) for r in hift["upsample_rates"]),
-                    upsample_kernel_sizes=tuple(int(k) for k in hift["upsample_kernel_sizes"]),
-                    istft_n_fft=int(hift["istft_params"]["n_fft"]),
-                    istft_hop_len=int(hift["istft_params"]["hop_len"]),
-                    resblock_kernel_sizes=tuple(int(k) for k in hift["resblock_kernel_sizes"]),
-                    resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in hift["resblock_dilation_sizes"]),
-                    source_resblock_kernel_sizes=tuple(int(k) for k in hift["source_resblock_kernel_sizes"]),
-                    source_resblock_dilation_sizes=tuple(
-                        tuple(int(d) for d in ds) for ds in hift["source_resblock_dilation_sizes"]
-                    ),
-                    lrelu_slope=float(hift["lrelu_slope"]),
-                    audio_limit=float(hift["audio_limit"]),
-                    f0_predictor=F0PredictorConfig(
-                        num_class=int(f0["num_class"]),
-                        in_channels=int(f0["in_channels"]),
-                        cond_channels=int(f0["cond_channels"]),
-                    ),
-                ),
-                mel=MelConfig(
-                    n_fft=int(feat["n_fft"]),
-                    num_mels=int(feat["num_mels"]),
-                    sampling_rate=int(feat["sampling_rate"]),
-                    hop_size=int(feat["hop_size"]),
-                    win_size=int(feat["win_size"]),
-                    fmin=float(feat["fmin"]),
-                    fmax=None if feat["fmax"] is None else float(feat["fmax"]),
-                    center=bool(feat["center"]),
-                ),
+                hift=hift_config(hift),
+                mel=mel_config(feat),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{source}: missing or malformed hyperparameter ({exc!r})") from exc

@@ -61,15 +61,16 @@ class SnakeResBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d))
-            for d in dilations
-        )
-        self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size)) for _ in dilations
-        )
+        self.convs1 = nn.ModuleList(self.conv(channels, kernel_size, d) for d in dilations)
+        self.convs2 = nn.ModuleList(self.conv(channels, kernel_size, 1) for _ in dilations)
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    @staticmethod
+    def conv(channels: int, kernel_size: int, dilation: int) -> nn.Module:
+        """The block's convolution; CosyVoice3's causal block swaps in a causal one."""
+        return nn.Conv1d(channels, channels, kernel_size, dilation=dilation,
+                         padding=_same_padding(kernel_size, dilation))
 
     def forward(self, x: Tensor) -> Tensor:
         for act1, conv1, act2, conv2 in zip(self.activations1, self.convs1, self.activations2, self.convs2):
@@ -154,17 +155,57 @@ def _draw(fn: Callable[..., Tensor], shape: tuple[int, ...], generator: torch.Ge
     return fn(shape, generator=generator, device=generator.device).to(device)
 
 
-class HiFTGenerator(nn.Module):
-    def __init__(self, cfg: HiftConfig) -> None:
-        super().__init__()
+class HiFTStages:
+    """The STFT-domain decoder both HiFT generators share: CosyVoice3's causal one differs only in its layers
+    and in what it trims for streaming. Needs the generator's n_fft, hop_len, stft_window, ups, source_downs,
+    source_resblocks, resblocks, num_kernels, conv_post and cfg."""
+
+    def set_sizes(self, cfg: HiftConfig) -> tuple[int, list[int]]:
+        """Keep `cfg` and the STFT sizes on the generator; returns (source spectrum channels, stage channels)."""
         self.cfg = cfg
-        self.n_fft = cfg.istft_n_fft
-        self.hop_len = cfg.istft_hop_len
+        self.n_fft, self.hop_len = cfg.istft_n_fft, cfg.istft_hop_len
         self.upsample_scale = cfg.upsample_scale
         self.num_kernels = len(cfg.resblock_kernel_sizes)
         spec_channels = self.n_fft + 2  # real ++ imag of n_fft // 2 + 1 bins
+        return spec_channels, [cfg.base_channels // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
+
+    def source_spectrum(self, source: Tensor) -> Tensor:
+        """source [B, 1, 480 T] -> real and imaginary STFT bins stacked [B, 18, 120 T + 1]."""
+        spec = torch.view_as_real(torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft,
+                                             window=self.stft_window, return_complex=True))
+        return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
+
+    def stages(self, x: Tensor, spec: Tensor) -> Tensor:
+        """conv_pre output -> conv_post output: upsampling stages fused with the source spectrum."""
+        last = len(self.ups) - 1
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
+            if i == last:
+                x = F.pad(x, (1, 0), mode="reflect")  # 120 T -> 120 T + 1 frames, to match the source STFT
+            x = x + self.source_resblocks[i](self.source_downs[i](spec))
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            total = blocks[0](x)
+            for block in blocks[1:]:
+                total = total + block(x)
+            x = total / self.num_kernels
+        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, unlike the stages
+        return x
+
+    def to_wave(self, x: Tensor) -> Tensor:
+        """conv_post output -> waveform [B, samples] (not clamped)."""
+        bins = self.n_fft // 2 + 1
+        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
+        phase = torch.sin(x[:, bins:])  # upstream's quirk: the "phase" goes through a sine first
+        spec_out = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        wav = torch.istft(spec_out, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window)
+        return wav
+
+
+class HiFTGenerator(HiFTStages, nn.Module):
+    def __init__(self, cfg: HiftConfig) -> None:
+        super().__init__()
+        spec_channels, stage_channels = self.set_sizes(cfg)
         base = cfg.base_channels
-        stage_channels = [base // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
 
         self.f0_predictor = F0Predictor(cfg.f0_predictor.in_channels, cfg.f0_predictor.cond_channels,
                                         cfg.f0_predictor.num_class)
@@ -215,29 +256,8 @@ class HiFTGenerator(nn.Module):
 
     def decode(self, mel: Tensor, source: Tensor) -> Tensor:
         """mel [B, 80, T], source [B, 1, 480 T] -> waveform [B, 480 T] (clamped to +-audio_limit)."""
-        spec = torch.view_as_real(torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft,
-                                             window=self.stft_window, return_complex=True))
-        spec = torch.cat([spec[..., 0], spec[..., 1]], dim=1)  # [B, 18, 120 T + 1]
-
-        x = self.conv_pre(mel)
-        last = len(self.ups) - 1
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
-            if i == last:
-                x = F.pad(x, (1, 0), mode="reflect")  # 120 T -> 120 T + 1 frames, to match the source STFT
-            x = x + self.source_resblocks[i](self.source_downs[i](spec))
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            total = blocks[0](x)
-            for block in blocks[1:]:
-                total = total + block(x)
-            x = total / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, unlike the stages
-
-        bins = self.n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
-        phase = torch.sin(x[:, bins:])  # upstream's quirk: the "phase" goes through a sine first
-        spec_out = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec_out, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window)
+        x = self.stages(self.conv_pre(mel), self.source_spectrum(source))
+        wav = self.to_wave(x)
         return wav.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
 
     @torch.inference_mode()

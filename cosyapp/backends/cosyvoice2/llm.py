@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Self, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,13 +210,18 @@ class CosyVoice2LM(nn.Module):
         model_dir = Path(model_dir)
         config = config or CosyVoice2Config.from_model_dir(model_dir)
         path = model_dir / "llm.pt"
-        state = load_state_dict(path)
+        return cls.from_state(config.llm, load_state_dict(path), str(path), device, dtype)
+
+    @classmethod
+    def from_state(cls, llm_config: Any, state: dict[str, torch.Tensor], source: str,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Self:
+        """Build the model for `llm_config` (the LM config type of `cls`) from a release state dict, strictly."""
         # The Qwen text head is tied to embed_tokens and never used for speech: accept it, drop it.
         state.pop("llm.model.lm_head.weight", None)
         with torch.device("meta"):  # skip the random init of weights we are about to overwrite
-            model = cls(config.llm)
+            model = cls(llm_config)
         model = model.to_empty(device="cpu")
-        check_keys(model, state, source=str(path))
+        check_keys(model, state, source=source)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -55,17 +56,20 @@ COSYVOICE2_SPECIAL_TOKENS = [
     "[lipsmack]", "[mn]",
 ]
 
-_YAML_TEMPLATE = """\
-# Random-weight CosyVoice2 model written by `cosyapp models make-tiny` (size: {size}). NOT a trained model.
-# Same structure and non-size hyperparameters as the CosyVoice2-0.5B release.
+
+# Sections of the yaml that CosyVoice3's template shares. `{name}` fields are filled from a ModelSize later by
+# str.format; what differs between the versions (class names, `fmax`, extra keys) is a parameter.
+def yaml_top(lm_class: str) -> str:
+    """Seeds, top-level sizes and the `llm` section."""
+    return f"""\
 __set_seed1: !apply:random.seed [1986]
 __set_seed2: !apply:numpy.random.seed [1986]
 __set_seed3: !apply:torch.manual_seed [1986]
 __set_seed4: !apply:torch.cuda.manual_seed_all [1986]
 
 sample_rate: 24000
-llm_input_size: {qwen_hidden}
-llm_output_size: {qwen_hidden}
+llm_input_size: {{qwen_hidden}}
+llm_output_size: {{qwen_hidden}}
 spk_embed_dim: 192
 qwen_pretrain_path: ''
 token_frame_rate: 25
@@ -74,7 +78,7 @@ token_mel_ratio: 2
 chunk_size: 25
 num_decoding_left_chunks: -1
 
-llm: !new:cosyvoice.llm.llm.Qwen2LM
+llm: !new:cosyvoice.llm.llm.{lm_class}
     llm_input_size: !ref <llm_input_size>
     llm_output_size: !ref <llm_output_size>
     speech_token_size: 6561
@@ -89,8 +93,14 @@ llm: !new:cosyvoice.llm.llm.Qwen2LM
         win_size: 10
         tau_r: 0.1
 
-flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
-    input_size: 512
+"""
+
+
+def yaml_flow_top(flow_class: str, input_size: int) -> str:
+    """The `flow` section's own keys, before its token encoder."""
+    return f"""\
+flow: !new:cosyvoice.flow.flow.{flow_class}
+    input_size: {input_size}
     output_size: 80
     spk_embed_dim: !ref <spk_embed_dim>
     output_type: 'mel'
@@ -99,22 +109,11 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     only_mask_loss: True
     token_mel_ratio: !ref <token_mel_ratio>
     pre_lookahead_len: 3
-    encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
-        output_size: 512
-        attention_heads: {encoder_heads}
-        linear_units: {encoder_linear_units}
-        num_blocks: {encoder_blocks}
-        dropout_rate: 0.1
-        positional_dropout_rate: 0.1
-        attention_dropout_rate: 0.1
-        normalize_before: True
-        input_layer: 'linear'
-        pos_enc_layer_type: 'rel_pos_espnet'
-        selfattention_layer_type: 'rel_selfattn'
-        input_size: 512
-        use_cnn_module: False
-        macaron_style: False
-        static_chunk_size: !ref <chunk_size>
+"""
+
+
+# The flow decoder's CFM, up to its estimator.
+YAML_CFM = """\
     decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
         in_channels: 240
         n_spks: 1
@@ -127,22 +126,15 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
                 training_cfg_rate: 0.2
                 inference_cfg_rate: 0.7
                 reg_loss_type: 'l1'
-        estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
-            in_channels: 320
-            out_channels: 80
-            channels: [{decoder_channels}]
-            dropout: 0.0
-            attention_head_dim: {decoder_head_dim}
-            n_blocks: {decoder_blocks}
-            num_mid_blocks: {decoder_mid_blocks}
-            num_heads: {decoder_heads}
-            act_fn: 'gelu'
-            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
-            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
+"""
 
-hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
+
+def yaml_hift(generator_class: str, f0_class: str, extra: str = "") -> str:
+    """The `hift` section; `extra` holds lines of generator keys only one version has."""
+    return f"""\
+hift: !new:cosyvoice.hifigan.generator.{generator_class}
     in_channels: 80
-    base_channels: {hift_channels}
+    base_channels: {{hift_channels}}
     nb_harmonics: 8
     sampling_rate: !ref <sample_rate>
     nsf_alpha: 0.1
@@ -159,15 +151,17 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
     lrelu_slope: 0.1
     audio_limit: 0.99
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
+{extra}    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.{f0_class}
         num_class: 1
         in_channels: 80
-        cond_channels: {f0_channels}
+        cond_channels: {{f0_channels}}
 
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-allowed_special: 'all'
+"""
+
+
+def yaml_mel(fmax: str) -> str:
+    """The `feat_extractor` section; `fmax` is written as given (a number or `null`)."""
+    return f"""\
 feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     n_fft: 1920
     num_mels: 80
@@ -175,9 +169,61 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     hop_size: 480
     win_size: 1920
     fmin: 0
-    fmax: 8000
+    fmax: {fmax}
     center: False
 """
+
+
+_YAML_TEMPLATE = (
+    """\
+# Random-weight CosyVoice2 model written by `cosyapp models make-tiny` (size: {size}). NOT a trained model.
+# Same structure and non-size hyperparameters as the CosyVoice2-0.5B release.
+"""
+    + yaml_top("Qwen2LM")
+    + yaml_flow_top("CausalMaskedDiffWithXvec", input_size=512)
+    + """\
+    encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
+        output_size: 512
+        attention_heads: {encoder_heads}
+        linear_units: {encoder_linear_units}
+        num_blocks: {encoder_blocks}
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        input_size: 512
+        use_cnn_module: False
+        macaron_style: False
+        static_chunk_size: !ref <chunk_size>
+"""
+    + YAML_CFM
+    + """\
+        estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
+            in_channels: 320
+            out_channels: 80
+            channels: [{decoder_channels}]
+            dropout: 0.0
+            attention_head_dim: {decoder_head_dim}
+            n_blocks: {decoder_blocks}
+            num_mid_blocks: {decoder_mid_blocks}
+            num_heads: {decoder_heads}
+            act_fn: 'gelu'
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
+
+"""
+    + yaml_hift("HiFTGenerator", "ConvRNNF0Predictor")
+    + """\
+get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
+    token_path: !ref <qwen_pretrain_path>
+    skip_special_tokens: True
+allowed_special: 'all'
+"""
+    + yaml_mel(fmax="8000")
+)
 
 # A small bilingual corpus for the random model's BPE: enough merges that English words and common
 # Chinese characters become multi-byte tokens, as in the real tokenizer.
@@ -387,60 +433,99 @@ def _split_weight_norm(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return g, weight.clone()
 
 
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `module`'s state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def tie_lm_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release ties Qwen's unused lm_head to the text embedding; torch.save stores the storage once."""
+    state["llm.model.lm_head.weight"] = state["llm.model.model.embed_tokens.weight"]
+    return state
+
+
+def hift_state(generator: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The vocoder's state in the release's layout, cast to `dtype` where given."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in generator.state_dict().items():
+        value = value.detach() if dtype is None else value.detach().to(dtype)
+        if _HIFT_WEIGHT_NORMED.match(key):
+            base = key[: -len(".weight")]
+            g, v = _split_weight_norm(value)
+            state[base + ".parametrizations.weight.original0"] = g
+            state[base + ".parametrizations.weight.original1"] = v
+        else:
+            state[key] = value.clone()
+    return state
+
+
 def _llm_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
     from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 
-    model = CosyVoice2LM(config.llm)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = module_state(CosyVoice2LM(config.llm))
     with torch.no_grad():
         state["llm_decoder.bias"][config.llm.eos_token] += _EOS_LOGIT_BIAS
-    # The release ties Qwen's unused lm_head to the text embedding; torch.save stores the storage once.
-    state["llm.model.lm_head.weight"] = state["llm.model.model.embed_tokens.weight"]
-    return state
+    return tie_lm_head(state)
 
 
 def _flow_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
     from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 
-    return {k: v.detach().clone() for k, v in CosyVoice2Flow(config.flow).state_dict().items()}
+    return module_state(CosyVoice2Flow(config.flow))
 
 
 def _hift_state(config: CosyVoice2Config) -> dict[str, torch.Tensor]:
     from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 
-    state: dict[str, torch.Tensor] = {}
-    for key, value in HiFTGenerator(config.hift).state_dict().items():
-        if _HIFT_WEIGHT_NORMED.match(key):
-            base = key[: -len(".weight")]
-            g, v = _split_weight_norm(value.detach())
-            state[base + ".parametrizations.weight.original0"] = g
-            state[base + ".parametrizations.weight.original1"] = v
-        else:
-            state[key] = value.detach().clone()
-    return state
+    return hift_state(HiFTGenerator(config.hift))
 
 
-def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random CosyVoice2 model directory in the official layout; returns its path."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    dims = SIZES[size]
+ConfigT = TypeVar("ConfigT")
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    size: str,
+    seed: int,
+    *,
+    sizes: Mapping[str, Any],
+    yaml_template: str,
+    config_file: str,
+    read_config: Callable[[dict[str, Any], dict[str, Any]], ConfigT],
+    weights: Sequence[tuple[str, Callable[[ConfigT], dict[str, torch.Tensor]]]],
+    speech_tokenizer_file: str,
+) -> Path:
+    """Write a random model directory of either version: yaml, tokenizer, Qwen config, `weights` in order
+    (the torch seed makes them reproducible only in a fixed order), then the two ONNX stand-ins."""
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(sizes)}")
+    dims = sizes[size]
     out = Path(out_dir)
     blank_en = out / "CosyVoice-BlankEN"
     blank_en.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
-    (out / "cosyvoice2.yaml").write_text(_YAML_TEMPLATE.format(size=size, **dims.__dict__), encoding="utf-8")
+    (out / config_file).write_text(yaml_template.format(size=size, **dims.__dict__), encoding="utf-8")
     _write_tokenizer(blank_en, dims.qwen_vocab)
     eos_id = json.loads((blank_en / "generation_config.json").read_text())["eos_token_id"]
     _write_qwen_config(blank_en, dims, eos_id)
-    config = CosyVoice2Config.from_dicts(
-        read_hyperpyyaml(out / "cosyvoice2.yaml"), json.loads((blank_en / "config.json").read_text())
-    )
-    torch.save(_llm_state(config), out / "llm.pt")
-    torch.save(_flow_state(config), out / "flow.pt")
-    torch.save(_hift_state(config), out / "hift.pt")
+    config = read_config(read_hyperpyyaml(out / config_file), json.loads((blank_en / "config.json").read_text()))
+    for file_name, state in weights:
+        torch.save(state(config), out / file_name)
     _write_campplus_standin(out / "campplus.onnx", rng)
-    _write_speech_tokenizer_standin(out / "speech_tokenizer_v2.onnx", rng)
+    _write_speech_tokenizer_standin(out / speech_tokenizer_file, rng)
     return out
+
+
+def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random CosyVoice2 model directory in the official layout; returns its path."""
+    return write_model_dir(
+        out_dir, size, seed,
+        sizes=SIZES,
+        yaml_template=_YAML_TEMPLATE,
+        config_file="cosyvoice2.yaml",
+        read_config=CosyVoice2Config.from_dicts,
+        weights=[("llm.pt", _llm_state), ("flow.pt", _flow_state), ("hift.pt", _hift_state)],
+        speech_tokenizer_file="speech_tokenizer_v2.onnx",
+    )

@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cosyapp.backends.cosyvoice2.config import F0PredictorConfig, HiftConfig, MelConfig, Qwen2Config, read_hyperpyyaml
+from cosyapp.backends.cosyvoice2.config import (
+    HiftConfig,
+    MelConfig,
+    Qwen2Config,
+    flow_fields,
+    hift_config,
+    lm_fields,
+    mel_config,
+    model_fields,
+    qwen2_config,
+    read_hyperpyyaml,
+)
 from cosyapp.backends.weights import read_json_file
 from cosyapp.engine.types import ModelFileError
 
@@ -108,43 +119,13 @@ class CosyVoice3Config:
     def from_dicts(cls, y: dict[str, Any], q: dict[str, Any], source: str = CONFIG_FILE) -> "CosyVoice3Config":
         try:
             llm, flow, hift, feat = y["llm"], y["flow"], y["hift"], y["feat_extractor"]
-            dec, pre = flow["decoder"], flow["pre_lookahead_layer"]
-            dit, cfm = dec["estimator"], dec["cfm_params"]["content"]
-            sampling, f0 = llm["sampling"], hift["f0_predictor"]
-            qwen = Qwen2Config(
-                hidden_size=int(q["hidden_size"]),
-                intermediate_size=int(q["intermediate_size"]),
-                num_layers=int(q["num_hidden_layers"]),
-                num_heads=int(q["num_attention_heads"]),
-                num_kv_heads=int(q.get("num_key_value_heads", q["num_attention_heads"])),
-                vocab_size=int(q["vocab_size"]),
-                rms_norm_eps=float(q["rms_norm_eps"]),
-                rope_theta=float(q.get("rope_theta", 10000.0)),
-                max_position_embeddings=int(q.get("max_position_embeddings", 32768)),
-            )
+            pre, dit = flow["pre_lookahead_layer"], flow["decoder"]["estimator"]
+            qwen = qwen2_config(q)
             return cls(
-                sample_rate=int(y["sample_rate"]),
-                token_frame_rate=int(y["token_frame_rate"]),
-                token_mel_ratio=int(y["token_mel_ratio"]),
-                chunk_size=int(y["chunk_size"]),
-                spk_embed_dim=int(y["spk_embed_dim"]),
-                llm=LMConfig(
-                    llm_input_size=int(llm["llm_input_size"]),
-                    llm_output_size=int(llm["llm_output_size"]),
-                    speech_token_size=int(llm["speech_token_size"]),
-                    top_p=float(sampling["top_p"]),
-                    top_k=int(sampling["top_k"]),
-                    win_size=int(sampling["win_size"]),
-                    tau_r=float(sampling["tau_r"]),
-                    qwen=qwen,
-                ),
+                **model_fields(y),
+                llm=LMConfig(**lm_fields(llm), qwen=qwen),
                 flow=FlowConfig(
-                    input_size=int(flow["input_size"]),
-                    output_size=int(flow["output_size"]),
-                    spk_embed_dim=int(flow["spk_embed_dim"]),
-                    vocab_size=int(flow["vocab_size"]),
-                    token_mel_ratio=int(flow["token_mel_ratio"]),
-                    pre_lookahead_len=int(flow["pre_lookahead_len"]),
+                    **flow_fields(flow),
                     pre_lookahead_channels=int(pre["channels"]),
                     estimator=DiTConfig(
                         dim=int(dit["dim"]),
@@ -159,48 +140,10 @@ class CosyVoice3Config:
                         static_chunk_size=int(dit["static_chunk_size"]),
                         num_decoding_left_chunks=int(dit.get("num_decoding_left_chunks", -1)),
                     ),
-                    spk_emb_dim=int(dec["spk_emb_dim"]),
-                    inference_cfg_rate=float(cfm["inference_cfg_rate"]),
-                    t_scheduler=str(cfm["t_scheduler"]),
-                    sigma_min=float(cfm["sigma_min"]),
                 ),
-                hift=HiftConfig(
-                    in_channels=int(hift["in_channels"]),
-                    base_channels=int(hift["base_channels"]),
-                    nb_harmonics=int(hift["nb_harmonics"]),
-                    sampling_rate=int(hift["sampling_rate"]),
-                    nsf_alpha=float(hift["nsf_alpha"]),
-                    nsf_sigma=float(hift["nsf_sigma"]),
-                    nsf_voiced_threshold=float(hift["nsf_voiced_threshold"]),
-                    upsample_rates=tuple(int(r) for r in hift["upsample_rates"]),
-                    upsample_kernel_sizes=tuple(int(k) for k in hift["upsample_kernel_sizes"]),
-                    istft_n_fft=int(hift["istft_params"]["n_fft"]),
-                    istft_hop_len=int(hift["istft_params"]["hop_len"]),
-                    resblock_kernel_sizes=tuple(int(k) for k in hift["resblock_kernel_sizes"]),
-                    resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in hift["resblock_dilation_sizes"]),
-                    source_resblock_kernel_sizes=tuple(int(k) for k in hift["source_resblock_kernel_sizes"]),
-                    source_resblock_dilation_sizes=tuple(
-                        tuple(int(d) for d in ds) for ds in hift["source_resblock_dilation_sizes"]
-                    ),
-                    lrelu_slope=float(hift["lrelu_slope"]),
-                    audio_limit=float(hift["audio_limit"]),
-                    f0_predictor=F0PredictorConfig(
-                        num_class=int(f0["num_class"]),
-                        in_channels=int(f0["in_channels"]),
-                        cond_channels=int(f0["cond_channels"]),
-                    ),
-                ),
+                hift=hift_config(hift),
                 conv_pre_look_right=int(hift.get("conv_pre_look_right", 4)),
-                mel=MelConfig(
-                    n_fft=int(feat["n_fft"]),
-                    num_mels=int(feat["num_mels"]),
-                    sampling_rate=int(feat["sampling_rate"]),
-                    hop_size=int(feat["hop_size"]),
-                    win_size=int(feat["win_size"]),
-                    fmin=float(feat["fmin"]),
-                    fmax=None if feat["fmax"] is None else float(feat["fmax"]),
-                    center=bool(feat["center"]),
-                ),
+                mel=mel_config(feat),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{source}: missing or malformed hyperparameter ({exc!r})") from exc

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cosyapp.backends.cosyvoice2.hift import Snake
+from cosyapp.backends.cosyvoice2.hift import HiFTStages, SnakeResBlock
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict
 
@@ -74,20 +74,12 @@ class CausalDownsample(nn.Conv1d):
         return super().forward(F.pad(x, (self.stride[0] - 1, 0)))
 
 
-class CausalResBlock(nn.Module):
+class CausalResBlock(SnakeResBlock):
     """Per dilation: Snake -> dilated causal conv -> Snake -> causal conv, with a residual around each pair."""
 
-    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
-        super().__init__()
-        self.convs1 = nn.ModuleList(CausalConv1d(channels, channels, kernel_size, d) for d in dilations)
-        self.convs2 = nn.ModuleList(CausalConv1d(channels, channels, kernel_size) for _ in dilations)
-        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
-        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for act1, conv1, act2, conv2 in zip(self.activations1, self.convs1, self.activations2, self.convs2):
-            x = x + conv2(act2(conv1(act1(x))))
-        return x
+    @staticmethod
+    def conv(channels: int, kernel_size: int, dilation: int) -> nn.Module:
+        return CausalConv1d(channels, channels, kernel_size, dilation)
 
 
 class CausalF0Predictor(nn.Module):
@@ -202,18 +194,13 @@ class CausalHarmonicSource(nn.Module):
         return self.from_phase(torch.cumsum(rad, dim=2), f0, 0)
 
 
-class CausalHiFTGenerator(nn.Module):
+class CausalHiFTGenerator(HiFTStages, nn.Module):
     def __init__(self, config: CosyVoice3Config) -> None:
         super().__init__()
         cfg = config.hift
-        self.cfg = cfg
+        spec_channels, stage_channels = self.set_sizes(cfg)
         self.look_right = config.conv_pre_look_right
-        self.n_fft, self.hop_len = cfg.istft_n_fft, cfg.istft_hop_len
-        self.upsample_scale = cfg.upsample_scale
-        self.num_kernels = len(cfg.resblock_kernel_sizes)
-        spec_channels = self.n_fft + 2  # real ++ imag of n_fft // 2 + 1 bins
         base = cfg.base_channels
-        stage_channels = [base // 2 ** (i + 1) for i in range(len(cfg.upsample_rates))]
 
         self.f0_predictor = CausalF0Predictor(cfg.f0_predictor.in_channels, cfg.f0_predictor.cond_channels,
                                               cfg.f0_predictor.num_class)
@@ -267,9 +254,7 @@ class CausalHiFTGenerator(nn.Module):
         """mel [B, 80, T], source [B, 1, 480 T] -> waveform [B, 480 T] (finalize) or [B, 480 (T - look_right - 1)]
         (the last look_right frames are look-ahead, and the last frame's samples are held back). `stage_out`,
         if given, receives the conv_pre and conv_post outputs."""
-        spec = torch.view_as_real(torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft,
-                                             window=self.stft_window, return_complex=True))
-        spec = torch.cat([spec[..., 0], spec[..., 1]], dim=1)  # [B, 18, 120 T + 1]
+        spec = self.source_spectrum(source)
         if finalize:
             x = self.conv_pre(mel)
         else:
@@ -277,26 +262,11 @@ class CausalHiFTGenerator(nn.Module):
             spec = spec[:, :, :-(self.upsample_scale // self.hop_len) * self.look_right]
         if stage_out is not None:
             stage_out["conv_pre"] = x
-        last = len(self.ups) - 1
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
-            if i == last:
-                x = F.pad(x, (1, 0), mode="reflect")  # 120 T -> 120 T + 1 frames, to match the source STFT
-            x = x + self.source_resblocks[i](self.source_downs[i](spec))
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            total = blocks[0](x)
-            for block in blocks[1:]:
-                total = total + block(x)
-            x = total / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, unlike the stages
+        x = self.stages(x, spec)
         if stage_out is not None:
             stage_out["conv_post"] = x
 
-        bins = self.n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
-        phase = torch.sin(x[:, bins:])  # upstream's quirk: the "phase" goes through a sine first
-        spec_out = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec_out, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window)
+        wav = self.to_wave(x)
         if not finalize:
             wav = wav[:, :-self.upsample_scale]
         return wav.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)

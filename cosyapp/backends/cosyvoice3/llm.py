@@ -19,7 +19,7 @@ from torch import nn
 
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, Qwen2, _Nest
 from cosyapp.backends.cosyvoice3.config import MAX_SILENT_RUN, SILENT_TOKENS, CosyVoice3Config, LMConfig
-from cosyapp.backends.weights import check_keys, load_state_dict
+from cosyapp.backends.weights import load_state_dict
 
 
 class CosyVoice3LM(CosyVoice2LM):
@@ -41,13 +41,7 @@ class CosyVoice3LM(CosyVoice2LM):
         path = model_dir / "llm.pt"
         # embed_tokens may be a strided view into a shared pool: give every tensor its own memory.
         state = {key: value.contiguous() for key, value in load_state_dict(path).items()}
-        # The Qwen text head is tied to embed_tokens and never used for speech: accept it, drop it.
-        state.pop("llm.model.lm_head.weight", None)
-        with torch.device("meta"):  # skip the random init of weights we are about to overwrite
-            model = cls(config.llm)
-        model = model.to_empty(device="cpu")
-        check_keys(model, state, source=str(path))
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls.from_state(config.llm, state, str(path), device, dtype)
 
     def build_lm_input(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
                        prompt_speech_tokens: torch.Tensor) -> torch.Tensor:
