@@ -46,6 +46,8 @@ class CosyVoice3Backend:
     voice_state = CosyVoice2Backend.voice_state
     voice_from_state = CosyVoice2Backend.voice_from_state
     _features = CosyVoice2Backend._features
+    # A request's sentences in turn on one KV-cache row, as CosyVoice2; each sentence is CosyVoice3's `_sentence`.
+    synthesize = CosyVoice2Backend.synthesize
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
@@ -93,36 +95,6 @@ class CosyVoice3Backend:
                 raise InputError("instruct2 mode needs an instruction")
             return self.frontend.instruction_ids(instruction)
         return None
-
-    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
-        """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise."""
-        if self.cpu_threads is not None:
-            torch.set_num_threads(self.cpu_threads)
-        with timed(request.stats, "frontend"):
-            voice = self._features(request.voice)
-            sentences = self.frontend.text_sentences(request.text)
-            prompt_ids = self._prompt_ids(request)
-        generator = torch.Generator(device=self.device)
-        if request.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(request.seed)
-        try:
-            row = self._free_rows.get_nowait()
-        except queue.Empty:
-            raise RuntimeError("more concurrent streams than the backend's max_streams") from None
-        try:
-            pieces: list[np.ndarray] = []
-            for text_ids in sentences:
-                for chunk in self._sentence(request, voice, text_ids, prompt_ids, row, generator):
-                    if request.stream:
-                        yield chunk
-                    else:
-                        pieces.append(chunk)
-            if not request.stream:
-                yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        finally:
-            self._free_rows.put(row)
 
     def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
                   prompt_ids: list[int] | None, row: int, generator: torch.Generator) -> Iterator[np.ndarray]:
