@@ -217,19 +217,25 @@ def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: 
 
 def verify(model_dir: Path) -> list[str]:
     """Check the official layout file by file, then load every stage on the CPU. Raises ModelFileError."""
-    model_dir = Path(model_dir)
+    return verify_layout(Path(model_dir), REQUIRED_FILES, CosyVoice2Backend, "speech_tokenizer_v2.onnx")
+
+
+def verify_layout(model_dir: Path, required_files: tuple[str, ...], backend_class: type,
+                  speech_tokenizer: str) -> list[str]:
+    """The files of a CosyVoice-family directory, then `backend_class` loaded from it on the CPU -> report lines.
+    Raises ModelFileError naming what is missing or broken."""
     if not model_dir.is_dir():
         raise ModelFileError(f"{model_dir}: not a directory")
-    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    missing = [name for name in required_files if not (model_dir / name).is_file()]
     if missing:
         raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
-    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in REQUIRED_FILES]
-    backend = CosyVoice2Backend(model_dir, device="cpu", dtype="float32", max_streams=1, lm_context=256)
+    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in required_files]
+    backend = backend_class(model_dir, device="cpu", dtype="float32", max_streams=1, lm_context=256)
     qwen = backend.config.llm.qwen
     report.append(f"llm.pt: loaded (Qwen2 {qwen.num_layers} layers x {qwen.hidden_size}, vocab {qwen.vocab_size})")
     report.append(f"flow.pt: loaded ({sum(p.numel() for p in backend.flow.parameters()):,} parameters)")
     report.append(f"hift.pt: loaded ({sum(p.numel() for p in backend.hift.parameters()):,} parameters)")
-    report.append("campplus.onnx, speech_tokenizer_v2.onnx: loaded with onnxruntime")
+    report.append(f"campplus.onnx, {speech_tokenizer}: loaded with onnxruntime")
     return report
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, cpu_cores
+from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, cpu_cores, verify_layout
 from cosyapp.backends.cosyvoice2.frontend import VoiceFeatures
 from cosyapp.backends.cosyvoice2.llm import length_limits
 from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
@@ -28,7 +28,7 @@ from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice3.token2wav import Token2Wav
 from cosyapp.backends.weights import resolve_device, resolve_dtype
 from cosyapp.engine.stats import timed
-from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest
+from cosyapp.engine.types import BackendInfo, InputError, Mode, SynthesisRequest
 
 MODEL_TYPE = "CosyVoice3"
 REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx",
@@ -133,20 +133,7 @@ def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: 
 
 def verify(model_dir: Path) -> list[str]:
     """Check the official layout file by file, then load every stage on the CPU. Raises ModelFileError."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelFileError(f"{model_dir}: not a directory")
-    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
-    if missing:
-        raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
-    report = [f"{name}: present ({(model_dir / name).stat().st_size:,} bytes)" for name in REQUIRED_FILES]
-    backend = CosyVoice3Backend(model_dir, device="cpu", dtype="float32", max_streams=1, lm_context=256)
-    qwen = backend.config.llm.qwen
-    report.append(f"llm.pt: loaded (Qwen2 {qwen.num_layers} layers x {qwen.hidden_size}, vocab {qwen.vocab_size})")
-    report.append(f"flow.pt: loaded ({sum(p.numel() for p in backend.flow.parameters()):,} parameters)")
-    report.append(f"hift.pt: loaded ({sum(p.numel() for p in backend.hift.parameters()):,} parameters)")
-    report.append("campplus.onnx, speech_tokenizer_v3.onnx: loaded with onnxruntime")
-    return report
+    return verify_layout(Path(model_dir), REQUIRED_FILES, CosyVoice3Backend, "speech_tokenizer_v3.onnx")
 
 
 def make_tiny(out_dir: Path, size: str = "tiny") -> None:
