@@ -34,6 +34,14 @@ def model_bytes(model_dirs: list[Path]) -> int:
     return total
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:
     """(streams, the reason in words) for a box about to load `model_dirs` on `device`."""
     if device.type == "cuda":
@@ -43,5 +51,5 @@ def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[i
         return streams, (f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)}, "
                          f"{GPU_BYTES_PER_STREAM / 2**30:g} GiB per stream after the weights, at most "
                          f"{MAX_GPU_STREAMS}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     return max(MIN_STREAMS, cores), f"{cores} CPU cores, one stream per core"

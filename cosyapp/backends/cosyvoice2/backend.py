@@ -7,7 +7,6 @@ concurrent streams cannot disturb each other (upstream's shared `token_hop_len` 
 
 from __future__ import annotations
 
-import os
 import queue
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,6 +25,7 @@ from cosyapp.backends.cosyvoice2.lm_batcher import LMBatcher
 from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
 from cosyapp.backends.weights import resolve_device, resolve_dtype
+from cosyapp.engine.sizing import cpu_cores
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
 
@@ -201,14 +201,6 @@ class CosyVoice2Backend:
         finally:
             self.lm_batcher.stop(decoding)  # before the caller frees the LM cache row
             session.close()
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice2Backend:

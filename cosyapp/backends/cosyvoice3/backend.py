@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, cpu_cores, verify_layout
+from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, verify_layout
 from cosyapp.backends.cosyvoice2.frontend import VoiceFeatures
 from cosyapp.backends.cosyvoice2.llm import length_limits
 from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
@@ -27,6 +27,7 @@ from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
 from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice3.token2wav import Token2Wav
 from cosyapp.backends.weights import resolve_device, resolve_dtype
+from cosyapp.engine.sizing import cpu_cores
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, SynthesisRequest
 
