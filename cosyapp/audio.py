@@ -69,6 +69,12 @@ def check_duration(samples: np.ndarray, sample_rate: int, min_s: float, max_s: f
     return duration
 
 
+def harmonic_tone(sample_rate: int, seconds: float = 4.0) -> np.ndarray:
+    """A 140 Hz tone with a 3 Hz tremolo, float32: stands in for a prompt recording where none is at hand."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (0.2 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
 def to_s16le(chunk: np.ndarray) -> bytes:
     """float32 samples in [-1, 1] -> signed 16-bit little-endian bytes.
 

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import soundfile as sf
 import torch
 
+from cosyapp.audio import harmonic_tone
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
 from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
@@ -69,10 +69,9 @@ def run_engine_bench(model_dir: Path | None, size: str = "tiny", backend_name: s
         if prompt_wav is not None:
             audio, audio_rate = sf.read(prompt_wav, dtype="float32", always_2d=True)
             audio = audio.mean(axis=1)
-        else:  # a 4 s harmonic tone stands in for a recording
+        else:
             audio_rate = 24000
-            t = np.arange(4 * audio_rate) / audio_rate
-            audio = (0.2 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+            audio = harmonic_tone(audio_rate)
         start = time.perf_counter()
         voice = backend.prepare_voice(audio, audio_rate, None)
         voice_s = time.perf_counter() - start

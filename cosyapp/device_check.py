@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cosyapp.audio import harmonic_tone
+
 FORCED_TOKENS = 150
 TOL_FLOAT32 = 5e-3
 TOL_BF16_LOGITS = 5e-2
@@ -59,11 +61,6 @@ def centred(logits: torch.Tensor) -> torch.Tensor:
     return logits - logits.mean(dim=-1, keepdim=True)
 
 
-def _tone(rate: int, seconds: float = 4.0) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.2 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-
-
 @torch.inference_mode()
 def check_cosyvoice2(model_dir: Path, device: str) -> list[StageCheck]:
     from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
@@ -75,7 +72,7 @@ def check_cosyvoice2(model_dir: Path, device: str) -> list[StageCheck]:
     dut = CosyVoice2Backend(model_dir, device=device, max_streams=1, lm_context=1024, random_source=False)
     lm_dtype = str(dut.llm.llm_decoder.weight.dtype).removeprefix("torch.")
     flow_dtype = str(dut.flow.encoder_proj.weight.dtype).removeprefix("torch.")
-    voice = ref.prepare_voice(_tone(24000), 24000).features
+    voice = ref.prepare_voice(harmonic_tone(24000), 24000).features
     text_ids = ref.frontend.text_sentences("The quick brown fox jumps over the lazy dog.")[0]
     model_input = ref.frontend.build_model_input(Mode.CROSS_LINGUAL, text_ids, voice, None)
     lm_input = ref.llm.build_lm_input(model_input.text, model_input.prompt_text, model_input.llm_prompt_speech_token)
@@ -143,11 +140,11 @@ def check_fish(model_dir: Path, device: str) -> list[StageCheck]:
     ref = FishBackend(model_dir, device="cpu", dtype="float32", max_streams=1)
     dut = FishBackend(model_dir, device=device, max_streams=1)
     dtype = str(dut.model.output.weight.dtype).removeprefix("torch.")
-    codes = ref.encode_reference(_tone(44100), 44100)
+    codes = ref.encode_reference(harmonic_tone(44100), 44100)
     grid = build_prompt(ref.tokenizer, "The quick brown fox jumps over the lazy dog.", [Reference(codes, "hello")],
                         ref.model.config.num_codebooks)
-    ref_logits, ref_hidden = ref.model(grid[None])
-    dut_logits, dut_hidden = dut.model(grid[None].to(dut.device))
+    ref_logits, _ = ref.model(grid[None])
+    dut_logits, _ = dut.model(grid[None].to(dut.device))
     checks = [StageCheck("fish", "slow transformer (centred logits)", dtype,
                          rel_error(centred(dut_logits[0].float()), centred(ref_logits[0])), TOL_BF16_LOGITS,
                          f"{grid.shape[-1]} positions")]
