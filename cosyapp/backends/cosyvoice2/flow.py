@@ -111,12 +111,7 @@ class CosyVoice2Flow(nn.Module):
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "CosyVoice2Flow":
         """Build from `<model_dir>/flow.pt`; a missing file or key/shape mismatch raises ModelFileError."""
         config = config or CosyVoice2Config.from_model_dir(model_dir)
-        path = Path(model_dir) / "flow.pt"
-        # Big tensors in flow.pt can be strided views into one shared storage: give each its own memory.
-        state = {key: value.contiguous() for key, value in load_state_dict(path).items()}
-        model = cls(config.flow)
-        check_keys(model, state, str(path))
-        return model.to(device=device, dtype=dtype).eval()
+        return load_flow_weights(cls(config.flow), Path(model_dir), device, dtype)
 
     def encode(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                embedding: torch.Tensor, streaming: bool, finalize: bool
@@ -234,3 +229,12 @@ class CosyVoice2Flow(nn.Module):
                              f"[1, {cfg.token_mel_ratio} * {prompt_token.size(1)}, {cfg.output_size}]")
         if embedding.shape != (1, cfg.spk_embed_dim):
             raise ValueError(f"embedding {tuple(embedding.shape)} must be [1, {cfg.spk_embed_dim}]")
+
+
+def load_flow_weights(model: nn.Module, model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """`<model_dir>/flow.pt` loaded strictly into `model` (ModelFileError naming the file), on `device` in `dtype`."""
+    path = model_dir / "flow.pt"
+    # Big tensors in flow.pt can be strided views into one shared storage: give each its own memory.
+    state = {key: value.contiguous() for key, value in load_state_dict(path).items()}
+    check_keys(model, state, str(path))
+    return model.to(device=device, dtype=dtype).eval()

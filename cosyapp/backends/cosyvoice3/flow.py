@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.flow import CausalFlowMatching
+from cosyapp.backends.cosyvoice2.flow import CausalFlowMatching, load_flow_weights
 from cosyapp.backends.cosyvoice2.flow_encoder import PreLookaheadLayer
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config, FlowConfig
 from cosyapp.backends.cosyvoice3.estimator import DiT, DiTCache
-from cosyapp.backends.weights import check_keys, load_state_dict
 
 
 class CosyVoice3Flow(nn.Module):
@@ -39,12 +38,7 @@ class CosyVoice3Flow(nn.Module):
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "CosyVoice3Flow":
         """Build from `<model_dir>/flow.pt`; a missing file or key/shape mismatch raises ModelFileError."""
         config = config or CosyVoice3Config.from_model_dir(model_dir)
-        path = Path(model_dir) / "flow.pt"
-        # Big tensors in flow.pt can be strided views into one shared storage: give each its own memory.
-        state = {key: value.contiguous() for key, value in load_state_dict(path).items()}
-        model = cls(config.flow)
-        check_keys(model, state, str(path))
-        return model.to(device=device, dtype=dtype).eval()
+        return load_flow_weights(cls(config.flow), Path(model_dir), device, dtype)
 
     def encode(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                embedding: torch.Tensor, finalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
