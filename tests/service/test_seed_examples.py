@@ -52,11 +52,13 @@ def test_seed_status_commands(live_service):
 
 
 def test_pcm_headers_and_first_bytes_before_synthesis_ends(live_service):
-    # Four short sentences: synthesized one after the other, and short enough to keep the test quick on the
-    # random tiny model (which may run every sentence to its maximum length).
+    # Four short sentences, synthesized one after the other. A random tiny model may also stop a sentence after a
+    # handful of tokens, and then the whole request can end before its first bytes are read: fixed_length gives
+    # every sentence the same 50 tokens (2 s), so the request is still running when its first chunk arrives.
     text = "欢迎光临。请坐。谢谢。再见。"
     started = time.perf_counter()
-    with httpx.stream("POST", f"{live_service.url}/synthesize", data={"text": text}, timeout=300) as response:
+    with httpx.stream("POST", f"{live_service.url}/synthesize", data={"text": text, "fixed_length": "50"},
+                      timeout=300) as response:
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/octet-stream"
         assert response.headers["x-sample-rate"] == "24000"
