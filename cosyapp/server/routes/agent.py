@@ -40,7 +40,6 @@ INPUT_FIELDS = ("message", "system_message", "system_audio", "conversation_id", 
 # RunPod's request keys beside `input`: accepted, and a webhook refused (nothing would call it).
 REQUEST_FIELDS = ("input", "webhook", "policy", "s3Config")
 FORMATS = ("wav", "mp3", "flac")
-MAX_NEW_TOKENS = 4096
 
 
 def _agent(request: Request) -> AgentService:
@@ -82,7 +81,8 @@ async def parse_input(request: Request) -> AgentInput:
         raise ApiError(400, f"format {audio_format} cannot be streamed; streaming supports only wav "
                             "(or send streaming: false)")
     temperature = fields.number("temperature", 0.7, 0.0, 2.0)
-    max_new_tokens = fields.integer("max_new_tokens", settings.agent.max_new_tokens, 1, MAX_NEW_TOKENS)
+    max_new_tokens = min(fields.integer("max_new_tokens", settings.agent.max_new_tokens, 1, 1_000_000),
+                         settings.agent.max_new_tokens_limit)
     system_audio = None
     raw_audio = fields.get("system_audio", None, nullable=True)
     if raw_audio:
