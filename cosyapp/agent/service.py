@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from cosyapp.agent import chat as chat_models  # a module import: cosyapp.server imports this module too
+from cosyapp.agent.chat import ChatModel, Message, make_chat
 from cosyapp.agent.conversations import Conversation, ConversationStore, FileConversationStore
 from cosyapp.agent.jobs import COMPLETED, FAILED, Job, JobError, JobRegistry
 from cosyapp.agent.turn import Answer, AudioChunk, TextDelta, TurnPlan, speak_answer
@@ -50,7 +50,7 @@ def audio_chunk_content(samples: np.ndarray, sample_rate: int) -> str:
 
 
 class AgentService:
-    def __init__(self, settings: Settings, speech: SpeechService, chat: chat_models.ChatModel | None = None,
+    def __init__(self, settings: Settings, speech: SpeechService, chat: ChatModel | None = None,
                  store: ConversationStore | None = None) -> None:
         agent = settings.agent
         self.settings = agent
@@ -64,9 +64,9 @@ class AgentService:
         self._lock_users: Counter[str] = Counter()
 
     @property
-    def chat(self) -> chat_models.ChatModel:
+    def chat(self) -> ChatModel:
         if self._chat is None:
-            self._chat = chat_models.make_chat(self.settings)
+            self._chat = make_chat(self.settings)
         return self._chat
 
     def submit(self, request: AgentInput) -> Job:
@@ -150,14 +150,14 @@ class AgentService:
         return conversation
 
     @staticmethod
-    def messages(conversation: Conversation, message: str) -> list[chat_models.Message]:
+    def messages(conversation: Conversation, message: str) -> list[Message]:
         """What the chat model is sent: the system message, the kept messages, the new user message."""
         system = [{"role": "system", "content": conversation.system_message}] if conversation.system_message else []
         kept = [{"role": m["role"], "content": m["content"]} for m in conversation.messages]
         return [*system, *kept, {"role": "user", "content": message}]
 
     @staticmethod
-    def history(conversation: Conversation) -> list[chat_models.Message]:
+    def history(conversation: Conversation) -> list[Message]:
         """The seed's `history`: the messages, an assistant's with the length of its speech."""
         system = [{"role": "system", "content": conversation.system_message}] if conversation.system_message else []
         return [*system, *({"role": m["role"], "content": m["content"] + (

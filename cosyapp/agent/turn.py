@@ -14,7 +14,7 @@ from typing import AsyncIterator, Awaitable, Callable, Union
 
 import numpy as np
 
-from cosyapp.agent import chat as chat_models  # a module import: cosyapp.server imports this module too
+from cosyapp.agent.chat import ChatModel, Message
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.routes.fish_live import TextSegmenter
 from cosyapp.server.speech import NoAudio, SpeechRequest, SpeechService, VoiceReference
@@ -52,7 +52,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class TurnPlan:
-    messages: list[chat_models.Message]
+    messages: list[Message]
     temperature: float
     max_new_tokens: int
     voice: VoiceReference
@@ -69,7 +69,7 @@ class _Failed:
     error: BaseException
 
 
-async def speak_answer(chat: chat_models.ChatModel, speech: SpeechService, plan: TurnPlan, answer: Answer,
+async def speak_answer(chat: ChatModel, speech: SpeechService, plan: TurnPlan, answer: Answer,
                        record: RequestRecord | None = None) -> AsyncIterator[Event]:
     """The turn's events in order of making (text deltas and audio chunks interleave; audio chunks are in order
     among themselves). `answer` collects the text and audio."""
