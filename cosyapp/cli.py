@@ -653,6 +653,18 @@ def bench_agent(url: str | None, api_key: str | None, model_dir: Path | None, ba
         json_path.write_text(json.dumps(report, indent=2))
 
 
+@bench.command("chat")
+@click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--tokens", type=click.IntRange(2), default=64, show_default=True, help="tokens a run (greedy)")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@user_errors
+def bench_chat(device: str, tokens: int, runs: int) -> None:
+    """Load time and tokens per second of the voice agent's embedded chat model (SmolLM2-135M), in this process."""
+    from cosyapp.agent.bench import format_embedded_chat_report, run_embedded_chat_bench
+
+    click.echo(format_embedded_chat_report(run_embedded_chat_bench(device, tokens, runs)))
+
+
 @bench.command("service")
 @click.option("--url", help="benchmark this running service instead of starting one")
 @config_option

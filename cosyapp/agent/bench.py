@@ -137,3 +137,41 @@ def format_agent_report(report: dict[str, Any]) -> str:
         lines.append(f"{index:>8} {_ms(done):>13} {_ms(sentence['first_audio_s']):>15} {_ms(after):>14} "
                      f"{sentence['audio_s']:>8.2f}")
     return "\n".join(lines)
+
+
+def run_embedded_chat_bench(device: str, tokens: int, runs: int) -> dict[str, Any]:
+    """Load time and decoding speed of the embedded chat model, in this process (greedy, `tokens` tokens a run;
+    the time to the first piece includes the prompt)."""
+    import threading
+
+    from cosyapp.agent.embedded import LoadedModel
+
+    started = time.perf_counter()
+    model = LoadedModel(device)
+    load_s = time.perf_counter() - started
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": BENCH_MESSAGE}]
+    results = []
+    for _ in range(runs):
+        pieces: list[float] = []
+        begun = time.perf_counter()
+        never = threading.Event()
+        model.generate(messages, 0.0, tokens, lambda _: pieces.append(time.perf_counter() - begun), never)
+        total = time.perf_counter() - begun
+        after_first = total - pieces[0] if pieces else 0.0
+        results.append({"pieces": len(pieces), "first_piece_s": pieces[0] if pieces else None, "total_s": total,
+                        "tokens_per_s": (len(pieces) - 1) / after_first if after_first > 0 else None})
+    return {"device": str(model.device), "load_s": load_s, "tokens": tokens, "runs": results,
+            "cpu_threads": __import__("torch").get_num_threads(), "load_average": os.getloadavg()}
+
+
+def format_embedded_chat_report(report: dict[str, Any]) -> str:
+    lines = [f"embedded chat model (SmolLM2-135M-Instruct Q4_1 via transformers, float32) on {report['device']}, "
+             f"{report['cpu_threads']} torch threads, load average {report['load_average'][0]:.1f}",
+             f"load: {report['load_s']:.1f} s (import + GGUF dequantization + weights)", "",
+             f"{'run':>3} {'pieces':>7} {'first piece ms':>15} {'total s':>8} {'tokens/s':>9}"]
+    for index, run in enumerate(report["runs"], 1):
+        rate = "-" if run["tokens_per_s"] is None else f"{run['tokens_per_s']:.1f}"
+        lines.append(f"{index:>3} {run['pieces']:>7} {_ms(run['first_piece_s']):>15} {run['total_s']:>8.2f} "
+                     f"{rate:>9}")
+    return "\n".join(lines)

@@ -25,9 +25,9 @@ from cosyapp.server.speech import Recording, SpeechService, VoiceReference
 
 log = logging.getLogger("cosyapp.agent")
 
-# Samples per streamed audio event at most (11 KiB of base64): the seed's JavaScript example parses every piece
-# of the body it receives as one whole event, so an event must fit in one network read.
-AUDIO_EVENT_SAMPLES = 4096
+# Samples per streamed audio event at most (5.5 KiB of base64): the seed's JavaScript example parses every piece
+# of the body it receives as one whole event, which holds for small events while the client keeps up.
+AUDIO_EVENT_SAMPLES = 2048
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cosyapp.agent.conversations import Conversation, FileConversationStore
 from cosyapp.agent.jobs import CANCELLED, COMPLETED, IN_QUEUE, JobRegistry

@@ -18,8 +18,8 @@ the chat model's failures (502/504) and a busy service (503). A client that leav
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import uuid
 from typing import Any, AsyncIterator
 
@@ -40,6 +40,8 @@ INPUT_FIELDS = ("message", "system_message", "system_audio", "conversation_id", 
 # RunPod's request keys beside `input`: accepted, and a webhook refused (nothing would call it).
 REQUEST_FIELDS = ("input", "webhook", "policy", "s3Config")
 FORMATS = ("wav", "mp3", "flac")
+
+log = logging.getLogger("cosyapp.agent")
 
 
 def _agent(request: Request) -> AgentService:
@@ -106,8 +108,10 @@ async def _submitted(request: Request) -> tuple[Job, AgentInput] | Response:
         parsed = await parse_input(request)
     except Exception as e:
         error = as_api_error(e)
-        if error is None:
-            raise
+        if error is None:  # a bug: the details go to the log, the client gets the reference
+            reference = uuid.uuid4().hex
+            log.error("agent request %s failed", reference, exc_info=e)
+            return seed_error(ApiError(500, "internal error; see the service log"), reference)
         return seed_error(error)
     return _agent(request).submit(parsed), parsed
 
