@@ -1,5 +1,5 @@
 """The voice agent on the Fish backend (tiny model): the answer at Fish's 44.1 kHz, and `vq_codes` as the
-codec's code grid, one row per codebook.
+codec's code grid, one row per codebook."""
 
 from __future__ import annotations
 
