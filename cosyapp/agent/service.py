@@ -21,6 +21,7 @@ from cosyapp.audio import encode_audio, wav_bytes
 from cosyapp.config import Settings
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import as_api_error
+from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechService, VoiceReference
 
 log = logging.getLogger("cosyapp.agent")
@@ -101,7 +102,7 @@ class AgentService:
                 job.finish(FAILED, error=JobError(error.detail, error.status_code, f"reference {job.id}"))
                 record.finish(error.status_code, f"failed({error.detail})")
 
-    async def _answer(self, job: Job, request: AgentInput, record: Any) -> dict[str, Any]:
+    async def _answer(self, job: Job, request: AgentInput, record: RequestRecord) -> dict[str, Any]:
         conversation = await self._conversation_of(request)
         voice = VoiceReference(recordings=(Recording(conversation.voice, "system_audio"),)) if conversation.voice \
             else VoiceReference()
@@ -140,13 +141,11 @@ class AgentService:
         conversation = None
         if request.conversation_id is not None:
             conversation = await self.store.load(request.conversation_id)
-        conversation = conversation or Conversation(request.conversation_id or "")
+        conversation = conversation or Conversation(request.conversation_id or "")  # "": a one-off turn, not kept
         if request.system_message is not None:
             conversation.system_message = request.system_message
         if request.system_audio is not None:
             conversation.voice = request.system_audio
-        if request.conversation_id is None:  # a one-off turn: nothing is kept
-            conversation.id = ""
         return conversation
 
     @staticmethod
