@@ -27,6 +27,7 @@ setup(
         "click",
         "ormsgpack",  # msgpack bodies of the Fish Speech API
         "prometheus-client",  # GET /metrics
+        "wyoming>=1.10,<2",  # the Wyoming TTS server for Home Assistant ([wyoming] in config.toml)
         "tomli; python_version < '3.11'",
     ],
     extras_require={

@@ -165,6 +165,16 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class WyomingSettings:
+    """The Wyoming TTS server for Home Assistant (server/wyoming_tts.py), on its own TCP port. Off by default: the
+    Wyoming protocol has no authentication, so whoever reaches the port can synthesize."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = field(default=10200, metadata=_rule(min=1, max=65535))
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
@@ -177,6 +187,7 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     defaults: DefaultsSettings = DefaultsSettings()
     storage: StorageSettings = StorageSettings()
+    wyoming: WyomingSettings = WyomingSettings()
     # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
     source: Path | None = None
 
@@ -206,6 +217,7 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSettings,
     "defaults": DefaultsSettings,
     "storage": StorageSettings,
+    "wyoming": WyomingSettings,
 }
 
 
