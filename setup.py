@@ -6,7 +6,8 @@ setup(
     description="Streaming text-to-speech appliance (CosyVoice2 and Fish backends)",
     python_requires=">=3.10",
     packages=find_packages(include=["cosyapp", "cosyapp.*"]),
-    package_data={"cosyapp": ["py.typed"]},
+    # The playground's page, script and style (GET /), served from the installed package.
+    package_data={"cosyapp": ["py.typed", "server/static/playground/*"]},
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",
@@ -37,8 +38,9 @@ setup(
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
-        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk"],
+        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
+        # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver).
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

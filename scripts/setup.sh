@@ -30,9 +30,10 @@ say() { printf '\n==> %s\n' "$*"; }
 # ---- system packages ------------------------------------------------------------------------------
 # python3-venv/-dev + build-essential: the venv and building PyAudio; portaudio19-dev: PyAudio's PortAudio;
 # libsndfile1: audio decoding; curl: the README's examples and the service tests; systemd: systemd-analyze
-# (checks the unit); ca-certificates: downloads; libtcmalloc-minimal4: the service's memory allocator (allocator.py).
+# (checks the unit); ca-certificates: downloads; libtcmalloc-minimal4: the service's memory allocator (allocator.py);
+# chromium + chromium-driver: the headless browser the playground's test drives with selenium.
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential portaudio19-dev libsndfile1 curl systemd ca-certificates
-              libtcmalloc-minimal4)
+              libtcmalloc-minimal4 chromium chromium-driver)
 missing=()
 if command -v dpkg-query >/dev/null; then
   for package in "${APT_PACKAGES[@]}"; do

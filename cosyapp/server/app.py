@@ -8,6 +8,7 @@ Routes: the seed's /synthesize, the status routes (with Prometheus' /metrics), t
 (`routes/fish_api.py`, `routes/fish_async.py`), Fish's live WebSocket (`routes/fish_live.py`), the Flash-TTS API
 (`routes/flash_api.py`) and the OpenAI speech API (`routes/openai_api.py`), every one behind the optional API
 key (`auth.py`) except the health checks. Every route that speaks goes through the speech service (`speech.py`).
+GET / is the playground (`routes/playground.py`), a browser page on the public API.
 With `[wyoming] enabled`, the Wyoming TTS server for Home Assistant (`wyoming_tts.py`) listens on its own port,
 started and stopped with the app.
 """
@@ -28,7 +29,8 @@ from cosyapp.server.auth import ApiKeyMiddleware
 from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
 from cosyapp.server.metrics import Metrics, RequestCounter
-from cosyapp.server.routes import fish_api, fish_async, fish_live, flash_api, openai_api, status, synthesize
+from cosyapp.server.routes import (fish_api, fish_async, fish_live, flash_api, openai_api, playground, status,
+                                   synthesize)
 from cosyapp.server.speech import SpeechService
 from cosyapp.server.state import ServiceState
 from cosyapp.server.wyoming_tts import WyomingServer
@@ -72,7 +74,7 @@ def create_app(settings: Settings) -> Starlette:
     state = ServiceState(settings)
     metrics = Metrics(state)
     routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_async.routes, *fish_live.routes,
-              *flash_api.routes, *openai_api.routes]
+              *flash_api.routes, *openai_api.routes, *playground.routes]
     # Counted outermost, so that requests refused for a missing API key count too.
     middleware = [Middleware(RequestCounter, metrics=metrics, routes=routes)]
     if settings.server.api_key:
