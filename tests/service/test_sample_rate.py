@@ -2,7 +2,8 @@
 socket): the audio comes at the rate asked for, announced in the headers or the WAV header, and it is the native
 output resampled: the same request at the model's rate (same seed, so the same audio), resampled offline with
 torchaudio, has the same spectrum (within 0.5 dB in every band that holds audio; the waveforms within 4 LSB),
-and no chunk join steps further than the signal itself does around it.
+and no chunk join steps further than the signal itself does around it (nor any sample further than the offline
+signal does there).
 
 One service runs CosyVoice2 (/synthesize, OpenAI) and Fish (/v1/tts, the live socket) on their tiny models."""
 
@@ -61,7 +62,7 @@ def streamed_http(response: httpx.Response, wav: bool) -> Received:
 
 
 def synthesize(service, sample_rate: int | None) -> Received:
-    fields = {"text": "你好,欢迎光临。今天天气真好。", "seed": str(SEED), "fixed_length": "60", "format": "wav"}
+    fields = {"text": "你好,欢迎光临。今天天气真好。", "seed": str(SEED), "fixed_length": "150", "format": "wav"}
     if sample_rate is not None:
         fields["sample_rate"] = str(sample_rate)
     with httpx.stream("POST", f"{service.url}/synthesize", data=fields, timeout=120) as response:
@@ -131,7 +132,7 @@ def test_audio_comes_at_the_asked_rate_as_the_native_audio_resampled(service, na
     assert native_rate == NATIVE_RATES[api]
     announced, samples, joins = APIS[api](service, rate)
     assert announced == rate
-    assert len(joins) >= 2, "the audio should have come in several pieces"
+    assert joins, "the audio should have come in several pieces"
 
     reference = AF.resample(torch.from_numpy(native_samples / 32768.0), native_rate, rate).numpy()
     signal = samples / 32768.0
@@ -142,7 +143,10 @@ def test_audio_comes_at_the_asked_rate_as_the_native_audio_resampled(service, na
     difference = np.abs(band_power_db(signal) - band_power_db(reference))[audible]
     assert audible.sum() >= 16 and difference.max() < 0.5, difference
 
+    # No step anywhere (chunk joins included, those the network merged too) beyond the offline signal's own step
+    # there, give or take the rounding of the two; and at the joins seen, none beyond the steps around them.
     steps = np.abs(np.diff(signal))
+    assert (steps <= np.abs(np.diff(reference)) + 8 * LSB).all()
     around = max(rate // 100, 8)  # 10 ms on each side
     for join in joins:
         if not around < join < signal.shape[0] - around:
