@@ -35,6 +35,7 @@ from wyoming.tts import (Synthesize, SynthesizeChunk, SynthesizeStart, Synthesiz
 
 from cosyapp.audio import SAMPLE_WIDTH, to_s16le
 from cosyapp.config import WyomingSettings
+from cosyapp.engine.scheduler import EngineBusy
 from cosyapp.server.audio_responses import rejected
 from cosyapp.server.errors import as_api_error
 from cosyapp.server.fields import check_length
@@ -102,6 +103,13 @@ class TtsConnection(AsyncEventHandler):
         self.stream: TextStream | None = None
 
     async def handle_event(self, event: Event) -> bool:
+        try:
+            await self._handle(event)
+        except (KeyError, TypeError, ValueError) as e:  # an event without its fields: say so, keep the connection
+            await self.write_event(Error(text=f"malformed {event.type} event: {e!r}", code="bad-request").event())
+        return True
+
+    async def _handle(self, event: Event) -> None:
         if Describe.is_type(event.type):
             await self.write_event(self.server.info().event())
         elif Synthesize.is_type(event.type):
@@ -119,7 +127,6 @@ class TtsConnection(AsyncEventHandler):
             if self.stream is None:
                 self.jobs.put_nowait(lambda: self.write_event(SynthesizeStopped().event()))
             self._end_stream()
-        return True
 
     async def disconnect(self) -> None:
         self.worker.cancel()  # cancels the synthesis in progress, which frees its engine slot
@@ -191,6 +198,9 @@ class TtsConnection(AsyncEventHandler):
                 await audio.send(chunk, speech.sample_rate)
                 record.audio_samples += chunk.shape[0]
             result = "ok"
+        except Exception as e:
+            result = f"failed({type(e).__name__}: {e})"
+            raise
         finally:
             speech.stream.cancel()
             record.finish(200, result)
@@ -200,8 +210,10 @@ class TtsConnection(AsyncEventHandler):
         api_error = as_api_error(error)
         if isinstance(error, SpeechError):
             text, code = error.text, error.code
-        elif api_error is not None:
-            text, code = api_error.detail, "busy" if api_error.status_code == 503 else "bad-request"
+        elif api_error is not None:  # a full engine, a model still loading, text too long, ...
+            text = api_error.detail
+            code = "busy" if isinstance(error, EngineBusy) else "unavailable" if api_error.status_code >= 500 \
+                else "bad-request"
         else:
             log.error("wyoming synthesis failed", exc_info=error)
             text, code = "internal error; see the service log", "internal-error"

@@ -154,6 +154,19 @@ def test_an_unknown_voice_is_an_error_event(service) -> None:
     assert [event.type for event in streamed] == ["error", "synthesize-stopped"]
 
 
+def test_a_malformed_event_is_an_error_and_the_connection_goes_on(service) -> None:
+    async def malformed() -> tuple[list[Event], list[Event]]:
+        async with client(service) as tcp:
+            await tcp.write_event(Event(type="synthesize", data={"voice": {"name": "default"}}))  # no text
+            first = await read_until(tcp, "error")
+            await tcp.write_event(Describe().event())
+            return first, await read_until(tcp, "info")
+
+    first, then = asyncio.run(malformed())
+    assert Error.from_event(first[-1]).code == "bad-request" and "text" in Error.from_event(first[-1]).text
+    assert then[-1].type == "info"
+
+
 def test_a_client_that_leaves_cancels_its_synthesis(service) -> None:
     before = wait_idle(service)
 
