@@ -180,13 +180,12 @@ class SpeechService:
                                          prompt_text=prompt_text, stream=request.stream, seed=request.seed,
                                          fixed_length=request.fixed_length, options=options,
                                          stats=record.stages if record is not None else None)
-            synthesis_stream = await engine.start(synthesis, admission)
+            stream = await engine.start(synthesis, admission)
         except BaseException:
             admission.release()  # start() never ran or failed: give the place back
             raise
-        stream: SynthesisStream | ResampledStream = synthesis_stream
         if sample_rate != engine.info.sample_rate:
-            stream = ResampledStream(synthesis_stream, engine.info.sample_rate, sample_rate)
+            stream = ResampledStream(stream, engine.info.sample_rate, sample_rate)
         try:
             if on_slot is not None:
                 on_slot()

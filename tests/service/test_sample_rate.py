@@ -104,8 +104,8 @@ def fish_live(service, sample_rate: int | None) -> Received:
     return (wav_rate(pieces[0][:44]), *samples_and_joins(pieces, 44))
 
 
-APIS: dict[str, Callable[..., Received]] = {"synthesize": synthesize, "openai": openai_speech,
-                                           "fish_tts": fish_tts, "fish_live": fish_live}
+APIS: dict[str, Callable[..., Received]] = {
+    "synthesize": synthesize, "openai": openai_speech, "fish_tts": fish_tts, "fish_live": fish_live}
 NATIVE_RATES = {"synthesize": 24000, "openai": 24000, "fish_tts": 44100, "fish_live": 44100}
 
 

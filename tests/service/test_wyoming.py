@@ -20,7 +20,8 @@ from service_live import DEFAULT_PROMPT, free_port, running_service, service_env
 
 SPEAKER = "clerk"
 # Several sentences: the synthesis runs long enough that its first audio arrives well before its end.
-SENTENCES = "欢迎光临本店。今天的特价菜是红烧肉和清蒸鱼。请问您几位用餐？这边请坐。我们的服务员马上为您点菜。祝您用餐愉快。"
+SENTENCES = ("欢迎光临本店。今天的特价菜是红烧肉和清蒸鱼。请问您几位用餐？这边请坐。"
+             "我们的服务员马上为您点菜。祝您用餐愉快。")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def service(tiny_cosyvoice2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
            "COSYAPP_WYOMING_HOST": "127.0.0.1", "COSYAPP_WYOMING_PORT": str(port)}
     with running_service(workdir, env) as live:
         with open(DEFAULT_PROMPT, "rb") as audio:
-            added = httpx.post(f"{live.url}/add_speaker", data={"name": SPEAKER, "reference_text": "欢迎光临，请问您需要点什么？"},
-                               files={"audio_file": ("clerk.wav", audio, "audio/wav")}, timeout=120)
+            added = httpx.post(f"{live.url}/add_speaker", timeout=120,
+                               data={"name": SPEAKER, "reference_text": "欢迎光临，请问您需要点什么？"},
+                               files={"audio_file": ("clerk.wav", audio, "audio/wav")})
         assert added.status_code == 200, added.text
         live.wyoming_port = port
         yield live

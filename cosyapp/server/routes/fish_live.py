@@ -18,8 +18,9 @@ start of the first audio event) stream as each segment is synthesized; mp3 (the 
 segment's MP3 frames once it is synthesized, without the header frame that would give a player the length of
 that segment alone, so the pieces make one MP3 stream; opus and flac are refused (their containers do not
 join). `sample_rate` (one of audio.SAMPLE_RATES; default: the model's 44.1 kHz) is the rate of every audio event,
-resampled on the server while it streams; `prosody` must be absent or neutral (speed 1, volume 0). `mp3_bitrate`, `opus_bitrate`, `latency`, `normalize`, `condition_on_previous_chunks` and
-`early_stop_threshold` are validated and change nothing.
+resampled on the server while it streams; `prosody` must be absent or neutral (speed 1, volume 0).
+`mp3_bitrate`, `opus_bitrate`, `latency`, `normalize`, `condition_on_previous_chunks` and `early_stop_threshold`
+are validated and change nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from cosyapp.server.text_segments import TextSegmenter
 LIVE_FIELDS = (*(name for name in TTS_FIELDS if name != "streaming"), "mp3_bitrate", "opus_bitrate", "prosody",
                "min_chunk_length", "condition_on_previous_chunks", "early_stop_threshold")
 LIVE_FORMATS = ("pcm", "wav", "mp3")
+
+
 @dataclass(frozen=True)
 class LiveParams:
     tts: TTSParams  # speech.text: what the start request already holds (usually "")

@@ -12,7 +12,8 @@ the voice's recording. Mode: the speech service's rules (speech.py).
 
 Everything that can be checked is checked before the first byte, including the first chunk of audio: the
 answer is then either a 4xx/5xx JSON `{"detail": ...}` or a 200 whose body is raw PCM s16le mono at the
-backend's rate (or the requested `sample_rate`, named in X-Sample-Rate), streamed as the backend produces it. One log line per request.
+backend's rate (or the requested `sample_rate`, named in X-Sample-Rate), streamed as the backend produces it. One
+log line per request.
 """
 
 from __future__ import annotations
