@@ -256,7 +256,11 @@ class WyomingServer:
         self.server = AsyncTcpServer(settings.host, settings.port)
 
     async def start(self) -> None:
-        await self.server.start(lambda reader, writer: TtsConnection(reader, writer, self))
+        try:
+            await self.server.start(lambda reader, writer: TtsConnection(reader, writer, self))
+        except OSError as e:  # stops the start-up, naming the setting to change
+            raise OSError(e.errno, f"the Wyoming server cannot listen on {self.settings.host}:{self.settings.port} "
+                                   f"([wyoming] host and port): {e.strerror}") from None
         log.info("Wyoming TTS server listening on tcp://%s:%d", self.settings.host, self.settings.port)
 
     async def stop(self) -> None:
