@@ -118,11 +118,13 @@ def main() -> None:
               help="model directory (config: [model] model_dir)")
 @click.option("--api-key", help="require 'Authorization: Bearer KEY' on every route but the health checks "
                                 "(config: [server] api_key; COSYAPP_SERVER_API_KEY keeps it off the command line)")
+@click.option("--ray", "on_ray", is_flag=True, help="deploy on a Ray Serve cluster as [cluster] says (replicas, "
+              "GPUs, autoscaling) instead of running uvicorn here; needs the cluster extra")
 @user_errors
 def serve(config_file: Path | None, host: str | None, port: int | None, backend: str | None,
-          model_dir: Path | None, api_key: str | None) -> None:
+          model_dir: Path | None, api_key: str | None, on_ray: bool) -> None:
     """Run the HTTP service (POST /synthesize, the Fish Speech API /v1/*, GET /health, GET /model_info) with
-    uvicorn."""
+    uvicorn, or with --ray as a Ray Serve deployment (every replica the same app)."""
     import uvicorn
 
     from cosyapp.allocator import restart_with_tcmalloc
@@ -144,6 +146,9 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     if model_dir:
         model = dataclasses.replace(model, model_dir=model_dir.resolve())
     settings = dataclasses.replace(settings, server=server, model=model)
+    if on_ray:
+        _serve_on_ray(settings)
+        return
     if server.tcmalloc:
         allocator = restart_with_tcmalloc()  # returns only when it does not restart
     else:
@@ -153,6 +158,21 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
                f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
                 log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
+
+
+def _serve_on_ray(settings: Settings) -> None:
+    try:
+        from cosyapp.cluster import deployment
+    except ImportError as e:
+        raise _fail(f"--ray needs Ray Serve: pip install -e '.[cluster]' ({e})") from None
+    from cosyapp.server import configure_logging
+
+    configure_logging(settings.server.log_level)
+    cluster = settings.cluster
+    click.echo(f"cosyapp {__version__}: deploying {settings.model.backend} on the Ray cluster at {cluster.address} "
+               f"({cluster.min_replicas}-{cluster.max_replicas} replicas, {cluster.gpus_per_replica:g} GPU and "
+               f"{cluster.cpus_per_replica:g} CPU each, store: {settings.storage.shared_store or settings.storage.data_dir})")
+    deployment.run(settings, lambda url: click.echo(f"serving on {url} (Ctrl-C removes the deployment)"))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -311,9 +331,9 @@ def speakers() -> None:
 
 
 def _registry(settings: Settings):
-    from cosyapp.voices import SpeakerRegistry
+    from cosyapp.storage import open_store
 
-    return SpeakerRegistry(settings.storage.speakers_dir)
+    return open_store(settings.storage).speakers  # the local disk, or the cluster's shared store
 
 
 @speakers.command("add")
@@ -392,6 +412,12 @@ def speakers_rename(old_id: str, new_id: str, config_file: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- prompts
 
 
+def _default_prompt(settings: Settings):
+    from cosyapp.storage import open_store
+
+    return open_store(settings.storage).default_prompt
+
+
 @main.group()
 def prompts() -> None:
     """The default prompt voice and instruction (used when a request names neither)."""
@@ -407,7 +433,7 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
     """Replace the default prompt voice (and optionally the instruction) without editing config.toml.
 
     A running service picks it up on its next request."""
-    from cosyapp.voices import DefaultPromptStore, make_voice_files
+    from cosyapp.voices import make_voice_files
 
     settings = load_settings(config_file)
     if instruction is not None and not instruction.strip().endswith("<|endofprompt|>"):
@@ -415,7 +441,7 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
     samples, sample_rate = _read_prompt(settings, wav)
     extra = {"source_file": wav.name, **({"instruction": instruction.strip()} if instruction else {})}
     files = make_voice_files(_load_backend(settings), samples, sample_rate, None, extra)
-    stored = DefaultPromptStore(settings.storage.default_prompt_dir).set(files)
+    stored = _default_prompt(settings).set(files)
     click.echo(f"default prompt set from {wav} ({files.meta['duration_s']:.1f} s), stored in {stored.path}")
 
 
@@ -424,10 +450,8 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
 @user_errors
 def prompts_reset(config_file: Path | None) -> None:
     """Drop the prompt stored by set-default: the config's instruction and prompt_wav apply again."""
-    from cosyapp.voices import DefaultPromptStore
-
     settings = load_settings(config_file)
-    if DefaultPromptStore(settings.storage.default_prompt_dir).clear():
+    if _default_prompt(settings).clear():
         click.echo("default prompt reset to the config's")
     else:
         click.echo("no default prompt was set; the config's is in use")
@@ -438,10 +462,8 @@ def prompts_reset(config_file: Path | None) -> None:
 @user_errors
 def prompts_show(config_file: Path | None) -> None:
     """Show the default instruction and prompt voice in effect, and where each comes from."""
-    from cosyapp.voices import DefaultPromptStore
-
     settings = load_settings(config_file)
-    stored = DefaultPromptStore(settings.storage.default_prompt_dir).get()
+    stored = _default_prompt(settings).get()
     config = f"config ({settings.source or 'built-in defaults'})"
     if stored is not None and stored.meta.get("instruction"):
         click.echo(f"instruction: {stored.meta['instruction']}  [from prompts set-default]")

@@ -73,5 +73,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.service = state
     app.state.metrics = metrics
     app.state.speech = SpeechService(state, metrics)
-    app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)
+    app.state.fish_tasks = TaskManager(state.store.tasks, settings.fishapi.keep_tasks_hours * 3600)
     return app
