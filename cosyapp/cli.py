@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -692,6 +693,53 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
     click.echo(format_service_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("cluster")
+@config_option
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model of the replicas (config: [model] model_dir)")
+@click.option("--backend", help="backend of the replicas (config: [model] backend)")
+@click.option("--device", default="cpu", show_default=True, help="device of the replicas")
+@click.option("--replicas", default="1,2", show_default=True, callback=_counts,
+              help="replica counts, benchmarked one after the other")
+@click.option("--cores", type=click.IntRange(1), default=os.cpu_count(), show_default=True,
+              help="CPU cores given to Ray, shared out equally between the replicas")
+@click.option("--gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--slots", type=click.IntRange(1), help="synthesis slots in all, shared out between the replicas "
+              "(default: the highest level)")
+@click.option("--levels", default="8", show_default=True, callback=_counts, help="closed-loop concurrency levels")
+@click.option("--requests", type=click.IntRange(1), default=4, show_default=True,
+              help="requests per client at each level")
+@click.option("--fixed-length", type=click.IntRange(1), default=100, show_default=True,
+              help="LM tokens per request (fixed_length)")
+@click.option("--natural", is_flag=True, help="texts of different lengths without fixed_length (see bench service)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_cluster(config_file: Path | None, model_dir: Path | None, backend: str | None, device: str,
+                  replicas: tuple[int, ...], cores: int, gpus_per_replica: float, slots: int | None,
+                  levels: tuple[int, ...], requests: int, fixed_length: int, natural: bool,
+                  json_path: Path | None) -> None:
+    """Load-test Ray Serve deployments of 1, 2, ... replicas on this machine with the same cores and slots in
+    all (needs the cluster extra): bench service's table per run, then throughput against the first run."""
+    try:
+        from cosyapp.cluster.bench import format_cluster_report, run_cluster_bench
+    except ImportError as e:
+        raise _fail(f"bench cluster needs Ray Serve: pip install -e '.[cluster]' ({e})") from None
+    from cosyapp.bench_service import LoadPlan
+
+    if not levels:
+        raise _fail("--levels: give at least one level")
+    settings = load_settings(config_file)
+    model = dataclasses.replace(settings.model, device=device, **({"backend": backend} if backend else {}),
+                                **({"model_dir": model_dir.resolve()} if model_dir else {}))
+    settings = dataclasses.replace(settings, model=model)
+    plan = LoadPlan(fixed_length=fixed_length, levels=levels, requests_per_client=requests, poisson_rate=0,
+                    natural=natural)
+    reports = run_cluster_bench(settings, plan, replicas, cores, gpus_per_replica, slots or max(levels))
+    click.echo(format_cluster_report(reports))
+    if json_path is not None:
+        json_path.write_text(json.dumps(reports, indent=2))
 
 
 @bench.command("device-check")
