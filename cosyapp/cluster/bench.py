@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,29 @@ def replica_settings(settings: Settings, replicas: int, cores: int, gpus_per_rep
     return dataclasses.replace(settings, cluster=cluster, engine=engine, storage=storage, server=server)
 
 
+def cluster_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by the local Ray cluster this process started (its descendant processes, from
+    Linux /proc): by the replicas, and by the rest of Ray (proxy, controller, raylets, GCS)."""
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    parents, cpu, replicas = {}, {}, set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        pid = int(stat.parent.name)
+        parents[pid] = int(after_name[1])
+        cpu[pid] = (int(after_name[11]) + int(after_name[12])) * tick_s  # utime + stime
+        if b"ServeReplica:" in command:
+            replicas.add(pid)
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    return {"replicas": sum(cpu[pid] for pid in mine & replicas), "ray": sum(cpu[pid] for pid in mine - replicas)}
+
+
 def run_cluster_bench(settings: Settings, plan: LoadPlan, replica_counts: tuple[int, ...], cores: int,
                       gpus_per_replica: float, slots: int) -> list[dict[str, Any]]:
     """One `bench_service` report per replica count (each with `replicas`, `cores` and `slots` added)."""
@@ -54,7 +79,10 @@ def run_cluster_bench(settings: Settings, plan: LoadPlan, replica_counts: tuple[
                      log_to_driver=False)
             try:
                 url = deploy(run_settings)
+                cpu_before, started = cluster_cpu_s(), time.perf_counter()
                 report = run_service_bench(plan, url=url, api_key=settings.server.api_key or None)
+                wall_s, cpu_after = time.perf_counter() - started, cluster_cpu_s()
+                report["cluster_cores"] = {part: (cpu_after[part] - cpu_before[part]) / wall_s for part in cpu_after}
             finally:
                 serve.shutdown()
                 ray.shutdown()
@@ -70,17 +98,20 @@ def format_cluster_report(reports: list[dict[str, Any]]) -> str:
         lines += [f"== {report['replicas']} replica(s) of {report['cores'] / report['replicas']:g} core(s), "
                   f"{report['slots_per_replica']} slots each", format_service_report(report), ""]
     lines.append(f"{'replicas':>8} {'cores':>6} {'level':>6} {'audio s/s':>10} {'vs 1st':>7} "
-                 f"{'first audio p95 ms':>19} {'cores busy':>11}")
+                 f"{'first audio p95 ms':>19} {'s/s per replica core':>21}  cores replicas/ray/machine")
     base = None
     for report in reports:
+        cluster = report["cluster_cores"]
         for level in report["levels"]:
-            cpu = level["cpu_cores"]
-            busy = sum(value for value in cpu.values() if value is not None)
+            machine = sum(value for value in level["cpu_cores"].values() if value is not None)
             throughput = level["audio_s_per_s"]
             base = base if base is not None else throughput
             p95 = level["first_audio_s"]["p95"]
             lines.append(f"{report['replicas']:>8} {report['cores']:>6} {level['name']:>6} {throughput:>10.2f} "
                          f"{'x%.2f' % (throughput / base) if base else '-':>7} "
-                         f"{'-' if p95 is None else f'{1000 * p95:.0f}':>19} {busy:>11.2f}")
-    lines.append("cores busy: CPU cores the whole machine kept busy during the level (replicas, Ray, client)")
+                         f"{'-' if p95 is None else f'{1000 * p95:.0f}':>19} "
+                         f"{throughput / cluster['replicas'] if cluster['replicas'] else 0:>21.2f}  "
+                         f"{cluster['replicas']:.2f}/{cluster['ray']:.2f}/{machine:.2f}")
+    lines.append("cores: CPU cores kept busy by the replicas and by the rest of Ray (over the whole run, warm-up "
+                 "included), and by the whole machine during the level (other users of a shared machine too)")
     return "\n".join(lines)

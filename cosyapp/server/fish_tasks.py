@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from cosyapp.server.errors import as_api_error
+from cosyapp.storage import TaskStore
 from cosyapp.storage.tasks import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, PROCESSING, STEP_ID, DiskTaskStore,
                                    Task)
 
@@ -52,7 +53,7 @@ def _failure_message(exc: BaseException) -> str:
 
 
 class TaskManager:
-    def __init__(self, store: DiskTaskStore | str | Path, keep_s: float = 0.0, lease_s: float = LEASE_S) -> None:
+    def __init__(self, store: TaskStore | str | Path, keep_s: float = 0.0, lease_s: float = LEASE_S) -> None:
         """`store`: a task store, or the folder of a local-disk one. `keep_s`: finished tasks older than this many
         seconds are deleted (0: kept forever). `lease_s`: see the module docstring (shared stores only)."""
         self.store = DiskTaskStore(store) if isinstance(store, (str, Path)) else store

@@ -16,8 +16,8 @@ from cosyapp.engine.scheduler import Engine
 from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError
-from cosyapp.storage import open_store
-from cosyapp.voices import StoredVoice, make_voice_files, validate_speaker_id
+from cosyapp.storage import StoredVoice, open_store
+from cosyapp.voices import make_voice_files, validate_speaker_id
 
 log = logging.getLogger("cosyapp.server")
 

@@ -16,9 +16,86 @@ The Redis client is imported only then: a single box needs neither it nor a Redi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cosyapp.config import StorageSettings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cosyapp.storage.tasks import Task
+    from cosyapp.voices import VoiceFiles
+
+
+class StoredVoice(Protocol):
+    """A registered voice as `voices.load_voice` reads it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...  # with `version`: the prepared-voice cache's key
+
+    @property
+    def version(self) -> int: ...  # changes whenever the voice is rewritten
+
+    @property
+    def text(self) -> str | None: ...
+
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    def features_for(self, fingerprint: str) -> dict[str, Any] | None: ...
+
+    def recording(self) -> tuple[np.ndarray, int]: ...
+
+    def keep_features(self, fingerprint: str, state: dict[str, Any]) -> None: ...
+
+
+class SpeakerStore(Protocol):
+    """Errors are InputError: an invalid or unknown id, an id that is taken."""
+
+    def ids(self) -> list[str]: ...
+
+    def get(self, speaker_id: str) -> StoredVoice: ...
+
+    def add(self, speaker_id: str, files: VoiceFiles) -> StoredVoice: ...
+
+    def remove(self, speaker_id: str) -> None: ...
+
+    def rename(self, old_id: str, new_id: str) -> StoredVoice: ...
+
+
+class PromptStore(Protocol):
+    def get(self) -> StoredVoice | None: ...
+
+    def set(self, files: VoiceFiles) -> StoredVoice: ...
+
+    def clear(self) -> bool: ...
+
+
+class TaskStore(Protocol):
+    leases: bool  # True: running tasks hold leases (several processes share the store)
+
+    def tasks(self) -> list[Task]: ...
+
+    def load(self, step_id: str) -> Task | None: ...
+
+    def save(self, task: Task) -> None: ...
+
+    def finish(self, task: Task) -> bool: ...  # False when the stored record had finished already
+
+    def delete(self, step_id: str) -> None: ...
+
+    def write_result(self, task: Task, data: bytes) -> None: ...
+
+    def read_result(self, task: Task) -> bytes | None: ...
+
+    def renew(self, step_id: str, seconds: float) -> None: ...
+
+    def alive(self, step_id: str) -> bool: ...
+
+    def release(self, step_id: str) -> None: ...
 
 
 class DocumentStore(Protocol):
@@ -33,9 +110,9 @@ class DocumentStore(Protocol):
 
 @dataclass(frozen=True)
 class Store:
-    speakers: Any  # voices.SpeakerRegistry or redis_store.RedisSpeakers
-    default_prompt: Any  # voices.DefaultPromptStore or redis_store.RedisDefaultPrompt
-    tasks: Any  # tasks.DiskTaskStore or redis_store.RedisTasks
+    speakers: SpeakerStore  # voices.SpeakerRegistry or redis_store.RedisSpeakers
+    default_prompt: PromptStore  # voices.DefaultPromptStore or redis_store.RedisDefaultPrompt
+    tasks: TaskStore  # tasks.DiskTaskStore or redis_store.RedisTasks
     documents: DocumentStore
     shared: bool  # False: the local disk of one box
 
