@@ -169,10 +169,10 @@ def _serve_on_ray(settings: Settings) -> None:
     from cosyapp.server import configure_logging
 
     configure_logging(settings.server.log_level)
-    cluster = settings.cluster
+    cluster, storage = settings.cluster, settings.storage
     click.echo(f"cosyapp {__version__}: deploying {settings.model.backend} on the Ray cluster at {cluster.address} "
                f"({cluster.min_replicas}-{cluster.max_replicas} replicas, {cluster.gpus_per_replica:g} GPU and "
-               f"{cluster.cpus_per_replica:g} CPU each, store: {settings.storage.shared_store or settings.storage.data_dir})")
+               f"{cluster.cpus_per_replica:g} CPU each, store: {storage.shared_store or storage.data_dir})")
     deployment.run(settings, lambda url: click.echo(f"serving on {url} (Ctrl-C removes the deployment)"))
 
 

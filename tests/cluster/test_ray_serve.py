@@ -7,6 +7,7 @@ Kept small for a shared 2-core machine: one CPU per node, 80 MB object stores, n
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import httpx_ws
 import ormsgpack
 import pytest
 
-from cosyapp.config import load_settings
+from cosyapp.config import ConfigError, load_settings
 from cosyapp.service_process import free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (the `cluster` extra: pip install -e '.[cluster]')")
@@ -24,7 +25,7 @@ serve = pytest.importorskip("ray.serve")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from cosyapp.cluster.deployment import APP_NAME, DEPLOYMENT_NAME, deploy  # noqa: E402
+from cosyapp.cluster.deployment import APP_NAME, DEPLOYMENT_NAME, deploy, deployment_options  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = REPO_ROOT / "asset" / "zero_shot_prompt.wav"
@@ -32,6 +33,19 @@ API_KEY = "cluster-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 OBJECT_STORE_BYTES = 80 * 2**20
 BYTES_PER_TOKEN = 1920  # CosyVoice2: 40 ms of 24 kHz s16le audio per speech token
+
+
+def test_deployment_options_follow_the_config() -> None:
+    settings = load_settings(REPO_ROOT / "config.toml", env={
+        "COSYAPP_ENGINE_MAX_CONCURRENT": "6", "COSYAPP_ENGINE_MAX_QUEUE": "3", "COSYAPP_CLUSTER_MAX_REPLICAS": "4",
+        "COSYAPP_STORAGE_SHARED_STORE": "redis://store:6380/0", "COSYAPP_CLUSTER_CPUS_PER_REPLICA": "4"})
+    options = deployment_options(settings)
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6}
+    assert options["max_ongoing_requests"] == 9  # the replica's slots and queue places; more wait at the proxy
+    assert options["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
+    local_disk = dataclasses.replace(settings.storage, shared_store="")
+    with pytest.raises(ConfigError, match="needs \\[storage\\] shared_store"):
+        deployment_options(dataclasses.replace(settings, storage=local_disk))
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +128,8 @@ def test_a_speaker_added_through_one_replica_is_used_by_the_other(url: str) -> N
 
 def test_synthesize_streams_through_the_proxy(url: str) -> None:
     arrivals: list[float] = []
-    with httpx.stream("POST", f"{url}/synthesize", data={"text": "欢迎光临。", "fixed_length": "200"}, headers=AUTH,
-                      timeout=120) as response:
+    form = {"text": "欢迎光临。", "fixed_length": "200"}
+    with httpx.stream("POST", f"{url}/synthesize", data=form, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200 and response.headers["x-sample-rate"] == "24000"
         body = b""
         for piece in response.iter_bytes():

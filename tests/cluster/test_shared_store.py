@@ -79,7 +79,8 @@ def test_default_prompt_is_shared(replicas, backend):
     samples, rate = read_audio_file(PROMPT)
     assert second.default_prompt.get() is None
     stored = first.default_prompt.set(make_voice_files(backend, samples, rate, None, {"instruction": "x"}))
-    assert second.default_prompt.get().version == stored.version and second.default_prompt.get().meta["instruction"] == "x"
+    shared = second.default_prompt.get()
+    assert shared.version == stored.version and shared.meta["instruction"] == "x"
     assert second.default_prompt.clear() and first.default_prompt.get() is None and not first.default_prompt.clear()
 
 
