@@ -36,7 +36,7 @@ setup(
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
         # `cosyapp serve --ray`: Ray Serve replicas sharing a Redis store (cosyapp/cluster/, cosyapp/storage/).
-        "cluster": ["ray[serve]>=2.40", "redis>=5"],
+        "cluster": ["ray[serve]>=2.60,<3", "redis>=5"],  # tested with Ray 2.60
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
         "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk"],
