@@ -37,6 +37,8 @@ setup(
         # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
+        # `cosyapp serve --ray`: Ray Serve replicas sharing a Redis store (cosyapp/cluster/, cosyapp/storage/).
+        "cluster": ["ray[serve]>=2.60,<3", "redis>=5"],  # tested with Ray 2.60
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
         # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver).

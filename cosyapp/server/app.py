@@ -84,5 +84,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.metrics = metrics
     app.state.speech = SpeechService(state, metrics)
     app.state.wyoming = WyomingServer(settings.wyoming, app.state.speech) if settings.wyoming.enabled else None
-    app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)
+    app.state.fish_tasks = TaskManager(state.store.tasks, settings.fishapi.keep_tasks_hours * 3600)
     return app

@@ -26,7 +26,8 @@ from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import Fields, check_length, sample_rate
 from cosyapp.server.speech import Recording, SpeechRequest, VoiceReference
 from cosyapp.server.state import ServiceState
-from cosyapp.voices import StoredVoice, validate_speaker_id
+from cosyapp.storage import StoredVoice
+from cosyapp.voices import validate_speaker_id
 
 FISH = "fish"
 NOT_SERVED = ("this service does not run the Fish backend: set [model] backend = \"fish\" (or extra_backend = "

@@ -221,7 +221,7 @@ class SpeechService:
         """The prepared voice `reference` names, from the voice cache when it was prepared before."""
         if reference.speaker is not None:
             stored = self.state.speakers.get(reference.speaker)  # InputError for a bad or unknown id
-            voice = await engine.voice(voice_key("speaker", stored.path, stored.version),
+            voice = await engine.voice(voice_key("speaker", stored.key, stored.version),
                                        lambda: load_voice(stored, engine.backend))
             return ResolvedVoice(voice, reference.transcript or stored.text)
         if len(reference.recordings) == 1:
@@ -263,7 +263,7 @@ class SpeechService:
         """The default prompt voice: `prompts set-default` if set, else the config's prompt_wav."""
         stored = self.state.default_prompt.get()
         if stored is not None:
-            return await engine.voice(voice_key("default", stored.path, stored.version),
+            return await engine.voice(voice_key("default", stored.key, stored.version),
                                       lambda: load_voice(stored, engine.backend))
         path = self.state.settings.defaults.prompt_wav
         try:
