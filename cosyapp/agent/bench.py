@@ -27,7 +27,7 @@ import httpx
 import soundfile
 
 from cosyapp.agent.scripted_chat import ScriptedChat
-from cosyapp.server.routes.fish_live import TextSegmenter
+from cosyapp.server.text_segments import TextSegmenter
 from cosyapp.service_process import free_port, start_service
 
 BENCH_MESSAGE = "Plan a short walk through the old town for me."

@@ -1,31 +1,31 @@
 """Conversation memory: a conversation's system message, its last messages and its voice, by conversation_id.
 
-`ConversationStore` is what the agent needs of a store; `FileConversationStore` keeps each conversation in a
-folder `<root>/<conversation_id>/` holding `conversation.json` (system message, messages, when it was last
-used) and `voice.wav` (the recording its voice is cloned from, when it was given one), written atomically
-(temporary file, fsync, rename), so a conversation survives restarts. It is bounded: a conversation keeps its
-last `max_messages` messages, and conversations idle for longer than `idle_expiry_s` are deleted."""
+`ConversationStore` is what the agent needs of a store. `DocumentConversationStore` keeps conversations as
+documents of the service's store (cosyapp/storage: the local disk under `[storage] data_dir`, or a cluster's
+shared store), so they survive restarts and every replica sees them: namespace `conversations` holds the system
+message, the messages and when the conversation was last used; namespace `conversation_voices` the recording its
+voice is cloned from (base64 WAV), written only when it changes. It is bounded: a conversation keeps its last
+`max_messages` messages, and conversations idle for longer than `idle_expiry_s` are deleted."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
-import json
 import logging
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-from cosyapp.server.fish_tasks import _write_atomic as write_atomic
+from cosyapp.storage import DocumentStore
+from cosyapp.storage.documents import DOCUMENT_KEY as CONVERSATION_ID  # conversation ids are document keys
 
 log = logging.getLogger("cosyapp.agent")
 
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # becomes a folder name
-RECORD_FILE = "conversation.json"
-VOICE_FILE = "voice.wav"
+__all__ = ["CONVERSATION_ID", "Conversation", "ConversationStore", "DocumentConversationStore"]
+
+RECORDS, VOICES = "conversations", "conversation_voices"
+SWEEP_EVERY_S = 60.0
 
 
 @dataclass
@@ -44,9 +44,13 @@ class ConversationStore(Protocol):
     async def save(self, conversation: Conversation) -> None: ...
 
 
-class FileConversationStore:
-    def __init__(self, root: Path, max_messages: int, idle_expiry_s: float) -> None:
-        self.root = Path(root)
+def _sha256(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data else None
+
+
+class DocumentConversationStore:
+    def __init__(self, documents: DocumentStore, max_messages: int, idle_expiry_s: float) -> None:
+        self.documents = documents
         self.max_messages = max_messages
         self.idle_expiry_s = idle_expiry_s
         self._swept_at = 0.0
@@ -59,52 +63,45 @@ class FileConversationStore:
         conversation.updated_at = time.time()
         await asyncio.to_thread(self._save, conversation)
 
-    def _expired(self, updated_at: float) -> bool:
-        return self.idle_expiry_s > 0 and updated_at < time.time() - self.idle_expiry_s
+    def _expired(self, record: dict) -> bool:
+        return self.idle_expiry_s > 0 and record.get("updated_at", 0.0) < time.time() - self.idle_expiry_s
 
     def _load(self, conversation_id: str) -> Conversation | None:
         self._sweep()
-        folder = self.root / conversation_id
-        try:
-            record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
-            voice_file = folder / VOICE_FILE
-            voice = voice_file.read_bytes() if record.get("voice_sha256") and voice_file.exists() else None
-        except FileNotFoundError:
+        record = self.documents.get(RECORDS, conversation_id)
+        if not isinstance(record, dict):
             return None
-        except (OSError, ValueError) as e:
-            log.warning("starting conversation %s afresh: its record is unreadable: %s", conversation_id, e)
+        if self._expired(record):
+            self._delete(conversation_id)
             return None
-        if self._expired(record.get("updated_at", 0.0)):
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
+        voice = None
+        if record.get("voice_sha256"):
+            stored = self.documents.get(VOICES, conversation_id)
+            voice = base64.b64decode(stored) if isinstance(stored, str) else None
         return Conversation(conversation_id, record.get("system_message"), list(record.get("messages", [])), voice,
                             record.get("updated_at", 0.0))
 
     def _save(self, conversation: Conversation) -> None:
-        folder = self.root / conversation.id
-        folder.mkdir(parents=True, exist_ok=True)
-        voice_sha = hashlib.sha256(conversation.voice).hexdigest() if conversation.voice else None
-        record_path = folder / RECORD_FILE
-        try:
-            stored_sha = json.loads(record_path.read_text(encoding="utf-8")).get("voice_sha256")
-        except (OSError, ValueError):
-            stored_sha = None
-        if voice_sha is not None and voice_sha != stored_sha:  # the recording first, then the record naming it
-            write_atomic(folder / VOICE_FILE, conversation.voice)
-        record = {"id": conversation.id, "system_message": conversation.system_message,
-                  "messages": conversation.messages, "voice_sha256": voice_sha, "updated_at": conversation.updated_at}
-        write_atomic(record_path, json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        voice_sha = _sha256(conversation.voice)
+        stored = self.documents.get(RECORDS, conversation.id)
+        if voice_sha is not None and voice_sha != (stored or {}).get("voice_sha256"):
+            # the recording first, then the record naming it
+            self.documents.put(VOICES, conversation.id, base64.b64encode(conversation.voice).decode("ascii"))
+        self.documents.put(RECORDS, conversation.id, {
+            "system_message": conversation.system_message, "messages": conversation.messages,
+            "voice_sha256": voice_sha, "updated_at": conversation.updated_at})
+
+    def _delete(self, conversation_id: str) -> None:
+        self.documents.delete(RECORDS, conversation_id)
+        self.documents.delete(VOICES, conversation_id)
 
     def _sweep(self) -> None:
         """Delete idle conversations (at most once a minute)."""
         now = time.time()
-        if self.idle_expiry_s <= 0 or now - self._swept_at < 60 or not self.root.is_dir():
+        if self.idle_expiry_s <= 0 or now - self._swept_at < SWEEP_EVERY_S:
             return
         self._swept_at = now
-        for record in self.root.glob(f"*/{RECORD_FILE}"):
-            try:
-                updated_at = json.loads(record.read_text(encoding="utf-8")).get("updated_at", 0.0)
-            except (OSError, ValueError):
-                continue
-            if self._expired(updated_at):
-                shutil.rmtree(record.parent, ignore_errors=True)
+        for conversation_id in self.documents.keys(RECORDS):
+            record = self.documents.get(RECORDS, conversation_id)
+            if isinstance(record, dict) and self._expired(record):
+                self._delete(conversation_id)

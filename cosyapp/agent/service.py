@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from cosyapp.agent.chat import ChatModel, Message, make_chat
-from cosyapp.agent.conversations import Conversation, ConversationStore, FileConversationStore
+from cosyapp.agent.conversations import Conversation, ConversationStore, DocumentConversationStore
 from cosyapp.agent.jobs import COMPLETED, FAILED, Job, JobError, JobRegistry
 from cosyapp.agent.turn import Answer, AudioChunk, TextDelta, TurnPlan, speak_answer
 from cosyapp.audio import encode_audio, wav_bytes
@@ -57,8 +57,8 @@ class AgentService:
         self.settings = agent
         self.speech = speech
         self._chat = chat
-        self.store = store or FileConversationStore(settings.storage.conversations_dir, agent.max_turns,
-                                                    agent.idle_expiry_hours * 3600)
+        self.store = store or DocumentConversationStore(speech.state.store.documents, agent.max_turns,
+                                                        agent.idle_expiry_hours * 3600)
         self.jobs = JobRegistry(agent.keep_jobs_minutes * 60, agent.max_jobs)
         self._slots = asyncio.Semaphore(agent.max_concurrent)
         self._conversation_locks: dict[str, asyncio.Lock] = {}

@@ -16,7 +16,7 @@ import numpy as np
 
 from cosyapp.agent.chat import ChatModel, Message
 from cosyapp.server.request_log import RequestRecord
-from cosyapp.server.routes.fish_live import TextSegmenter
+from cosyapp.server.text_segments import TextSegmenter
 from cosyapp.server.speech import NoAudio, SpeechRequest, SpeechService, VoiceReference
 
 

@@ -74,11 +74,11 @@ def test_second_turn_sees_the_first_and_keeps_the_voice_across_a_restart(service
     assert chat.requests[-1]["messages"] == [{"role": "system", "content": "You are a travel guide"},
                                              {"role": "user", "content": "Plan my day"}]
     assert chat.requests[-1]["model"] == "scripted" and chat.requests[-1]["stream"] is True
-    voice_file = service.data_dir / "conversations" / "trip-1" / "voice.wav"
-    voice, rate = soundfile.read(voice_file, dtype="float32")
+    voice_document = service.data_dir / "documents" / "conversation_voices" / "trip-1.json"
+    stored_voice = base64.b64decode(json.loads(voice_document.read_text()))
+    voice, rate = soundfile.read(io.BytesIO(stored_voice), dtype="float32")
     reference, reference_rate = soundfile.read(DEFAULT_PROMPT, dtype="float32")
     assert rate == reference_rate and np.allclose(voice, reference[:voice.shape[0]], atol=1 / 32768)
-    stored_voice = voice_file.read_bytes()
 
     second = run(service, message="And tomorrow?", conversation_id="trip-1", streaming=False)
     assert second.status_code == 200, second.text
@@ -88,7 +88,8 @@ def test_second_turn_sees_the_first_and_keeps_the_voice_across_a_restart(service
     history = second.json()["output"]["history"]
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
     assert history[2]["content"].startswith(ANSWER + " <audio ") and history[2]["content"].endswith("s>")
-    assert voice_file.read_bytes() == stored_voice  # the second turn speaks in the voice the first one gave
+    # the second turn speaks in the voice the first one gave
+    assert base64.b64decode(json.loads(voice_document.read_text())) == stored_voice
 
     # A new service process on the same data folder remembers the conversation and its voice.
     restarted_env = {**env, "COSYAPP_SERVER_PORT": str(free_port())}

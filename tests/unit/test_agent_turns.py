@@ -5,20 +5,20 @@ store and the job registry keep their bounds."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from cosyapp.agent.conversations import Conversation, FileConversationStore
+from cosyapp.agent.conversations import Conversation, DocumentConversationStore
 from cosyapp.agent.jobs import CANCELLED, COMPLETED, IN_QUEUE, JobRegistry
 from cosyapp.agent.service import AgentInput, AgentService
 from cosyapp.agent.turn import Answer, AudioChunk, TextDelta, TurnPlan, speak_answer
-from cosyapp.config import Settings, StorageSettings
+from cosyapp.config import Settings
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import SpeechRequest, VoiceReference
+from cosyapp.storage.documents import DiskDocuments
 
 RATE = 16000
 
@@ -96,8 +96,8 @@ def test_first_sentence_is_spoken_before_the_answer_is_written():
 
 
 def agent(tmp_path: Path, chat: FakeChat, speech: FakeSpeech) -> AgentService:
-    settings = Settings(storage=StorageSettings(data_dir=tmp_path))
-    return AgentService(settings, speech, chat=chat)  # type: ignore[arg-type]
+    store = DocumentConversationStore(DiskDocuments(tmp_path), max_messages=20, idle_expiry_s=3600)
+    return AgentService(Settings(), speech, chat=chat, store=store)  # type: ignore[arg-type]
 
 
 async def answered(service: AgentService, request: AgentInput) -> dict:
@@ -129,21 +129,22 @@ def test_one_off_turn_uses_the_default_voice_and_keeps_nothing(tmp_path: Path):
     output = asyncio.run(answered(agent(tmp_path, chat, speech), AgentInput("Hello")))
     assert speech.requests[0].voice.default
     assert [m["role"] for m in output["history"]] == ["user", "assistant"]
-    assert not (tmp_path / "conversations").exists()
+    assert DiskDocuments(tmp_path).keys("conversations") == []
 
 
 def test_store_keeps_the_last_messages_and_forgets_idle_conversations(tmp_path: Path):
-    store = FileConversationStore(tmp_path, max_messages=4, idle_expiry_s=3600)
+    documents = DiskDocuments(tmp_path)
+    store = DocumentConversationStore(documents, max_messages=4, idle_expiry_s=3600)
     messages = [{"role": "user", "content": str(n)} for n in range(6)]
 
     async def scenario() -> None:
         await store.save(Conversation("a", "sys", list(messages), b"wav"))
         loaded = await store.load("a")
         assert loaded.messages == messages[-4:] and loaded.voice == b"wav" and loaded.system_message == "sys"
-        record = tmp_path / "a" / "conversation.json"
-        stored = json.loads(record.read_text())
-        record.write_text(json.dumps({**stored, "updated_at": time.time() - 7200}))  # idle for two hours
-        assert await store.load("a") is None and not (tmp_path / "a").exists()
+        stored = documents.get("conversations", "a")
+        documents.put("conversations", "a", {**stored, "updated_at": time.time() - 7200})  # idle for two hours
+        assert await store.load("a") is None
+        assert documents.get("conversations", "a") is None and documents.get("conversation_voices", "a") is None
 
     asyncio.run(scenario())
 
