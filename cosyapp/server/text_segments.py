@@ -1,8 +1,8 @@
 """Text that arrives in pieces (an LLM's answer as it is written) cut into the segments spoken one after another:
 a segment ends at a sentence end once it holds at least `min_chars` characters, or at the last break (white space,
 comma, colon) before `max_chars` characters when no sentence ends in time; `flush` cuts whatever is buffered.
-Fish's live socket (routes/fish_live.py) and the Wyoming server's streamed text (wyoming_tts.py) speak in these
-segments."""
+Fish's live socket (routes/fish_live.py), the Wyoming server's streamed text (wyoming_tts.py) and the voice agent's
+answers (agent/turn.py) speak in these segments."""
 
 from __future__ import annotations
 

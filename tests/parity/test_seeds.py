@@ -47,3 +47,12 @@ def test_fish_examples_are_the_seeds_verbatim():
     assert len(examples) == 18
     for name, example in examples.items():
         assert f"\n{example}```" in text, f"{name} is not the seed's text"
+
+
+def test_agent_examples_are_the_seeds_verbatim():
+    seed = _seed("000_65ade4a8bd6b83c7.txt")
+    examples = _examples("agent_seed_examples.py")
+    for heading, language, block in (("### Python", "python", examples.SEED_PYTHON),
+                                     ("### JavaScript/Node.js", "javascript", examples.SEED_JAVASCRIPT),
+                                     ("### cURL (Command Line)", "bash", examples.SEED_CURL_BLOCK)):
+        assert f"{heading}\n\n```{language}\n{block}```" in seed
