@@ -43,7 +43,7 @@ _STALE_AFTER_S = 600.0
 def validate_speaker_id(speaker_id: str) -> str:
     """Return the id if it is a safe folder name (letters, digits, `_ . -`, at most 64, no leading dot)."""
     if not isinstance(speaker_id, str) or not SPEAKER_ID.fullmatch(speaker_id):
-        raise InputError(f"invalid speaker id {speaker_id!r}: use 1-64 letters, digits, '_', '.' or '-', "
+        raise InputError(f"invalid speaker id {speaker_id[:40]!r}{'...' if len(speaker_id) > 40 else ''}: use 1-64 letters, digits, '_', '.' or '-', "
                          "starting with a letter or digit")
     return speaker_id
 
@@ -185,8 +185,8 @@ class SpeakerRegistry:
     def get(self, speaker_id: str) -> StoredVoice:
         folder = self.root / validate_speaker_id(speaker_id)
         if not (folder / "meta.json").is_file():
-            known = ", ".join(self.ids()) or "none"
-            raise InputError(f"unknown speaker {speaker_id!r}; registered speakers: {known}")
+            # The registry's other ids are not listed: they may be other clients' voices.
+            raise InputError(f"unknown speaker {speaker_id!r}")
         return StoredVoice(folder)
 
     def add(self, speaker_id: str, files: VoiceFiles) -> StoredVoice:

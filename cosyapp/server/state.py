@@ -16,6 +16,7 @@ from cosyapp.engine.scheduler import Engine
 from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError
+from cosyapp.server.fields import check_length
 from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, make_voice_files, validate_speaker_id
 
 log = logging.getLogger("cosyapp.server")
@@ -110,6 +111,8 @@ class ServiceState:
         with `engine`'s model off the event loop: 400 for audio that cannot be a prompt, 409 `taken` when the id
         is registered already (also when another request registered it meanwhile)."""
         limits = self.settings.limits
+        if text:
+            check_length(text, limits.max_text_chars, "the transcript")
 
         def store() -> StoredVoice:
             samples, sample_rate = decode_audio(data, what)

@@ -36,8 +36,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le
 from cosyapp.server.audio_responses import stream_header
-from cosyapp.server.errors import ApiError, as_api_error
-from cosyapp.server.fields import Fields
+from cosyapp.server.bodies import decode_document
+from cosyapp.server.errors import ApiError, as_api_error, quote
+from cosyapp.server.fields import Fields, check_length
 from cosyapp.server.fish_wire import FISH, TTS_FIELDS, TTSParams, fish_served, parse_tts
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import NoAudio, SpeechService
@@ -54,7 +55,11 @@ BREAK = re.compile(r"[\s,，、:：]")
 
 
 class TextSegmenter:
-    """Cuts streamed text into the segments spoken one after another (see the module docstring)."""
+    """Cuts streamed text into the segments spoken one after another (see the module docstring).
+
+    Each cut looks at the next max_chars + 1 characters only (no segment is longer), and the buffer is sliced once
+    per `add`, so the work is linear in the text however it arrives (a long text without any sentence end or
+    break included)."""
 
     def __init__(self, min_chars: int, max_chars: int) -> None:
         self.min_chars = min_chars
@@ -64,35 +69,32 @@ class TextSegmenter:
     def add(self, text: str) -> list[str]:
         """Buffer `text`; the segments now complete."""
         self.buffer += text
-        segments = []
-        while (cut := self._cut()) is not None:
-            segments.append(self.buffer[:cut].strip())
-            self.buffer = self.buffer[cut:]
+        segments, start = [], 0
+        while (cut := self._cut(self.buffer[start:start + self.max_chars + 1])) is not None:
+            segments.append(self.buffer[start:start + cut].strip())
+            start += cut
+        self.buffer = self.buffer[start:]
         return [segment for segment in segments if segment]
 
     def flush(self) -> list[str]:
         """Everything buffered, as segments of at most max_chars characters."""
-        segments = self.add("")
-        while self.buffer.strip():
-            cut = self._break_before_max() if len(self.buffer) > self.max_chars else len(self.buffer)
-            segments.append(self.buffer[:cut].strip())
-            self.buffer = self.buffer[cut:]
+        segments = self.add("")  # what is left is at most max_chars characters
+        rest = self.buffer.strip()
         self.buffer = ""
-        return [segment for segment in segments if segment]
+        return [segment for segment in (*segments, rest) if segment]
 
-    def _cut(self) -> int | None:
-        for end in SENTENCE_END.finditer(self.buffer):
+    def _cut(self, window: str) -> int | None:
+        """Where the segment at the start of `window` (the buffer's next max_chars + 1 characters) ends; None when
+        it may still grow."""
+        for end in SENTENCE_END.finditer(window):
             if end.end() > self.max_chars:
                 break
-            if len(self.buffer[:end.end()].strip()) >= self.min_chars:
+            if len(window[:end.end()].strip()) >= self.min_chars:
                 return end.end()
-        if len(self.buffer) > self.max_chars:
-            return self._break_before_max()
+        if len(window) > self.max_chars:
+            breaks = [match.end() for match in BREAK.finditer(window, 0, self.max_chars + 1)]
+            return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars
         return None
-
-    def _break_before_max(self) -> int:
-        breaks = [match.end() for match in BREAK.finditer(self.buffer, 0, self.max_chars + 1)]
-        return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def parse_start(payload: Any, speech: SpeechService, sample_rate: int) -> LivePa
     if not isinstance(payload, dict) or payload.get("event") != "start":
         raise ApiError(400, "the first event must be {\"event\": \"start\", \"request\": {...}}")
     fields = Fields(payload.get("request"), LIVE_FIELDS)
-    tts = parse_tts(fields, speech.state, 0, default_format="mp3", text_required=False)
+    tts = parse_tts(fields, speech.state, default_format="mp3", text_required=False)
     if tts.format not in LIVE_FORMATS:
         raise ApiError(400, f"format {tts.format} cannot be streamed live; use one of {', '.join(LIVE_FORMATS)}")
     requested_rate = fields.integer("sample_rate", None, nullable=True)
@@ -140,10 +142,7 @@ async def receive_event(websocket: WebSocket) -> dict[str, Any]:
     data = message.get("bytes")
     if data is None:
         raise ApiError(400, "every frame must be binary MessagePack")
-    try:
-        event = ormsgpack.unpackb(data)
-    except ormsgpack.MsgpackDecodeError as e:
-        raise ApiError(400, f"a frame is not valid MessagePack: {e}") from None
+    event = decode_document(data, "MessagePack")
     if not isinstance(event, dict):
         raise ApiError(400, "every event must be a map with an 'event' field")
     return event
@@ -154,8 +153,9 @@ async def send_event(websocket: WebSocket, event: dict[str, Any]) -> None:
 
 
 async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments: asyncio.Queue[str | None],
-                       record: RequestRecord) -> None:
-    """Text, flush and stop events -> segments to speak, then None after stop."""
+                       record: RequestRecord, max_event_chars: int) -> None:
+    """Text, flush and stop events -> segments to speak, then None after stop. A text event holds at most
+    `max_event_chars` characters ([limits] max_text_chars, every API's text limit)."""
     while True:
         event = await receive_event(websocket)
         kind = event.get("event")
@@ -163,6 +163,7 @@ async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments:
             text = event.get("text")
             if not isinstance(text, str):
                 raise ApiError(400, "a text event needs a string 'text'")
+            check_length(text, max_event_chars, "the text event's text")
             record.text_chars += len(text)
             ready = segmenter.add(text)
         elif kind == "flush":
@@ -173,7 +174,7 @@ async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments:
             segments.put_nowait(None)
             return
         else:
-            raise ApiError(400, f"unknown event {kind!r}: send text, flush or stop events")
+            raise ApiError(400, f"unknown event {quote(kind)}: send text, flush or stop events")
         for segment in ready:
             segments.put_nowait(segment)
 
@@ -226,7 +227,8 @@ async def live(websocket: WebSocket) -> None:
         record.text_chars = len(params.tts.speech.text)
         for segment in segmenter.add(params.tts.speech.text):
             segments.put_nowait(segment)
-        tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record)),
+        max_event_chars = speech.state.settings.limits.max_text_chars
+        tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record, max_event_chars)),
                  asyncio.create_task(speak(websocket, speech, params, segments, record))]
         pending = set(tasks)
         while pending:  # the first failure (a bad event, a failed synthesis, the client leaving) ends the session
