@@ -21,6 +21,7 @@ setup(
         "regex",
         "starlette",
         "uvicorn",
+        "httptools",  # uvicorn's fast HTTP parser; the service's header limits extend its protocol
         "websockets",  # uvicorn's WebSocket protocol (the Fish live TTS socket)
         "python-multipart",
         "httpx",

@@ -128,6 +128,7 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     from cosyapp.allocator import restart_with_tcmalloc
     from cosyapp.engine.registry import backend_names
     from cosyapp.server import configure_logging, create_app
+    from cosyapp.server.http_protocol import limited_protocol
 
     settings = load_settings(config_file)
     if backend is not None and backend not in backend_names():
@@ -152,7 +153,8 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
                f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
-                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10)
+                log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10,
+                http=limited_protocol(server.header_timeout_s))
 
 
 # ---------------------------------------------------------------------------------------------- models
