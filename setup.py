@@ -38,7 +38,8 @@ setup(
         "tensorrt": ["tensorrt", "onnx"],
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk"],
+        # hypothesis: the fuzz corpus of the robustness tests and of `cosyapp bench robustness`.
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "hypothesis"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

@@ -674,6 +674,39 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
         json_path.write_text(json.dumps(report, indent=2))
 
 
+@bench.command("robustness")
+@click.option("--fuzz-cases", type=click.IntRange(1), default=5000, show_default=True,
+              help="generated requests and live sessions over every route")
+@click.option("--disconnects", type=click.IntRange(1), default=200, show_default=True,
+              help="random client disconnects of the storm")
+@click.option("--kill-rounds", type=click.IntRange(1), default=20, show_default=True,
+              help="kill -9 rounds during voice adds and async tasks")
+@click.option("--soak-minutes", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="length of the steady mixed load (RSS measured after its first minute)")
+@click.option("--only", "parts", multiple=True, type=click.Choice(["fuzz", "disconnects", "crashes", "soak"]),
+              help="run only these parts (repeatable; default: all)")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="folder of the tiny models the services run (made there if missing; default: a temporary one)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the corpus and the random moments")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_robustness(fuzz_cases: int, disconnects: int, kill_rounds: int, soak_minutes: float,
+                     parts: tuple[str, ...], models_dir: Path | None, seed: int, json_path: Path | None) -> None:
+    """The robustness campaign on services it starts (CosyVoice2 + Fish on tiny models): a generated fuzz corpus
+    over every route and the live socket, a disconnect storm, kill -9 rounds and a soak. Prints each part's
+    figures and whether it holds; exits 1 when one does not."""
+    from cosyapp.robustness.campaign import PARTS, CampaignPlan, campaign_ok, format_report, run_campaign, write_json
+
+    plan = CampaignPlan(fuzz_cases=fuzz_cases, disconnects=disconnects, kill_rounds=kill_rounds,
+                        soak_minutes=soak_minutes, parts=parts or PARTS, seed=seed)
+    report = run_campaign(plan, models_dir)
+    click.echo(format_report(report))
+    if json_path is not None:
+        write_json(report, json_path)
+    if not campaign_ok(report):
+        raise SystemExit(1)
+
+
 @bench.command("device-check")
 @click.option("--cosyvoice2-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="CosyVoice2 model directory to check")
