@@ -18,15 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from cosyapp.robustness.corpus import PROMPT_B64, ROUTES, generate_corpus
+from cosyapp.robustness.corpus import ROUTES, generate_corpus
 from cosyapp.robustness.crashes import run_crash_rounds
 from cosyapp.robustness.disconnects import run_storm
 from cosyapp.robustness.fuzz import run_fuzz
-from cosyapp.robustness.service import CampaignModels, campaign_service, rss_mb, wait_until_idle
+from cosyapp.robustness.service import CampaignModels, campaign_service, codec_codebooks, settled_rss
 from cosyapp.robustness.soak import run_soak
-from cosyapp.server.memory import RELEASE_INTERVAL_S
 
 PARTS = ("fuzz", "disconnects", "crashes", "soak")
 HEALTH_P99_LIMIT_S = 0.5
@@ -46,31 +43,16 @@ class CampaignPlan:
     concurrency: int = 8
 
 
-def _codebooks(url: str) -> int:
-    with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
-        answer = client.post("/v1/vqgan/encode", json={"audios": [PROMPT_B64]})
-        answer.raise_for_status()
-        return len(answer.json()["tokens"][0])
-
-
-def _settled_rss(url: str, pid: int) -> float:
-    """RSS once the service is idle and has had the time to hand freed memory back."""
-    with httpx.Client(timeout=10, trust_env=False) as client:
-        wait_until_idle(client, url, 120)
-    time.sleep(RELEASE_INTERVAL_S + 1)
-    return rss_mb(pid)
-
-
 def _fuzz_and_storm(plan: CampaignPlan, models: CampaignModels, workdir: Path, report: dict[str, Any]) -> None:
     with campaign_service(models, workdir / "fuzz") as service:
-        codebooks = _codebooks(service.url)
+        codebooks = codec_codebooks(service.url)
         if "fuzz" in plan.parts:
             started = time.perf_counter()
             cases = generate_corpus(plan.fuzz_cases, plan.seed, codebooks)
             generation_s = time.perf_counter() - started
-            before = _settled_rss(service.url, service.pid)
+            before = settled_rss(service.url, service.pid)
             fuzz = asyncio.run(run_fuzz(service.url, cases, plan.concurrency))
-            after = _settled_rss(service.url, service.pid)
+            after = settled_rss(service.url, service.pid)
             server_errors = len(fuzz.server_errors)
             report["fuzz"] = {
                 "cases": fuzz.cases, "live_sessions": fuzz.live_sessions, "routes": len(fuzz.routes),
@@ -84,10 +66,10 @@ def _fuzz_and_storm(plan: CampaignPlan, models: CampaignModels, workdir: Path, r
                        and fuzz.health_p99_s < HEALTH_P99_LIMIT_S and after - before <= FUZZ_RSS_LIMIT_MB),
             }
         if "disconnects" in plan.parts:
-            before = _settled_rss(service.url, service.pid)
+            before = settled_rss(service.url, service.pid)
             storm = asyncio.run(run_storm(service.url, service.port, plan.disconnects, seed=plan.seed,
                                           idle_within_s=IDLE_WITHIN_S))
-            after = _settled_rss(service.url, service.pid)
+            after = settled_rss(service.url, service.pid)
             report["disconnects"] = {
                 "disconnects": storm.disconnects, "kinds": dict(storm.kinds), "before_answer": storm.before_answer,
                 "in_flight_zero_after_s": round(storm.idle_after_s, 3), "final_stats": storm.final_stats,
@@ -111,7 +93,7 @@ def run_campaign(plan: CampaignPlan, models_dir: Path | None = None, workdir: Pa
         if "soak" in plan.parts:
             with campaign_service(models, workdir / "soak") as service:
                 soak = asyncio.run(run_soak(service.url, service.pid, plan.soak_minutes * 60,
-                                            _codebooks(service.url)))
+                                            codec_codebooks(service.url)))
             report["soak"] = {
                 "seconds": round(soak.seconds), "requests": soak.requests, "failures": soak.failures,
                 "warm_rss_mb": round(soak.warm_rss_mb, 1), "end_rss_mb": round(soak.end_rss_mb, 1),

@@ -9,7 +9,6 @@ same corpus."""
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 from dataclasses import dataclass, field
@@ -19,12 +18,10 @@ import ormsgpack
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from cosyapp.config import PROJECT_ROOT
+from cosyapp.robustness.service import PROMPT, PROMPT_B64
 from cosyapp.server.fish_wire import TTS_FIELDS
 from cosyapp.server.routes import fish_async, fish_live, flash_api, openai_api, synthesize
 
-PROMPT = (PROJECT_ROOT / "asset" / "zero_shot_prompt.wav").read_bytes()
-PROMPT_B64 = base64.b64encode(PROMPT).decode()
 DEEP = "__deeply_nested__"  # a value replaced by a nesting deeper than any parser's recursion limit
 HUGE_TEXT = "x" * 1_000_000
 TRICKY = ["", " ", "..", "../../../etc/passwd", "..\\..\\windows", "/etc/passwd", "%2e%2e%2f", "a/b", "\x00",

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from cosyapp.robustness.corpus import PROMPT_B64
-from cosyapp.robustness.service import CampaignModels, campaign_service
+from cosyapp.robustness.service import PROMPT_B64, CampaignModels, campaign_service
 
 
 @dataclass

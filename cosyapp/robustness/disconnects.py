@@ -20,8 +20,7 @@ import httpx
 import ormsgpack
 import websockets
 
-from cosyapp.robustness.corpus import PROMPT
-from cosyapp.robustness.service import stats
+from cosyapp.robustness.service import PROMPT, stats
 
 LONG_TEXT = "Welcome to the shop. Today we have fresh bread and cakes. Please take a number and wait."
 KINDS = ("streamed", "streamed", "whole_file", "upload", "live")

@@ -7,6 +7,7 @@ Each campaign part starts its own service (a clean memory baseline, and the kill
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import time
@@ -17,9 +18,14 @@ from typing import Iterator
 import httpx
 import numpy as np
 
-from cosyapp.config import DEFAULT_CONFIG_FILE
+from cosyapp.config import DEFAULT_CONFIG_FILE, PROJECT_ROOT
 from cosyapp.engine.registry import make_tiny
+from cosyapp.server.memory import RELEASE_INTERVAL_S
 from cosyapp.service_process import ServiceProcess, free_port, start_service
+
+# A real recording: voices, references and uploads of the campaign's requests.
+PROMPT = (PROJECT_ROOT / "asset" / "zero_shot_prompt.wav").read_bytes()
+PROMPT_B64 = base64.b64encode(PROMPT).decode()
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,22 @@ def wait_until_idle(client: httpx.Client, url: str, timeout_s: float) -> tuple[b
         if waited > timeout_s:
             return False, waited, current
         time.sleep(0.02)
+
+
+def settled_rss(url: str, pid: int) -> float:
+    """RSS (MB) once the service is idle and has had the time to hand freed memory back."""
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        wait_until_idle(client, url, 120)
+    time.sleep(RELEASE_INTERVAL_S + 1)
+    return rss_mb(pid)
+
+
+def codec_codebooks(url: str) -> int:
+    """How many codebooks the service's Fish codec has (from encoding the prompt recording)."""
+    with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+        answer = client.post("/v1/vqgan/encode", json={"audios": [PROMPT_B64]})
+        answer.raise_for_status()
+        return len(answer.json()["tokens"][0])
 
 
 @dataclass

@@ -9,12 +9,11 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cosyapp.cli import main
-from cosyapp.robustness.campaign import _codebooks
 from cosyapp.robustness.corpus import ROUTES, generate_corpus
 from cosyapp.robustness.crashes import run_crash_rounds
 from cosyapp.robustness.disconnects import run_storm
 from cosyapp.robustness.fuzz import run_fuzz
-from cosyapp.robustness.service import CampaignModels
+from cosyapp.robustness.service import CampaignModels, codec_codebooks, settled_rss
 from cosyapp.robustness.soak import run_soak
 
 
@@ -24,12 +23,14 @@ def test_the_corpus_is_reproducible_and_covers_every_route():
     assert {case.label for case in cases} == set(ROUTES)
 
 
-def test_a_small_fuzz_run_gets_no_500_and_no_hang(robust_service):
-    cases = generate_corpus(150, 1, _codebooks(robust_service.url))
+def test_a_small_fuzz_run_gets_no_500_and_no_hang_and_gives_its_memory_back(robust_service):
+    cases = generate_corpus(150, 1, codec_codebooks(robust_service.url))
+    before = settled_rss(robust_service.url, robust_service.pid)
     result = asyncio.run(run_fuzz(robust_service.url, cases, concurrency=6, hang_s=60))
     assert result.cases == 150 and result.live_sessions > 0
     assert not result.server_errors and not result.hangs, (result.server_errors, result.hangs)
     assert result.statuses[400] > 0
+    assert settled_rss(robust_service.url, robust_service.pid) - before < 500
 
 
 def test_a_disconnect_storm_leaves_nothing_in_flight(robust_service):
@@ -45,7 +46,7 @@ def test_a_kill_round_loses_nothing_acknowledged(campaign_models: CampaignModels
 
 
 def test_a_short_soak_reports_its_memory(robust_service):
-    result = asyncio.run(run_soak(robust_service.url, robust_service.pid, 12, _codebooks(robust_service.url)))
+    result = asyncio.run(run_soak(robust_service.url, robust_service.pid, 12, codec_codebooks(robust_service.url)))
     assert result.requests > 0 and result.failures == 0
     assert len(result.samples) >= 2 and result.end_rss_mb > 0
 

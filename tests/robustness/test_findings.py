@@ -280,6 +280,11 @@ def test_a_trickled_header_is_cut_off(robust_service, timeouts_s):
     assert time.monotonic() - started < timeouts_s["header"] + 2
 
 
+def test_an_oversized_request_head_is_refused(client):
+    answer = client.get("/health", headers={"X-Big": "x" * 100_000})
+    assert answer.status_code == 400
+
+
 def test_a_trickled_body_gets_408(robust_service, timeouts_s):
     connection = socket.create_connection(("127.0.0.1", robust_service.port))
     connection.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
