@@ -205,7 +205,10 @@ class SpeakerRegistry:
     def remove(self, speaker_id: str) -> None:
         stored = self.get(speaker_id)
         trash = self.root / f".trash-{speaker_id}-{uuid.uuid4().hex[:8]}"
-        os.rename(stored.path, trash)  # the speaker disappears atomically; deleting the files can take time
+        try:
+            os.rename(stored.path, trash)  # the speaker disappears atomically; deleting the files can take time
+        except FileNotFoundError:
+            raise InputError(f"unknown speaker {speaker_id!r}") from None  # removed meanwhile, by another call
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 

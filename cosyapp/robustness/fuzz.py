@@ -51,15 +51,17 @@ async def _http_case(client: httpx.AsyncClient, case: Case) -> int:
     return response.status_code
 
 
-async def _live_case(url: str, case: Case) -> int:
+async def _live_case(url: str, case: Case, hang_s: float) -> int:
     """101 when the session ended as the protocol says (a finish event, or the server closing after an error),
-    500 when the server reported an internal error or dropped the session without a word."""
+    500 when the server reported an internal error or dropped the session without a word. A session may speak
+    for long; it hangs when no event comes for `hang_s`."""
     async with websockets.connect(url.replace("http", "ws", 1) + case.path, max_size=None,
-                                  open_timeout=HANG_S) as socket:
+                                  open_timeout=hang_s) as socket:
         try:
             for frame in case.frames:
                 await socket.send(frame)
-            async for message in socket:
+            while True:
+                message = await asyncio.wait_for(socket.recv(), hang_s)
                 event = ormsgpack.unpackb(message) if isinstance(message, bytes) else {}
                 if event.get("event") == "error" and INTERNAL_ERROR in str(event.get("error")):
                     return 500
@@ -69,7 +71,6 @@ async def _live_case(url: str, case: Case) -> int:
             return 101
         except websockets.ConnectionClosedError as e:
             return 101 if e.rcvd is not None else 500
-    return 101
 
 
 async def run_fuzz(url: str, cases: list[Case], concurrency: int = 8, hang_s: float = HANG_S) -> FuzzResult:
@@ -86,19 +87,17 @@ async def run_fuzz(url: str, cases: list[Case], concurrency: int = 8, hang_s: fl
             case = pending.get_nowait()
             try:
                 if case.frames:
-                    status = await asyncio.wait_for(_live_case(url, case), hang_s)
+                    status = await _live_case(url, case, hang_s)
                     result.live_sessions += 1
                 else:
                     status = await asyncio.wait_for(_http_case(client, case), hang_s)
-            except (asyncio.TimeoutError, httpx.TimeoutException, websockets.InvalidStatus, OSError,
-                    httpx.TransportError) as e:
-                if isinstance(e, (asyncio.TimeoutError, httpx.TimeoutException)):
-                    result.hangs.append(case.describe())
-                    status = 0
-                elif isinstance(e, websockets.InvalidStatus):
-                    status = e.response.status_code
-                else:
-                    status = 500  # the server dropped the connection without an answer
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                result.hangs.append(case.describe())
+                status = 0
+            except websockets.InvalidStatus as e:  # the handshake was answered with an HTTP error
+                status = e.response.status_code
+            except (OSError, httpx.TransportError, websockets.WebSocketException):
+                status = 500  # the server dropped the connection without an answer
             result.cases += 1
             result.routes.add(f"{case.method} {case.label}")
             result.statuses[status] += 1
@@ -106,7 +105,8 @@ async def run_fuzz(url: str, cases: list[Case], concurrency: int = 8, hang_s: fl
                 result.server_errors.append(f"{status}: {case.describe()}")
 
     probing = asyncio.create_task(probe.run(stop))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # A fresh connection per case: a connection the server drops is then its failure, not a keep-alive race.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=hang_s, limits=limits, trust_env=False) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     stop.set()

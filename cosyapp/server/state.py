@@ -132,4 +132,7 @@ class ServiceState:
         validate_speaker_id(speaker_id)
         if speaker_id not in self.speakers.ids():
             raise ApiError(404, not_found)
-        await asyncio.to_thread(self.speakers.remove, speaker_id)
+        try:
+            await asyncio.to_thread(self.speakers.remove, speaker_id)
+        except InputError:
+            raise ApiError(404, not_found) from None  # another request removed it meanwhile

@@ -295,3 +295,24 @@ def test_a_trickled_body_gets_408(robust_service, timeouts_s):
     connection.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - started < timeouts_s["body"] + 2
+
+
+# ---------------------------------------------------------------- found by the campaign's own fuzz run
+
+
+def test_concurrent_deletes_of_one_voice_are_200_or_404(robust_service, client):
+    added = client.post("/add_speaker", data={"name": "short_lived", "reference_text": "hello"},
+                        files={"audio_file": ("voice.wav", PROMPT, "audio/wav")})
+    assert added.status_code == 200, added.text
+
+    def delete() -> int:
+        with httpx.Client(base_url=robust_service.url, timeout=30, trust_env=False) as own:
+            return own.post("/delete_speaker", data={"name": "short_lived"}).status_code
+
+    threads_statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: threads_statuses.append(delete())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(threads_statuses)) in ([200, 404], [200]) and threads_statuses.count(200) == 1, threads_statuses
