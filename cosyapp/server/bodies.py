@@ -39,7 +39,7 @@ def media_type(request: Request) -> str:
 
 def limited_request(request: Request, limit: int) -> Request:
     """`request` whose body reads raise ApiError 413 past `limit` bytes (also when Content-Length says so), and 408
-    when the whole body has not arrived `[server] body_timeout_s` after the first read (a client trickling it)."""
+    when the whole body has not arrived `[server] body_timeout_s` after reading it began (a client trickling it)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body too large: {int(declared) // 1024} KiB, the limit is {limit // 1024} KiB")
@@ -91,8 +91,8 @@ async def read_form(request: Request, accepted: tuple[str, ...], limit: int, max
         await form.close()
 
 
-def decode_document(data: bytes, kind: str) -> Any:
-    """A JSON or MessagePack (`kind`) document, checked by `checked_document`; a 400 when it is not valid."""
+def decode_document(data: bytes, kind: str, what: str = "the request body") -> Any:
+    """A JSON or MessagePack (`kind`) document, checked by `checked_document`; a 400 saying `what` is not valid."""
     try:
         value = ormsgpack.unpackb(data) if kind == "MessagePack" else json.loads(data)
     except RecursionError:
@@ -100,7 +100,7 @@ def decode_document(data: bytes, kind: str) -> Any:
     except (ormsgpack.MsgpackDecodeError, ValueError) as e:
         if "recursion" in str(e).lower():
             raise ApiError(400, f"the {kind} document is nested too deeply: at most {MAX_DEPTH} levels") from None
-        raise ApiError(400, f"the request body is not valid {kind}: {str(e)[:200]}") from None
+        raise ApiError(400, f"{what} is not valid {kind}: {str(e)[:200]}") from None
     return checked_document(value, kind)
 
 

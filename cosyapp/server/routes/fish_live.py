@@ -142,7 +142,7 @@ async def receive_event(websocket: WebSocket) -> dict[str, Any]:
     data = message.get("bytes")
     if data is None:
         raise ApiError(400, "every frame must be binary MessagePack")
-    event = decode_document(data, "MessagePack")
+    event = decode_document(data, "MessagePack", "a frame")
     if not isinstance(event, dict):
         raise ApiError(400, "every event must be a map with an 'event' field")
     return event
