@@ -54,6 +54,9 @@ def restart_with_tcmalloc() -> str:
 # server): the steady working set stays mapped (no page faults per chunk), the peaks of bursts do not.
 
 PAGEHEAP_FREE = b"tcmalloc.pageheap_free_bytes"
+# Released per call: tcmalloc holds its page-heap lock while it releases, and every thread that allocates waits
+# for it (the event loop too); small steps keep those waits short.
+RELEASE_STEP_BYTES = 64 * 2**20
 
 
 def _process_library() -> ctypes.CDLL:
@@ -74,10 +77,14 @@ def release_free_memory(keep_bytes: int) -> int:
     known). On tcmalloc: its page heap; on glibc: `malloc_trim` (which releases the tops of its arenas)."""
     held = free_heap_bytes()
     if held is not None:
-        if held <= keep_bytes:
-            return 0
-        _process_library().MallocExtension_ReleaseFreeMemory()
-        return held - (free_heap_bytes() or 0)
+        library, start = _process_library(), held
+        while held > keep_bytes:
+            library.MallocExtension_ReleaseToSystem(ctypes.c_size_t(min(RELEASE_STEP_BYTES, held - keep_bytes)))
+            left = free_heap_bytes() or 0
+            if left >= held:
+                break  # nothing more it can release
+            held = left
+        return start - held
     if sys.platform.startswith("linux"):
         _process_library().malloc_trim(ctypes.c_size_t(0))
     return 0
