@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from starlette.datastructures import FormData
 
-from cosyapp.server.errors import ApiError, quote
+from cosyapp.server.errors import QUOTE_CHARS, ApiError, quote
 
 MISSING = object()
 TOO_LONG = "{name} is too long: {length} characters, the limit is {limit}"
@@ -22,6 +22,11 @@ NUMBER_CHARS = 64
 def _finite(value: float) -> bool:
     """Whether `value` is a finite number a float holds (a huge integer is not: float() would overflow)."""
     return math.isfinite(value) if isinstance(value, float) else abs(value) <= 2**63
+
+
+def _field_name(name: Any) -> str:
+    """A field's name as a message names it: as sent when it is a short string, else quoted (cut short)."""
+    return name if isinstance(name, str) and len(name) <= QUOTE_CHARS and name.isprintable() else quote(name)
 
 
 def check_length(text: str, limit: int, name: str, message: str = TOO_LONG) -> str:
@@ -50,7 +55,7 @@ class Fields:
         accepted = tuple(accepted)
         if not isinstance(values, dict):
             raise ApiError(400, "the request body must be an object (a map) of fields")
-        unknown = sorted(quote(name) for name in values if name not in accepted)
+        unknown = sorted(_field_name(name) for name in values if name not in accepted)
         if unknown:
             raise ApiError(400, f"unknown field(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
                                 f"accepted: {', '.join(accepted)}")
