@@ -6,7 +6,8 @@ setup(
     description="Streaming text-to-speech appliance (CosyVoice2 and Fish backends)",
     python_requires=">=3.10",
     packages=find_packages(include=["cosyapp", "cosyapp.*"]),
-    package_data={"cosyapp": ["py.typed"]},
+    # The playground's page, script and style (GET /), served from the installed package.
+    package_data={"cosyapp": ["py.typed", "server/static/playground/*"]},
     install_requires=[
         "torch==2.11.0",
         "torchaudio==2.11.0",
@@ -28,6 +29,7 @@ setup(
         "click",
         "ormsgpack",  # msgpack bodies of the Fish Speech API
         "prometheus-client",  # GET /metrics
+        "wyoming>=1.10,<2",  # the Wyoming TTS server for Home Assistant ([wyoming] in config.toml)
         "tomli; python_version < '3.11'",
     ],
     extras_require={
@@ -36,10 +38,14 @@ setup(
         # The wetext text frontend; scripts/setup.sh also installs wetextprocessing (its FST files) --no-deps.
         "textnorm": ["wetext==0.0.4", "kaldifst"],
         "tensorrt": ["tensorrt", "onnx"],
+        # `cosyapp serve --ray`: Ray Serve replicas sharing a Redis store (cosyapp/cluster/, cosyapp/storage/).
+        "cluster": ["ray[serve]>=2.60,<3", "redis>=5"],  # tested with Ray 2.60
         # requests, pydantic: the Fish API tests run the seed's client examples (requests + pydantic models);
-        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs.
+        # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
+        # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver);
         # hypothesis: the fuzz corpus of the robustness tests and of `cosyapp bench robustness`.
-        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium",
+                "hypothesis"],
     },
     entry_points={"console_scripts": ["cosyapp=cosyapp.cli:main"]},
 )

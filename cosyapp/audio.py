@@ -18,6 +18,8 @@ import soundfile
 from cosyapp.engine.types import InputError
 
 SAMPLE_FORMAT = "s16le"
+# The output rates a request may ask for (`sample_rate`): what devices play and every output format can carry.
+SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 SAMPLE_WIDTH = 2  # bytes per sample of s16le
 # 0xFFFFFFFF in the RIFF and data sizes tells a reader the length is unknown (the WAV is being streamed).
 _UNKNOWN_SIZE = 0xFFFFFFFF

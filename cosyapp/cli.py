@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +119,13 @@ def main() -> None:
               help="model directory (config: [model] model_dir)")
 @click.option("--api-key", help="require 'Authorization: Bearer KEY' on every route but the health checks "
                                 "(config: [server] api_key; COSYAPP_SERVER_API_KEY keeps it off the command line)")
+@click.option("--ray", "on_ray", is_flag=True, help="deploy on a Ray Serve cluster as [cluster] says (replicas, "
+              "GPUs, autoscaling) instead of running uvicorn here; needs the cluster extra")
 @user_errors
 def serve(config_file: Path | None, host: str | None, port: int | None, backend: str | None,
-          model_dir: Path | None, api_key: str | None) -> None:
+          model_dir: Path | None, api_key: str | None, on_ray: bool) -> None:
     """Run the HTTP service (POST /synthesize, the Fish Speech API /v1/*, GET /health, GET /model_info) with
-    uvicorn."""
+    uvicorn, or with --ray as a Ray Serve deployment (every replica the same app)."""
     import uvicorn
 
     from cosyapp.allocator import restart_with_tcmalloc
@@ -145,6 +148,9 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     if model_dir:
         model = dataclasses.replace(model, model_dir=model_dir.resolve())
     settings = dataclasses.replace(settings, server=server, model=model)
+    if on_ray:
+        _serve_on_ray(settings)
+        return
     if server.tcmalloc:
         allocator = restart_with_tcmalloc()  # returns only when it does not restart
     else:
@@ -155,6 +161,21 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
                 log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10,
                 http=limited_protocol(server.header_timeout_s))
+
+
+def _serve_on_ray(settings: Settings) -> None:
+    try:
+        from cosyapp.cluster import deployment
+    except ImportError as e:
+        raise _fail(f"--ray needs Ray Serve: pip install -e '.[cluster]' ({e})") from None
+    from cosyapp.server import configure_logging
+
+    configure_logging(settings.server.log_level)
+    cluster, storage = settings.cluster, settings.storage
+    click.echo(f"cosyapp {__version__}: deploying {settings.model.backend} on the Ray cluster at {cluster.address} "
+               f"({cluster.min_replicas}-{cluster.max_replicas} replicas, {cluster.gpus_per_replica:g} GPU and "
+               f"{cluster.cpus_per_replica:g} CPU each, store: {storage.shared_store or storage.data_dir})")
+    deployment.run(settings, lambda url: click.echo(f"serving on {url} (Ctrl-C removes the deployment)"))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -313,9 +334,9 @@ def speakers() -> None:
 
 
 def _registry(settings: Settings):
-    from cosyapp.voices import SpeakerRegistry
+    from cosyapp.storage import open_store
 
-    return SpeakerRegistry(settings.storage.speakers_dir)
+    return open_store(settings.storage).speakers  # the local disk, or the cluster's shared store
 
 
 @speakers.command("add")
@@ -394,6 +415,12 @@ def speakers_rename(old_id: str, new_id: str, config_file: Path | None) -> None:
 # --------------------------------------------------------------------------------------------- prompts
 
 
+def _default_prompt(settings: Settings):
+    from cosyapp.storage import open_store
+
+    return open_store(settings.storage).default_prompt
+
+
 @main.group()
 def prompts() -> None:
     """The default prompt voice and instruction (used when a request names neither)."""
@@ -409,7 +436,7 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
     """Replace the default prompt voice (and optionally the instruction) without editing config.toml.
 
     A running service picks it up on its next request."""
-    from cosyapp.voices import DefaultPromptStore, make_voice_files
+    from cosyapp.voices import make_voice_files
 
     settings = load_settings(config_file)
     if instruction is not None and not instruction.strip().endswith("<|endofprompt|>"):
@@ -417,7 +444,7 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
     samples, sample_rate = _read_prompt(settings, wav)
     extra = {"source_file": wav.name, **({"instruction": instruction.strip()} if instruction else {})}
     files = make_voice_files(_load_backend(settings), samples, sample_rate, None, extra)
-    stored = DefaultPromptStore(settings.storage.default_prompt_dir).set(files)
+    stored = _default_prompt(settings).set(files)
     click.echo(f"default prompt set from {wav} ({files.meta['duration_s']:.1f} s), stored in {stored.path}")
 
 
@@ -426,10 +453,8 @@ def prompts_set_default(wav: Path, instruction: str | None, config_file: Path | 
 @user_errors
 def prompts_reset(config_file: Path | None) -> None:
     """Drop the prompt stored by set-default: the config's instruction and prompt_wav apply again."""
-    from cosyapp.voices import DefaultPromptStore
-
     settings = load_settings(config_file)
-    if DefaultPromptStore(settings.storage.default_prompt_dir).clear():
+    if _default_prompt(settings).clear():
         click.echo("default prompt reset to the config's")
     else:
         click.echo("no default prompt was set; the config's is in use")
@@ -440,10 +465,8 @@ def prompts_reset(config_file: Path | None) -> None:
 @user_errors
 def prompts_show(config_file: Path | None) -> None:
     """Show the default instruction and prompt voice in effect, and where each comes from."""
-    from cosyapp.voices import DefaultPromptStore
-
     settings = load_settings(config_file)
-    stored = DefaultPromptStore(settings.storage.default_prompt_dir).get()
+    stored = _default_prompt(settings).get()
     config = f"config ({settings.source or 'built-in defaults'})"
     if stored is not None and stored.meta.get("instruction"):
         click.echo(f"instruction: {stored.meta['instruction']}  [from prompts set-default]")
@@ -705,6 +728,53 @@ def bench_robustness(fuzz_cases: int, disconnects: int, kill_rounds: int, soak_m
         write_json(report, json_path)
     if not campaign_ok(report):
         raise SystemExit(1)
+
+
+@bench.command("cluster")
+@config_option
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model of the replicas (config: [model] model_dir)")
+@click.option("--backend", help="backend of the replicas (config: [model] backend)")
+@click.option("--device", default="cpu", show_default=True, help="device of the replicas")
+@click.option("--replicas", default="1,2", show_default=True, callback=_counts,
+              help="replica counts, benchmarked one after the other")
+@click.option("--cores", type=click.IntRange(1), default=os.cpu_count(), show_default=True,
+              help="CPU cores given to Ray, shared out equally between the replicas")
+@click.option("--gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--slots", type=click.IntRange(1), help="synthesis slots in all, shared out between the replicas "
+              "(default: the highest level)")
+@click.option("--levels", default="8", show_default=True, callback=_counts, help="closed-loop concurrency levels")
+@click.option("--requests", type=click.IntRange(1), default=4, show_default=True,
+              help="requests per client at each level")
+@click.option("--fixed-length", type=click.IntRange(1), default=100, show_default=True,
+              help="LM tokens per request (fixed_length)")
+@click.option("--natural", is_flag=True, help="texts of different lengths without fixed_length (see bench service)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_cluster(config_file: Path | None, model_dir: Path | None, backend: str | None, device: str,
+                  replicas: tuple[int, ...], cores: int, gpus_per_replica: float, slots: int | None,
+                  levels: tuple[int, ...], requests: int, fixed_length: int, natural: bool,
+                  json_path: Path | None) -> None:
+    """Load-test Ray Serve deployments of 1, 2, ... replicas on this machine with the same cores and slots in
+    all (needs the cluster extra): bench service's table per run, then throughput against the first run."""
+    try:
+        from cosyapp.cluster.bench import format_cluster_report, run_cluster_bench
+    except ImportError as e:
+        raise _fail(f"bench cluster needs Ray Serve: pip install -e '.[cluster]' ({e})") from None
+    from cosyapp.bench_service import LoadPlan
+
+    if not levels:
+        raise _fail("--levels: give at least one level")
+    settings = load_settings(config_file)
+    model = dataclasses.replace(settings.model, device=device, **({"backend": backend} if backend else {}),
+                                **({"model_dir": model_dir.resolve()} if model_dir else {}))
+    settings = dataclasses.replace(settings, model=model)
+    plan = LoadPlan(fixed_length=fixed_length, levels=levels, requests_per_client=requests, poisson_rate=0,
+                    natural=natural)
+    reports = run_cluster_bench(settings, plan, replicas, cores, gpus_per_replica, slots or max(levels))
+    click.echo(format_cluster_report(reports))
+    if json_path is not None:
+        json_path.write_text(json.dumps(reports, indent=2))
 
 
 @bench.command("device-check")

@@ -153,6 +153,8 @@ class DefaultsSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     data_dir: Path = PROJECT_ROOT / "var"
+    # "" = the local disk under data_dir (one box); redis://host:port/db = the shared store of a cluster.
+    shared_store: str = field(default="", metadata=_rule(pattern=r"|rediss?://\S+"))
 
     @property
     def speakers_dir(self) -> Path:
@@ -165,6 +167,35 @@ class StorageSettings:
     @property
     def tasks_dir(self) -> Path:
         return self.data_dir / "tasks"
+
+    @property
+    def documents_dir(self) -> Path:
+        return self.data_dir / "documents"
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """`cosyapp serve --ray`: the service as a Ray Serve deployment (cosyapp/cluster/)."""
+
+    # Ray cluster to join: "auto" = the one `ray start` runs on this machine; "local" = start one here.
+    address: str = "auto"
+    min_replicas: int = field(default=1, metadata=_rule(min=0, max=10000))
+    max_replicas: int = field(default=1, metadata=_rule(min=1, max=10000))
+    # GPUs each replica reserves (0 on CPU-only nodes; fractions share a GPU).
+    gpus_per_replica: float = field(default=1.0, metadata=_rule(min=0.0, max=64.0))
+    cpus_per_replica: float = field(default=1.0, metadata=_rule(min=0.0, max=1024.0))
+    # Requests per replica the autoscaler aims at; "auto" = [engine] max_concurrent.
+    target_ongoing_requests: int | str = field(default="auto", metadata=_rule(min=1, max=10000, auto=True))
+
+
+@dataclass(frozen=True)
+class WyomingSettings:
+    """The Wyoming TTS server for Home Assistant (server/wyoming_tts.py), on its own TCP port. Off by default: the
+    Wyoming protocol has no authentication, so whoever reaches the port can synthesize."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = field(default=10200, metadata=_rule(min=1, max=65535))
 
 
 @dataclass(frozen=True)
@@ -180,6 +211,8 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     defaults: DefaultsSettings = DefaultsSettings()
     storage: StorageSettings = StorageSettings()
+    wyoming: WyomingSettings = WyomingSettings()
+    cluster: ClusterSettings = ClusterSettings()
     # Where the file values came from (None: built-in defaults only); shown by `cosyapp prompts show` etc.
     source: Path | None = None
 
@@ -209,6 +242,8 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSettings,
     "defaults": DefaultsSettings,
     "storage": StorageSettings,
+    "wyoming": WyomingSettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -360,4 +395,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if settings.limits.min_prompt_s >= settings.limits.max_prompt_s:
         raise ConfigError(f"[limits] min_prompt_s ({settings.limits.min_prompt_s}) must be below "
                           f"max_prompt_s ({settings.limits.max_prompt_s})")
+    if settings.cluster.min_replicas > settings.cluster.max_replicas:
+        raise ConfigError(f"[cluster] min_replicas ({settings.cluster.min_replicas}) must be at most "
+                          f"max_replicas ({settings.cluster.max_replicas})")
     return settings

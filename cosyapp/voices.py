@@ -11,6 +11,10 @@ Writes are atomic: a new folder is written under a temporary name, every file fs
 place; removal renames the folder away before deleting it. A crash therefore leaves either the old or the
 new state, plus at worst a hidden `.tmp-*`/`.trash-*` folder that listings ignore and later writes sweep.
 The default prompt (`cosyapp prompts set-default`) is replaced in one step by swapping a symlink.
+
+These folders are the local-disk store of a single box; a cluster keeps the same records in its shared store
+(cosyapp/storage/redis_store.py). Either kind of stored voice answers `load_voice` through the same few
+methods: `key`, `version`, `text`, `meta`, `features_for`, `recording` and `keep_features`.
 """
 
 from __future__ import annotations
@@ -90,6 +94,26 @@ class StoredVoice:
         """Changes whenever the folder is rewritten (cache key for prepared voices)."""
         return (self.path / "meta.json").stat().st_mtime_ns
 
+    @property
+    def key(self) -> str:
+        """What identifies this voice in the voice cache (with `version`)."""
+        return str(self.path)
+
+    def features_for(self, fingerprint: str) -> dict[str, Any] | None:
+        """The stored prompt features when they were made by the model `fingerprint` names and are readable."""
+        if self.meta.get("features_for") != fingerprint:
+            return None
+        try:
+            return torch.load(self.path / "features.pt", map_location="cpu", weights_only=True)
+        except Exception:  # unreadable features: the recording is the source of truth
+            return None
+
+    def recording(self) -> tuple[np.ndarray, int]:
+        return read_audio_file(self.wav_path, f"{self.id}/prompt.wav")
+
+    def keep_features(self, fingerprint: str, state: dict[str, Any]) -> None:
+        """Features recomputed for another model stay in memory only: the folder keeps its own model's."""
+
 
 def make_voice_files(backend: Backend, samples: np.ndarray, sample_rate: int, text: str | None,
                      extra_meta: dict[str, Any] | None = None) -> VoiceFiles:
@@ -111,16 +135,16 @@ def make_voice_files(backend: Backend, samples: np.ndarray, sample_rate: int, te
 
 
 def load_voice(stored: StoredVoice, backend: Backend) -> Voice:
-    """Rebuild a stored voice for `backend`: from features.pt when it was made by this model, else from prompt.wav."""
-    if stored.meta.get("features_for") == features_fingerprint(backend):
-        try:
-            state = torch.load(stored.path / "features.pt", map_location="cpu", weights_only=True)
-        except Exception:  # unreadable features: the recording is the source of truth
-            state = None
-        if state is not None:
-            return backend.voice_from_state(state, stored.text)
-    samples, sample_rate = read_audio_file(stored.wav_path, f"{stored.id}/prompt.wav")
-    return backend.prepare_voice(samples, sample_rate, stored.text)
+    """Rebuild a stored voice for `backend`: from its features when this model made them, else from its recording
+    (the store may then keep the recomputed features for the next replica with this model)."""
+    fingerprint = features_fingerprint(backend)
+    state = stored.features_for(fingerprint)
+    if state is not None:
+        return backend.voice_from_state(state, stored.text)
+    samples, sample_rate = stored.recording()
+    voice = backend.prepare_voice(samples, sample_rate, stored.text)
+    stored.keep_features(fingerprint, backend.voice_state(voice))
+    return voice
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up cosyapp on a fresh Debian/Ubuntu machine. Idempotent: rerunning it only fills in what is missing.
 #
-#   scripts/setup.sh           system packages, .venv (torch 2.11.0) with cosyapp[client,dev,hub] installed
+#   scripts/setup.sh           system packages, .venv (torch 2.11.0) with cosyapp[client,dev,hub,textnorm,cluster]
 #   scripts/setup.sh --serve   the same, then start the service on port 50000 in the foreground, on the real
 #                              CosyVoice2-0.5B when it is present or can be downloaded, else on a tiny
 #                              RANDOM model (it speaks noise; the script says so loudly)
@@ -30,9 +30,11 @@ say() { printf '\n==> %s\n' "$*"; }
 # ---- system packages ------------------------------------------------------------------------------
 # python3-venv/-dev + build-essential: the venv and building PyAudio; portaudio19-dev: PyAudio's PortAudio;
 # libsndfile1: audio decoding; curl: the README's examples and the service tests; systemd: systemd-analyze
-# (checks the unit); ca-certificates: downloads; libtcmalloc-minimal4: the service's memory allocator (allocator.py).
+# (checks the unit); ca-certificates: downloads; libtcmalloc-minimal4: the service's memory allocator (allocator.py);
+# chromium + chromium-driver: the headless browser the playground's test drives with selenium.
+# redis-server: the shared store of a cluster (`serve --ray`), which the cluster tests start on a free port.
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential portaudio19-dev libsndfile1 curl systemd ca-certificates
-              libtcmalloc-minimal4)
+              libtcmalloc-minimal4 chromium chromium-driver redis-server)
 missing=()
 if command -v dpkg-query >/dev/null; then
   for package in "${APT_PACKAGES[@]}"; do
@@ -69,8 +71,8 @@ if ! .venv/bin/python -c 'import torch, torchaudio, sys; sys.exit(not (torch.__v
   say "installing torch 2.11.0 + torchaudio 2.11.0${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
   "${PIP[@]}" torch==2.11.0 torchaudio==2.11.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-say "installing cosyapp (editable) with the client, dev, hub and textnorm extras"
-"${PIP[@]}" -e ".[client,dev,hub,textnorm]"
+say "installing cosyapp (editable) with the client, dev, hub, textnorm and cluster extras"
+"${PIP[@]}" -e ".[client,dev,hub,textnorm,cluster]"
 # The wetext text frontend reads the TN grammars (FST files) shipped in WeTextProcessing; its own
 # dependency (pynini, for building grammars) is not needed to read them.
 "${PIP[@]}" --no-deps wetextprocessing==1.2.0

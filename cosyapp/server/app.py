@@ -8,6 +8,9 @@ Routes: the seed's /synthesize, the status routes (with Prometheus' /metrics), t
 (`routes/fish_api.py`, `routes/fish_async.py`), Fish's live WebSocket (`routes/fish_live.py`), the Flash-TTS API
 (`routes/flash_api.py`) and the OpenAI speech API (`routes/openai_api.py`), every one behind the optional API
 key (`auth.py`) except the health checks. Every route that speaks goes through the speech service (`speech.py`).
+GET / is the playground (`routes/playground.py`), a browser page on the public API.
+With `[wyoming] enabled`, the Wyoming TTS server for Home Assistant (`wyoming_tts.py`) listens on its own port,
+started and stopped with the app.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
 from cosyapp.server.memory import release_memory_periodically
 from cosyapp.server.metrics import Metrics, RequestCounter
-from cosyapp.server.routes import fish_api, fish_async, fish_live, flash_api, openai_api, status, synthesize
+from cosyapp.server.routes import (fish_api, fish_async, fish_live, flash_api, openai_api, playground, status,
+                                   synthesize)
 from cosyapp.server.speech import SpeechService
 from cosyapp.server.state import ServiceState
+from cosyapp.server.wyoming_tts import WyomingServer
 
 log = logging.getLogger("cosyapp.server")
 
@@ -50,11 +55,16 @@ def configure_logging(level: str) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
+    wyoming: WyomingServer | None = app.state.wyoming
+    if wyoming is not None:
+        await wyoming.start()  # a port that is taken stops the start-up here, with the reason
     loading = asyncio.create_task(state.load(app.state.speech.warm_up))
     releasing = asyncio.create_task(release_memory_periodically())
     try:
         yield
     finally:
+        if wyoming is not None:
+            await wyoming.stop()
         for task in (loading, releasing):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -68,7 +78,7 @@ def create_app(settings: Settings) -> Starlette:
     state = ServiceState(settings)
     metrics = Metrics(state)
     routes = [*status.routes, *synthesize.routes, *fish_api.routes, *fish_async.routes, *fish_live.routes,
-              *flash_api.routes, *openai_api.routes]
+              *flash_api.routes, *openai_api.routes, *playground.routes]
     # Counted outermost, so that requests refused for a missing API key count too.
     middleware = [Middleware(RequestCounter, metrics=metrics, routes=routes)]
     if settings.server.api_key:
@@ -78,5 +88,6 @@ def create_app(settings: Settings) -> Starlette:
     app.state.service = state
     app.state.metrics = metrics
     app.state.speech = SpeechService(state, metrics)
-    app.state.fish_tasks = TaskManager(settings.storage.tasks_dir, settings.fishapi.keep_tasks_hours * 3600)
+    app.state.wyoming = WyomingServer(settings.wyoming, app.state.speech) if settings.wyoming.enabled else None
+    app.state.fish_tasks = TaskManager(state.store.tasks, settings.fishapi.keep_tasks_hours * 3600)
     return app

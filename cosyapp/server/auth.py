@@ -1,4 +1,5 @@
-"""Optional bearer-token authentication for every route but the health checks, WebSockets included.
+"""Optional bearer-token authentication for every route but the health checks and the playground's static page,
+WebSockets included.
 
 With `[server] api_key` (or `cosyapp serve --api-key`) set, a request must carry `Authorization: Bearer <key>`;
 anything else is answered 401 `{"detail": ...}` before it reaches a route. The token is compared with
@@ -13,8 +14,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-# Load balancers and systemd probes check these without credentials.
-OPEN_PATHS = frozenset({"/health", "/v1/health"})
+# Load balancers and systemd probes check these without credentials; a browser opens the playground's page (and
+# loads its script and style) without them too: the page asks for the key and sends it with its API requests.
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/"})
+OPEN_PREFIXES = ("/playground/",)
 
 
 def bearer_token(authorization: bytes) -> bytes | None:
@@ -33,7 +36,8 @@ class ApiKeyMiddleware:
         self.api_key = api_key.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS \
+                or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = next((value for name, value in scope["headers"] if name == b"authorization"), None)

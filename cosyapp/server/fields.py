@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 from starlette.datastructures import FormData
 
+from cosyapp.audio import SAMPLE_RATES
 from cosyapp.server.errors import QUOTE_CHARS, ApiError, quote
 
 MISSING = object()
@@ -139,3 +140,20 @@ class Fields:
                 f"at least {low:g}" if low is not None else f"at most {high:g}"
             raise ApiError(400, f"{name} must be {bounds}; got {quote(value)}")
         return value
+
+
+def sample_rate(fields: Fields, name: str = "sample_rate") -> int | None:
+    """The output sample rate a request asks for (None when absent or null: the model's own rate); a 400 unless
+    it is one of SAMPLE_RATES. The speech service resamples the audio to it while it streams."""
+    value = fields.integer(name, None, nullable=True)
+    if value is not None and value not in SAMPLE_RATES:
+        raise ApiError(400, f"{name} must be one of {', '.join(map(str, SAMPLE_RATES))} (Hz); got {value}")
+    return value
+
+
+def seed(fields: Fields, name: str = "seed") -> int | None:
+    """The request's random seed (the same request with the same seed gives the same audio); None: a fresh draw."""
+    value = fields.integer(name, None, nullable=True)
+    if value is not None and not 0 <= value < 2**63:
+        raise ApiError(400, f"{name} must be a whole number from 0 to 2**63 - 1; got {value}")
+    return value

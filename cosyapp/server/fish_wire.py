@@ -22,10 +22,11 @@ from cosyapp.audio import AUDIO_MEDIA_TYPES
 from cosyapp.engine.types import InputError
 from cosyapp.server.bodies import audio_bytes, decode_document, limited_request, media_type
 from cosyapp.server.errors import ApiError, quote
-from cosyapp.server.fields import Fields, check_length
+from cosyapp.server.fields import Fields, check_length, sample_rate
 from cosyapp.server.speech import Recording, SpeechRequest, VoiceReference
 from cosyapp.server.state import ServiceState
-from cosyapp.voices import StoredVoice, validate_speaker_id
+from cosyapp.storage import StoredVoice
+from cosyapp.voices import validate_speaker_id
 
 FISH = "fish"
 NOT_SERVED = ("this service does not run the Fish backend: set [model] backend = \"fish\" (or extra_backend = "
@@ -41,8 +42,9 @@ TEXT_TOO_LONG = "Text is too long, max length is {limit}"
 
 # ServeTTSRequest's fields that are the Fish backend's options, by the same names (the backend checks them).
 OPTION_FIELDS = ("chunk_length", "max_new_tokens", "top_p", "repetition_penalty", "temperature")
+# `sample_rate` is the Fish cloud API's: the rate of the audio sent (resampled on the server while streaming).
 TTS_FIELDS = ("text", "format", "latency", "references", "reference_id", "seed", "use_memory_cache", "normalize",
-              "streaming", *OPTION_FIELDS)
+              "streaming", "sample_rate", *OPTION_FIELDS)
 
 
 def fish_served(state: ServiceState) -> None:
@@ -179,6 +181,7 @@ def parse_tts(fields: Fields, state: ServiceState, default_format: str = "wav",
         voice = VoiceReference(recordings=references, model_voice=not references)
     streaming = fields.boolean("streaming", False)
     speech = SpeechRequest(text=text, voice=voice, options=options, stream=streaming,
-                           seed=fields.integer("seed", None, nullable=True), backend=FISH)
+                           seed=fields.integer("seed", None, nullable=True), backend=FISH,
+                           sample_rate=sample_rate(fields))
     return TTSParams(speech=speech, format=fields.choice("format", default_format, AUDIO_MEDIA_TYPES),
                      streaming=streaming)

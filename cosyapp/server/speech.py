@@ -33,6 +33,7 @@ from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import check_length
 from cosyapp.server.metrics import Metrics
 from cosyapp.server.request_log import RequestRecord
+from cosyapp.server.resample import ResampledStream
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import load_voice
 
@@ -87,13 +88,15 @@ class SpeechRequest:
     seed: int | None = None
     fixed_length: int | None = None  # benchmarks: exactly this many LM tokens per sentence
     backend: str | None = None  # None: [model] backend
+    sample_rate: int | None = None  # the rate to send (resampled while streaming); None: the backend's own
 
 
 @dataclass
 class Speech:
-    """A started synthesis: its first chunk is here, the rest comes from `stream` (the caller owns it)."""
+    """A started synthesis: its first chunk is here, the rest comes from `stream` (the caller owns it), all at
+    `sample_rate` (the one the request asked for, else the backend's)."""
 
-    stream: SynthesisStream
+    stream: SynthesisStream | ResampledStream
     first: np.ndarray
     sample_rate: int
 
@@ -178,12 +181,13 @@ class SpeechService:
                      admission: Admission | None = None, on_slot: Callable[[], None] | None = None) -> Speech:
         check_text_lengths(request, self.state.settings.limits.max_text_chars)
         options = engine.backend.parse_options(request.options)  # a bad option costs no engine place
+        sample_rate = request.sample_rate or engine.info.sample_rate
         if admission is None:
             admission = engine.admit()
         try:
             voice, mode, instruction, prompt_text = await self._voice_and_mode(engine, request)
             if record is not None:
-                record.describe(engine.backend.name, engine.info.sample_rate, mode.value, len(request.text))
+                record.describe(engine.backend.name, sample_rate, mode.value, len(request.text))
             synthesis = SynthesisRequest(text=request.text, voice=voice, mode=mode, instruction=instruction,
                                          prompt_text=prompt_text, stream=request.stream, seed=request.seed,
                                          fixed_length=request.fixed_length, options=options,
@@ -192,6 +196,8 @@ class SpeechService:
         except BaseException:
             admission.release()  # start() never ran or failed: give the place back
             raise
+        if sample_rate != engine.info.sample_rate:
+            stream = ResampledStream(stream, engine.info.sample_rate, sample_rate)
         try:
             if on_slot is not None:
                 on_slot()
@@ -203,7 +209,7 @@ class SpeechService:
             raise
         if record is not None:
             record.first_audio()
-        return Speech(stream, first, engine.info.sample_rate)
+        return Speech(stream, first, sample_rate)
 
     # ---- voices -----------------------------------------------------------------------------------
 
@@ -227,7 +233,7 @@ class SpeechService:
         """The prepared voice `reference` names, from the voice cache when it was prepared before."""
         if reference.speaker is not None:
             stored = self.state.speakers.get(reference.speaker)  # InputError for a bad or unknown id
-            voice = await engine.voice(voice_key("speaker", stored.path, stored.version),
+            voice = await engine.voice(voice_key("speaker", stored.key, stored.version),
                                        lambda: load_voice(stored, engine.backend))
             return ResolvedVoice(voice, reference.transcript or stored.text)
         if len(reference.recordings) == 1:
@@ -269,7 +275,7 @@ class SpeechService:
         """The default prompt voice: `prompts set-default` if set, else the config's prompt_wav."""
         stored = self.state.default_prompt.get()
         if stored is not None:
-            return await engine.voice(voice_key("default", stored.path, stored.version),
+            return await engine.voice(voice_key("default", stored.key, stored.version),
                                       lambda: load_voice(stored, engine.backend))
         path = self.state.settings.defaults.prompt_wav
         try:

@@ -1,5 +1,5 @@
 """What the routes share: settings, one engine per loaded backend (loaded and warmed up in the background), the
-speaker registry and the default prompt."""
+store (cosyapp/storage/) with the speaker registry and the default prompt."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import check_length
-from cosyapp.voices import DefaultPromptStore, SpeakerRegistry, StoredVoice, make_voice_files, validate_speaker_id
+from cosyapp.storage import StoredVoice, open_store
+from cosyapp.voices import make_voice_files, validate_speaker_id
 
 log = logging.getLogger("cosyapp.server")
 
@@ -29,8 +30,9 @@ class ServiceState:
         self.error: str | None = None
         self.backends = settings.served_backends()  # name -> model dir, [model] backend first
         self.engines: dict[str, Engine] = {}
-        self.speakers = SpeakerRegistry(settings.storage.speakers_dir)
-        self.default_prompt = DefaultPromptStore(settings.storage.default_prompt_dir)
+        self.store = open_store(settings.storage)  # the local disk, or a cluster's shared store
+        self.speakers = self.store.speakers
+        self.default_prompt = self.store.default_prompt
 
     @property
     def engine(self) -> Engine | None:

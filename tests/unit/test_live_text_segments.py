@@ -1,8 +1,8 @@
-"""How the Fish live socket cuts streamed text into the segments it speaks (`TextSegmenter`)."""
+"""How the Fish live socket (and the Wyoming server) cut streamed text into the segments it speaks (`TextSegmenter`)."""
 
 from __future__ import annotations
 
-from cosyapp.server.routes.fish_live import TextSegmenter
+from cosyapp.server.text_segments import TextSegmenter
 
 
 def feed(segmenter: TextSegmenter, pieces: list[str]) -> list[str]:

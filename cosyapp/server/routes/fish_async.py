@@ -14,7 +14,7 @@ import asyncio
 from typing import Callable
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio
@@ -104,10 +104,11 @@ async def download_result(request: Request) -> Response:
     task = _known_task(request)
     if task.status != COMPLETED:
         raise ApiError(400, f"Task '{task.step_id}' is not completed (status: {task.status})")
-    path = _tasks(request).result_path(task)
-    if not path.is_file():
+    data = await asyncio.to_thread(_tasks(request).result, task)
+    if data is None:
         raise ApiError(404, f"the result of task '{task.step_id}' is no longer on the server")
-    return FileResponse(path, media_type=AUDIO_MEDIA_TYPES[task.format], filename=f"{task.step_id}.{task.format}")
+    return Response(data, media_type=AUDIO_MEDIA_TYPES[task.format],
+                    headers={"Content-Disposition": f'attachment; filename="{task.step_id}.{task.format}"'})
 
 
 async def stop_generation(request: Request) -> Response:

@@ -11,22 +11,22 @@ and {"event": "finish", "reason": "error"}. The server closes the socket after t
 Text is spoken in segments, in order, each one synthesis on the Fish engine with the session's voice
 (`references` or `reference_id`, as on /v1/tts): a segment ends at a sentence end once it holds at least
 `min_chunk_length` characters, or at the last break before `chunk_length` characters when no sentence ends in
-time (`TextSegmenter`); flush and stop speak whatever is buffered.
+time (`text_segments.TextSegmenter`); flush and stop speak whatever is buffered.
 
 Formats: pcm (s16le mono at the model's 44.1 kHz) and wav (the same, with a WAV header of unknown length at the
 start of the first audio event) stream as each segment is synthesized; mp3 (the Fish default) comes as each
 segment's MP3 frames once it is synthesized, without the header frame that would give a player the length of
 that segment alone, so the pieces make one MP3 stream; opus and flac are refused (their containers do not
-join). `sample_rate` must be the model's rate or absent; `prosody` must be absent or neutral (speed 1, volume
-0). `mp3_bitrate`, `opus_bitrate`, `latency`, `normalize`, `condition_on_previous_chunks` and
-`early_stop_threshold` are validated and change nothing.
+join). `sample_rate` (one of audio.SAMPLE_RATES; default: the model's 44.1 kHz) is the rate of every audio event,
+resampled on the server while it streams; `prosody` must be absent or neutral (speed 1, volume 0).
+`mp3_bitrate`, `opus_bitrate`, `latency`, `normalize`, `condition_on_previous_chunks` and `early_stop_threshold`
+are validated and change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,62 +39,15 @@ from cosyapp.server.audio_responses import stream_header
 from cosyapp.server.bodies import decode_document
 from cosyapp.server.errors import ApiError, as_api_error, quote
 from cosyapp.server.fields import Fields, check_length
-from cosyapp.server.fish_wire import FISH, TTS_FIELDS, TTSParams, fish_served, parse_tts
+from cosyapp.server.fish_wire import TTS_FIELDS, TTSParams, fish_served, parse_tts
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import NoAudio, SpeechService
+from cosyapp.server.text_segments import TextSegmenter
 
 # The live TTSRequest: /v1/tts's fields (less `streaming`: a live session always streams) and the cloud API's.
-LIVE_FIELDS = (*(name for name in TTS_FIELDS if name != "streaming"), "sample_rate", "mp3_bitrate", "opus_bitrate",
-               "prosody", "min_chunk_length", "condition_on_previous_chunks", "early_stop_threshold")
+LIVE_FIELDS = (*(name for name in TTS_FIELDS if name != "streaming"), "mp3_bitrate", "opus_bitrate", "prosody",
+               "min_chunk_length", "condition_on_previous_chunks", "early_stop_threshold")
 LIVE_FORMATS = ("pcm", "wav", "mp3")
-# Sentence ends: CJK ones stand alone; ASCII ones count only before white space (not "3.14", not "e.g" mid-word,
-# and not at the end of the buffer, where the next text event may go on with the same word). Closing quotes and
-# brackets stay with their sentence.
-SENTENCE_END = re.compile(r"(?:[。！？；…]+|[.!?;]+(?=\s))[\"'”’)）\]]*")
-BREAK = re.compile(r"[\s,，、:：]")
-
-
-class TextSegmenter:
-    """Cuts streamed text into the segments spoken one after another (see the module docstring).
-
-    Each cut looks at the next max_chars + 1 characters only (no segment is longer), and the buffer is sliced once
-    per `add`, so the work is linear in the text however it arrives (a long text without any sentence end or
-    break included)."""
-
-    def __init__(self, min_chars: int, max_chars: int) -> None:
-        self.min_chars = min_chars
-        self.max_chars = max_chars
-        self.buffer = ""
-
-    def add(self, text: str) -> list[str]:
-        """Buffer `text`; the segments now complete."""
-        self.buffer += text
-        segments, start = [], 0
-        while (cut := self._cut(self.buffer[start:start + self.max_chars + 1])) is not None:
-            segments.append(self.buffer[start:start + cut].strip())
-            start += cut
-        self.buffer = self.buffer[start:]
-        return [segment for segment in segments if segment]
-
-    def flush(self) -> list[str]:
-        """Everything buffered, as segments of at most max_chars characters."""
-        segments = self.add("")  # what is left is at most max_chars characters
-        rest = self.buffer.strip()
-        self.buffer = ""
-        return [segment for segment in (*segments, rest) if segment]
-
-    def _cut(self, window: str) -> int | None:
-        """Where the segment at the start of `window` (the buffer's next max_chars + 1 characters) ends; None when
-        it may still grow."""
-        for end in SENTENCE_END.finditer(window):
-            if end.end() > self.max_chars:
-                break
-            if len(window[:end.end()].strip()) >= self.min_chars:
-                return end.end()
-        if len(window) > self.max_chars:
-            breaks = [match.end() for match in BREAK.finditer(window, 0, self.max_chars + 1)]
-            return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars
-        return None
 
 
 @dataclass(frozen=True)
@@ -104,7 +57,7 @@ class LiveParams:
     chunk_length: int
 
 
-def parse_start(payload: Any, speech: SpeechService, sample_rate: int) -> LiveParams:
+def parse_start(payload: Any, speech: SpeechService) -> LiveParams:
     """The session's start event: its TTSRequest with /v1/tts's defaults and ranges (mp3 by default, as the Fish
     cloud), and the live-only fields checked (see the module docstring)."""
     if not isinstance(payload, dict) or payload.get("event") != "start":
@@ -113,10 +66,6 @@ def parse_start(payload: Any, speech: SpeechService, sample_rate: int) -> LivePa
     tts = parse_tts(fields, speech.state, default_format="mp3", text_required=False)
     if tts.format not in LIVE_FORMATS:
         raise ApiError(400, f"format {tts.format} cannot be streamed live; use one of {', '.join(LIVE_FORMATS)}")
-    requested_rate = fields.integer("sample_rate", None, nullable=True)
-    if requested_rate not in (None, sample_rate):
-        raise ApiError(400, f"sample_rate {requested_rate} is not offered: the model speaks at {sample_rate} Hz "
-                            "(leave sample_rate out)")
     bitrates = (("mp3_bitrate", 128, (64, 128, 192)), ("opus_bitrate", 32, (-1000, 24, 32, 48, 64)))
     for name, default, choices in bitrates:
         if fields.integer(name, default) not in choices:
@@ -221,7 +170,7 @@ async def live(websocket: WebSocket) -> None:
     try:
         start = await receive_event(websocket)  # answered even when there is no Fish engine to serve it
         fish_served(speech.state)
-        params = parse_start(start, speech, speech.state.ready_engine(FISH).info.sample_rate)
+        params = parse_start(start, speech)
         segmenter = TextSegmenter(params.min_chunk_length, params.chunk_length)
         segments: asyncio.Queue[str | None] = asyncio.Queue()
         record.text_chars = len(params.tts.speech.text)

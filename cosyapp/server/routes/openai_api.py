@@ -17,6 +17,9 @@ A speech request becomes a request to the speech service, like POST /synthesize 
   X-Sample-Rate, 24 kHz for CosyVoice2 as in OpenAI's API; wav: a header of unknown length, then the
   samples); aac is refused.
 - speed: 1.0 only: the models have no speed control, and refusing says so where ignoring would not.
+- sample_rate (an extension): the rate of the audio sent, e.g. 16000 (resampled on the server while streaming;
+  X-Sample-Rate names it); default: the backend's. seed (an extension): an integer that makes the audio
+  reproducible.
 - stream_format: "audio" (default), or "sse": Server-Sent Events `speech.audio.delta` {audio: base64 of a
   pcm chunk} as the audio is made, then `speech.audio.done` (response_format pcm only).
 
@@ -43,13 +46,14 @@ from cosyapp.engine.registry import backend_names
 from cosyapp.server.audio_responses import audio_response, speech_response, streamed_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_json_object
 from cosyapp.server.errors import ApiError, quote
-from cosyapp.server.fields import Fields
+from cosyapp.server.fields import Fields, sample_rate, seed
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 from cosyapp.server.state import ServiceState
 from cosyapp.voices import SPEAKER_ID
 
-FIELDS = ("input", "model", "voice", "instructions", "response_format", "speed", "stream_format")
+FIELDS = ("input", "model", "voice", "instructions", "response_format", "speed", "stream_format", "sample_rate",
+          "seed")
 DEFAULT_VOICE = "default"
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
                  "shimmer", "verse")
@@ -109,7 +113,8 @@ def parse_speech(body: dict[str, Any], limits: LimitsSettings) -> SpeechParams:
         raise ApiError(400, "stream_format sse sends base64 pcm chunks: use response_format pcm with it")
     speech = SpeechRequest(text=text, voice=_voice(fields, limits.max_upload_bytes),
                            instruction=fields.text("instructions", limit=limits.max_text_chars),
-                           backend=model if model in backend_names() else None)
+                           backend=model if model in backend_names() else None, sample_rate=sample_rate(fields),
+                           seed=seed(fields))
     return SpeechParams(speech=speech, format=audio_format, sse=stream_format == "sse")
 
 

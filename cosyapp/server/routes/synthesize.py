@@ -4,13 +4,16 @@ Form fields (multipart/form-data, or application/x-www-form-urlencoded when no f
     text (required), instruction, prompt_text, prompt_wav (file), speaker (a registered id), format (pcm|wav),
     fixed_length (benchmarking aid: generate exactly N LM tokens per sentence, ignoring the stop token, so
     load tests on random weights produce comparable amounts of audio),
-    backend (one of the loaded backends, e.g. fish; default: [model] backend)
+    backend (one of the loaded backends, e.g. fish; default: [model] backend),
+    sample_rate (the rate to send, e.g. 16000; resampled on the server while streaming; default: the backend's),
+    seed (an integer: the same request with the same seed gives the same audio)
 The voice is the speaker's, else prompt_wav, else the default prompt voice; prompt_text is the transcript of
 the voice's recording. Mode: the speech service's rules (speech.py).
 
 Everything that can be checked is checked before the first byte, including the first chunk of audio: the
 answer is then either a 4xx/5xx JSON `{"detail": ...}` or a 200 whose body is raw PCM s16le mono at the
-backend's rate, streamed as the backend produces it. One log line per request.
+backend's rate (or the requested `sample_rate`, named in X-Sample-Rate), streamed as the backend produces it. One
+log line per request.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from cosyapp.config import LimitsSettings
 from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, read_form
 from cosyapp.server.errors import ApiError, quote
-from cosyapp.server.fields import Fields
+from cosyapp.server.fields import Fields, sample_rate, seed
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
 
-FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format", "fixed_length", "backend")
+FIELDS = ("text", "instruction", "prompt_text", "prompt_wav", "speaker", "format", "fixed_length", "backend",
+          "sample_rate", "seed")
 FORMATS = ("pcm", "wav")
 # Room for the text fields and multipart framing on top of the largest allowed upload.
 FIELDS_ALLOWANCE = 256 * 1024
@@ -73,7 +77,8 @@ async def read_request(request: Request, limits: LimitsSettings) -> tuple[Speech
                            transcript=fields.text("prompt_text", limit=limits.max_text_chars))
     return SpeechRequest(text=text, voice=voice, instruction=fields.text("instruction", limit=limits.max_text_chars),
                          fixed_length=_fixed_length(fields, limits),
-                         backend=fields.text("backend", limit=limits.max_text_chars)), audio_format
+                         backend=fields.text("backend", limit=limits.max_text_chars),
+                         sample_rate=sample_rate(fields), seed=seed(fields)), audio_format
 
 
 async def synthesize(request: Request) -> Response:
