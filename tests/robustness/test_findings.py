@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 from cosyapp.backends.cosyvoice2.text import spell_out_number
 from cosyapp.config import PROJECT_ROOT
 from cosyapp.robustness.service import rss_mb, wait_until_idle
-from cosyapp.server.routes.fish_live import TextSegmenter
+from cosyapp.server.text_segments import TextSegmenter
 
 PROMPT = (PROJECT_ROOT / "asset" / "zero_shot_prompt.wav").read_bytes()
 PROMPT_B64 = base64.b64encode(PROMPT).decode()
