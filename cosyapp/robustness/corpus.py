@@ -164,7 +164,7 @@ def _form_case(path: str, document: dict[str, Any], file_fields: tuple[str, ...]
 
 # ---- routes --------------------------------------------------------------------------------------------------
 
-GET_PATHS = ("/health", "/model_info", "/stats", "/metrics", "/v1/health", "/v1/references/list", "/audio_roles",
+GET_PATHS = ("/", "/health", "/model_info", "/stats", "/metrics", "/v1/health", "/v1/references/list", "/audio_roles",
              "/server_info", "/v1/audio/voices", "/v1/models")
 TASK_PATHS = ("/get_task_status/{id}", "/download_result/{id}", "/stop_async_task/{id}")
 DOCUMENT_ROUTES = (  # (method, path, fields)
