@@ -187,8 +187,8 @@ FORM_ROUTES = (  # (path, fields, file fields)
     ("/v1/references/add", ("id", "audio", "text"), ("audio",)),
 )
 LIVE_PATH = "/v1/tts/live"
-ROUTES = (*GET_PATHS, *TASK_PATHS, *(path for _, path, _ in DOCUMENT_ROUTES), *(path for path, _, _ in FORM_ROUTES),
-          LIVE_PATH)
+ROUTES = tuple(dict.fromkeys((*GET_PATHS, *TASK_PATHS, *(path for _, path, _ in DOCUMENT_ROUTES),
+                              *(path for path, _, _ in FORM_ROUTES), LIVE_PATH)))  # /v1/references/add: both kinds
 
 
 def _live_case(start: dict[str, Any], events: list[dict[str, Any]], mutation: int, rng: random.Random) -> Case:
