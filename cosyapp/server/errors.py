@@ -14,10 +14,30 @@ from starlette.responses import JSONResponse
 from cosyapp.engine.scheduler import EngineBusy
 from cosyapp.engine.types import InputError
 
+# What an error answer quotes of a client's value, and the longest detail it sends: an answer must never hand a
+# client's megabytes back (nor cost them to build).
+QUOTE_CHARS = 40
+MAX_DETAIL_CHARS = 1000
+
+
+def quote(value: object) -> str:
+    """`value` as an error message quotes it: its repr, cut to a short prefix ("..." and the full length after)."""
+    if isinstance(value, (str, bytes)) and len(value) > QUOTE_CHARS:
+        return f"{value[:QUOTE_CHARS]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    if isinstance(value, int) and value.bit_length() > 64:  # str() of a huge integer is slow, or refused
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, (list, dict, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
 class ApiError(Exception):
     """An error answered to the client as `{"detail": detail}` with this status and headers."""
 
     def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        if len(detail) > MAX_DETAIL_CHARS:  # a message that quoted too much of the input: cut, never echoed whole
+            detail = detail[:MAX_DETAIL_CHARS] + "..."
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail

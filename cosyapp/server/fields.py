@@ -11,11 +11,23 @@ from typing import Any, Callable, Iterable
 from starlette.datastructures import FormData
 
 from cosyapp.audio import SAMPLE_RATES
-from cosyapp.server.errors import ApiError
+from cosyapp.server.errors import QUOTE_CHARS, ApiError, quote
 
 MISSING = object()
 TOO_LONG = "{name} is too long: {length} characters, the limit is {limit}"
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# Longest number sent as text that is parsed (int() of thousands of digits is slow, then refused).
+NUMBER_CHARS = 64
+
+
+def _finite(value: float) -> bool:
+    """Whether `value` is a finite number a float holds (a huge integer is not: float() would overflow)."""
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= 2**63
+
+
+def _field_name(name: Any) -> str:
+    """A field's name as a message names it: as sent when it is a short string, else quoted (cut short)."""
+    return name if isinstance(name, str) and len(name) <= QUOTE_CHARS and name.isprintable() else quote(name)
 
 
 def check_length(text: str, limit: int, name: str, message: str = TOO_LONG) -> str:
@@ -31,7 +43,7 @@ def form_values(form: FormData) -> dict[str, Any]:
     for name in form.keys():
         count = len(form.getlist(name))
         if count > 1:
-            raise ApiError(400, f"field {name!r} was given {count} times")
+            raise ApiError(400, f"field {quote(name)} was given {count} times")
     return dict(form)
 
 
@@ -44,9 +56,10 @@ class Fields:
         accepted = tuple(accepted)
         if not isinstance(values, dict):
             raise ApiError(400, "the request body must be an object (a map) of fields")
-        unknown = sorted(str(name) for name in values if name not in accepted)
+        unknown = sorted(_field_name(name) for name in values if name not in accepted)
         if unknown:
-            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
+                                f"accepted: {', '.join(accepted)}")
         self.values = values
         self.strings = strings
 
@@ -86,15 +99,15 @@ class Fields:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ApiError(400, f"{name} must be a whole number; got {value!r}")
+            raise ApiError(400, f"{name} must be a whole number; got {quote(value)}")
         return self._in_range(name, value, low, high)
 
     def number(self, name: str, default: Any, low: float | None = None, high: float | None = None) -> float | None:
         value = self._parsed(name, default, default is None, float)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ApiError(400, f"{name} must be a number; got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise ApiError(400, f"{name} must be a number; got {quote(value)}")
         return float(self._in_range(name, value, low, high))
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -102,20 +115,20 @@ class Fields:
         if self.strings and isinstance(value, str) and value.strip().lower() in (*TRUE, *FALSE):
             return value.strip().lower() in TRUE
         if not isinstance(value, bool):
-            raise ApiError(400, f"{name} must be true or false; got {value!r}")
+            raise ApiError(400, f"{name} must be true or false; got {quote(value)}")
         return value
 
     def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
         choices = tuple(choices)
         value = self.get(name, default)
-        if value not in choices:
-            raise ApiError(400, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if not isinstance(value, str) or value not in choices:
+            raise ApiError(400, f"{name} must be one of {', '.join(choices)}; got {quote(value)}")
         return value
 
     def _parsed(self, name: str, default: Any, nullable: bool, parse: Callable[[str], Any]) -> Any:
         """The value, parsed from text where text is allowed (a value that does not parse is left as it is)."""
         value = self.get(name, default, nullable)
-        if self.strings and isinstance(value, str):
+        if self.strings and isinstance(value, str) and len(value) <= NUMBER_CHARS:
             with contextlib.suppress(ValueError):
                 return parse(value)
         return value
@@ -125,7 +138,7 @@ class Fields:
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"from {low:g} to {high:g}" if low is not None and high is not None else \
                 f"at least {low:g}" if low is not None else f"at most {high:g}"
-            raise ApiError(400, f"{name} must be {bounds}; got {value!r}")
+            raise ApiError(400, f"{name} must be {bounds}; got {quote(value)}")
         return value
 
 

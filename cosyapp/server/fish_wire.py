@@ -10,7 +10,6 @@ read the reference and stop answers with `response.json()` without asking. In JS
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,8 @@ from starlette.responses import JSONResponse, Response
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES
 from cosyapp.engine.types import InputError
-from cosyapp.server.bodies import audio_bytes, limited_request, media_type
-from cosyapp.server.errors import ApiError
+from cosyapp.server.bodies import audio_bytes, decode_document, limited_request, media_type
+from cosyapp.server.errors import ApiError, quote
 from cosyapp.server.fields import Fields, check_length, sample_rate
 from cosyapp.server.speech import Recording, SpeechRequest, VoiceReference
 from cosyapp.server.state import ServiceState
@@ -67,11 +66,7 @@ async def read_payload(request: Request, limit: int) -> Any:
     body = await limited_request(request, limit).body()
     if not body:
         raise ApiError(400, "the request body is empty")
-    try:
-        return ormsgpack.unpackb(body) if content_type in MSGPACK_TYPES else json.loads(body)
-    except (ormsgpack.MsgpackDecodeError, ValueError) as e:
-        kind = "msgpack" if content_type in MSGPACK_TYPES else "JSON"
-        raise ApiError(400, f"the request body is not valid {kind}: {e}") from None
+    return decode_document(body, "MessagePack" if content_type in MSGPACK_TYPES else "JSON")
 
 
 def wants_msgpack(request: Request) -> bool:
@@ -79,7 +74,7 @@ def wants_msgpack(request: Request) -> bool:
     query = request.query_params.get("format")
     if query is not None:
         if query not in ("json", "msgpack"):
-            raise ApiError(400, f"the format query parameter must be json or msgpack; got {query!r}")
+            raise ApiError(400, f"the format query parameter must be json or msgpack; got {quote(query)}")
         return query == "msgpack"
     accept = request.headers.get("accept", "").lower()
     return any(t in accept for t in MSGPACK_TYPES) and JSON_TYPE not in accept
@@ -117,7 +112,7 @@ def check_reference_id(reference_id: str, field: str) -> None:
     """400 unless the id passes the seed's rule and the speaker registry's (letters, digits, '-', '_', at most 64
     characters, starting with a letter or digit: references are stored as registry folders)."""
     if not REFERENCE_ID.fullmatch(reference_id):
-        raise ApiError(400, f"{field}: invalid reference id {reference_id!r}: use 1-255 letters, digits, '-', '_' "
+        raise ApiError(400, f"{field}: invalid reference id {quote(reference_id)}: use 1-255 letters, digits, '-', '_' "
                             "or spaces")
     try:
         validate_speaker_id(reference_id)
@@ -147,7 +142,7 @@ class TTSParams:
     streaming: bool
 
 
-def _references(fields: Fields, max_bytes: int) -> tuple[Recording, ...]:
+def _references(fields: Fields, max_bytes: int, max_text_chars: int) -> tuple[Recording, ...]:
     values = fields.get("references", [])
     if not isinstance(values, list):
         raise ApiError(400, "references must be a list of {audio, text} objects")
@@ -157,11 +152,12 @@ def _references(fields: Fields, max_bytes: int) -> tuple[Recording, ...]:
     for i, value in enumerate(values):
         item = Fields(value, ("audio", "text"))
         what = f"references[{i}].audio"
-        references.append(Recording(audio_bytes(item.get("audio"), what, max_bytes), what, item.string("text") or ""))
+        transcript = check_length(item.string("text") or "", max_text_chars, f"references[{i}].text")
+        references.append(Recording(audio_bytes(item.get("audio"), what, max_bytes), what, transcript))
     return tuple(references)
 
 
-def parse_tts(fields: Fields, state: ServiceState, max_text_length: int, default_format: str = "wav",
+def parse_tts(fields: Fields, state: ServiceState, default_format: str = "wav",
               default_max_new_tokens: int = 1024, text_required: bool = True) -> TTSParams:
     """ServeTTSRequest (and AsyncGenerateRequest, with its defaults) with the seed's defaults. A live session's
     request (`text_required=False`) may have no text: its text comes in events. The voice: `reference_id` (it
@@ -169,14 +165,15 @@ def parse_tts(fields: Fields, state: ServiceState, max_text_length: int, default
     text = fields.string("text") if text_required else fields.string("text", "")
     if text_required and not text.strip():
         raise ApiError(400, "text is empty")
-    check_length(text, max_text_length, "text", TEXT_TOO_LONG)
+    max_text_chars = state.settings.limits.max_text_chars
+    check_length(text, max_text_chars, "text", TEXT_TOO_LONG)
     options = {name: fields.get(name) for name in OPTION_FIELDS if name in fields}
     options.setdefault("max_new_tokens", default_max_new_tokens)
     fields.choice("use_memory_cache", "off", ("on", "off"))
     fields.choice("latency", "normal", ("normal", "balanced"))  # newer clients send it; no effect
     fields.boolean("normalize", True)
     reference_id = fields.string("reference_id", None, nullable=True)
-    references = _references(fields, state.settings.limits.max_upload_bytes)
+    references = _references(fields, state.settings.limits.max_upload_bytes, max_text_chars)
     if reference_id is not None:
         stored_reference(state, reference_id)  # a 404 now, not a random voice (nor a failed task later)
         voice = VoiceReference(speaker=reference_id)

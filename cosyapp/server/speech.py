@@ -30,6 +30,7 @@ from cosyapp.audio import check_duration, decode_audio, read_audio_file
 from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
 from cosyapp.engine.types import Codec, InputError, Mode, ReferenceVoices, SynthesisRequest, Voice
 from cosyapp.server.errors import ApiError
+from cosyapp.server.fields import check_length
 from cosyapp.server.metrics import Metrics
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.resample import ResampledStream
@@ -125,6 +126,16 @@ def choose_mode(instruction: str | None, resolved: ResolvedVoice, default_instru
     return Mode.CROSS_LINGUAL, None, None
 
 
+def check_text_lengths(request: SpeechRequest, limit: int) -> None:
+    """The one text-length rule of every API, applied where they all meet: the text, the instruction and every
+    transcript at most `limit` characters (the adapters check their own fields by their names first)."""
+    check_length(request.text, limit, "text")
+    check_length(request.instruction or "", limit, "instruction")
+    check_length(request.voice.transcript or "", limit, "the voice's transcript")
+    for recording in request.voice.recordings:
+        check_length(recording.text or "", limit, f"the transcript of {recording.what}")
+
+
 def voice_key(kind: str, *identity: object) -> str:
     """The voice cache's key: what kind of voice, and what identifies its content."""
     return ":".join((kind, *map(str, identity)))
@@ -168,6 +179,7 @@ class SpeechService:
 
     async def _start(self, engine: Engine, request: SpeechRequest, record: RequestRecord | None = None,
                      admission: Admission | None = None, on_slot: Callable[[], None] | None = None) -> Speech:
+        check_text_lengths(request, self.state.settings.limits.max_text_chars)
         options = engine.backend.parse_options(request.options)  # a bad option costs no engine place
         sample_rate = request.sample_rate or engine.info.sample_rate
         if admission is None:

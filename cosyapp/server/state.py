@@ -16,6 +16,7 @@ from cosyapp.engine.scheduler import Engine
 from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError
+from cosyapp.server.fields import check_length
 from cosyapp.storage import StoredVoice, open_store
 from cosyapp.voices import make_voice_files, validate_speaker_id
 
@@ -112,6 +113,8 @@ class ServiceState:
         with `engine`'s model off the event loop: 400 for audio that cannot be a prompt, 409 `taken` when the id
         is registered already (also when another request registered it meanwhile)."""
         limits = self.settings.limits
+        if text:
+            check_length(text, limits.max_text_chars, "the transcript")
 
         def store() -> StoredVoice:
             samples, sample_rate = decode_audio(data, what)
@@ -131,4 +134,7 @@ class ServiceState:
         validate_speaker_id(speaker_id)
         if speaker_id not in self.speakers.ids():
             raise ApiError(404, not_found)
-        await asyncio.to_thread(self.speakers.remove, speaker_id)
+        try:
+            await asyncio.to_thread(self.speakers.remove, speaker_id)
+        except InputError:
+            raise ApiError(404, not_found) from None  # another request removed it meanwhile

@@ -16,7 +16,11 @@ BREAK = re.compile(r"[\s,，、:：]")
 
 
 class TextSegmenter:
-    """Cuts streamed text into the segments spoken one after another (see the module docstring)."""
+    """Cuts streamed text into the segments spoken one after another (see the module docstring).
+
+    Each cut looks at the next max_chars + 1 characters only (no segment is longer), and the buffer is sliced once
+    per `add`, so the work is linear in the text however it arrives (a long text without any sentence end or
+    break included)."""
 
     def __init__(self, min_chars: int, max_chars: int) -> None:
         self.min_chars = min_chars
@@ -26,32 +30,29 @@ class TextSegmenter:
     def add(self, text: str) -> list[str]:
         """Buffer `text`; the segments now complete."""
         self.buffer += text
-        segments = []
-        while (cut := self._cut()) is not None:
-            segments.append(self.buffer[:cut].strip())
-            self.buffer = self.buffer[cut:]
+        segments, start = [], 0
+        while (cut := self._cut(self.buffer[start:start + self.max_chars + 1])) is not None:
+            segments.append(self.buffer[start:start + cut].strip())
+            start += cut
+        self.buffer = self.buffer[start:]
         return [segment for segment in segments if segment]
 
     def flush(self) -> list[str]:
         """Everything buffered, as segments of at most max_chars characters."""
-        segments = self.add("")
-        while self.buffer.strip():
-            cut = self._break_before_max() if len(self.buffer) > self.max_chars else len(self.buffer)
-            segments.append(self.buffer[:cut].strip())
-            self.buffer = self.buffer[cut:]
+        segments = self.add("")  # what is left is at most max_chars characters
+        rest = self.buffer.strip()
         self.buffer = ""
-        return [segment for segment in segments if segment]
+        return [segment for segment in (*segments, rest) if segment]
 
-    def _cut(self) -> int | None:
-        for end in SENTENCE_END.finditer(self.buffer):
+    def _cut(self, window: str) -> int | None:
+        """Where the segment at the start of `window` (the buffer's next max_chars + 1 characters) ends; None when
+        it may still grow."""
+        for end in SENTENCE_END.finditer(window):
             if end.end() > self.max_chars:
                 break
-            if len(self.buffer[:end.end()].strip()) >= self.min_chars:
+            if len(window[:end.end()].strip()) >= self.min_chars:
                 return end.end()
-        if len(self.buffer) > self.max_chars:
-            return self._break_before_max()
+        if len(window) > self.max_chars:
+            breaks = [match.end() for match in BREAK.finditer(window, 0, self.max_chars + 1)]
+            return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars
         return None
-
-    def _break_before_max(self) -> int:
-        breaks = [match.end() for match in BREAK.finditer(self.buffer, 0, self.max_chars + 1)]
-        return breaks[-1] if breaks and breaks[-1] > self.max_chars // 2 else self.max_chars

@@ -133,8 +133,8 @@ class RedisSpeakers:
     def get(self, speaker_id: str) -> RedisStoredVoice:
         stored = _read_voice(self.client, _speaker_key(validate_speaker_id(speaker_id)), speaker_id)
         if stored is None:
-            known = ", ".join(self.ids()) or "none"
-            raise InputError(f"unknown speaker {speaker_id!r}; registered speakers: {known}")
+            # The other ids are not listed: they may be other clients' voices.
+            raise InputError(f"unknown speaker {speaker_id!r}")
         return stored
 
     def add(self, speaker_id: str, files: VoiceFiles) -> RedisStoredVoice:

@@ -49,7 +49,7 @@ REFERENCE_TEXT = "这是参考文本"
 def service(tiny_fish_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("fish_service")
     env = fish_env(free_port(), tiny_fish_dir, workdir / "data", COSYAPP_SERVER_API_KEY=API_KEY,
-                   COSYAPP_FISHAPI_MAX_TEXT_LENGTH=str(MAX_TEXT_LENGTH), COSYAPP_ENGINE_MAX_CONCURRENT="2",
+                   COSYAPP_LIMITS_MAX_TEXT_CHARS=str(MAX_TEXT_LENGTH), COSYAPP_ENGINE_MAX_CONCURRENT="2",
                    COSYAPP_LIMITS_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB))
     with running_service(workdir, env) as live:
         yield live

@@ -206,17 +206,17 @@ def test_api_key_middleware():
 
 def test_config_keys(tmp_path: Path):
     settings = load_settings(None, env={"COSYAPP_MODEL_EXTRA_BACKEND": "fish", "COSYAPP_SERVER_API_KEY": "k",
-                                        "COSYAPP_FISHAPI_MAX_TEXT_LENGTH": "100", "COSYAPP_STORAGE_DATA_DIR": "/srv"})
+                                        "COSYAPP_LIMITS_MAX_TEXT_CHARS": "100", "COSYAPP_STORAGE_DATA_DIR": "/srv"})
     assert list(settings.served_backends()) == ["cosyvoice2", "fish"]
-    assert settings.server.api_key == "k" and settings.fishapi.max_text_length == 100
+    assert settings.server.api_key == "k" and settings.limits.max_text_chars == 100
     assert settings.storage.tasks_dir == Path("/srv/tasks")
     assert settings.backend_options("fish") == {"check_every": 4, "penalty_main_history": False}
     with pytest.raises(ConfigError, match="extra_backend"):
         load_settings(None, env={"COSYAPP_MODEL_EXTRA_BACKEND": "cosyvoice2"})
     with pytest.raises(ConfigError, match="extra_backend"):
         load_settings(None, env={"COSYAPP_MODEL_EXTRA_BACKEND": "nope"})
-    with pytest.raises(ConfigError, match="max_text_length"):
-        load_settings(None, env={"COSYAPP_FISHAPI_MAX_TEXT_LENGTH": "-1"})
+    with pytest.raises(ConfigError, match="max_text_chars"):
+        load_settings(None, env={"COSYAPP_LIMITS_MAX_TEXT_CHARS": "0"})
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -62,7 +62,7 @@ def test_add_get_list_rename_remove(tmp_path: Path):
     assert registry.ids() == ["b", "c"] and renamed.id == "c"
     registry.remove("b")
     assert registry.ids() == ["c"]
-    with pytest.raises(InputError, match="unknown speaker 'b'; registered speakers: c"):
+    with pytest.raises(InputError, match="unknown speaker 'b'$"):  # other voices' ids are not told
         registry.get("b")
     assert sorted(p.name for p in registry.root.iterdir()) == ["c"]
 

@@ -22,6 +22,7 @@ used, so pynini is not needed). It needs the optional packages `wetext` and `kal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -135,6 +136,9 @@ def remove_bracket(text: str) -> str:
     return text.replace("——", " ")
 
 
+INFLECT_DIGITS = 36
+
+
 @functools.cache
 def _inflect_engine() -> inflect.engine:
     return inflect.engine()
@@ -142,11 +146,12 @@ def _inflect_engine() -> inflect.engine:
 
 def _number_words(digits: str) -> str:
     engine = _inflect_engine()
-    try:
-        return engine.number_to_words(digits)
-    except inflect.NumOutOfRangeError:
-        # inflect stops at ~36 digits (upstream then crashes); read such a run digit by digit instead.
-        return " ".join(engine.number_to_words(d) for d in digits)
+    # inflect stops at ~36 digits (upstream then crashes), and past 4300 digits int() itself refuses the run: read
+    # such a run digit by digit instead, without asking inflect.
+    if len(digits) <= INFLECT_DIGITS:
+        with contextlib.suppress(inflect.NumOutOfRangeError):
+            return engine.number_to_words(digits)
+    return " ".join(engine.number_to_words(d) for d in digits)
 
 
 def spell_out_number(text: str) -> str:

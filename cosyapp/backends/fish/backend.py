@@ -48,6 +48,9 @@ MAX_REFERENCE_SECONDS = 90.0  # upstream's maintainers' advice; longer reference
 # Streaming schedule: the first audio chunk after this many frames (~186 ms), then every `STREAM_FRAMES`.
 STREAM_FIRST_FRAMES = 4
 STREAM_FRAMES = 16
+# Frames the codec decodes at once for /v1/vqgan/decode (about 6 s of audio): the working memory of a
+# decode is that of this many frames, however long the grid.
+DECODE_FRAMES = 256
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,14 @@ class FishBackend:
         return self.encode_reference(audio, sample_rate).numpy()
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Audio of a code grid `[codebooks, frames]`, decoded DECODE_FRAMES at a time with the streaming decoder
+        (the codec is causal: the same samples within float noise), so its working memory does not grow with the
+        grid's length."""
         grid = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=self.device)
-        return self.codec.decode(grid[None])[0, 0].float().cpu().numpy()
+        stream = DecodeStream(self.codec)
+        pieces = [stream.push(grid[None, :, start:start + DECODE_FRAMES])[0, 0].float().cpu().numpy()
+                  for start in range(0, grid.shape[1], DECODE_FRAMES)]
+        return np.concatenate(pieces)
 
     def voice_state(self, voice: Voice) -> dict[str, Any]:
         return {"codes": [ref.codes for ref in voice.features], "texts": [ref.text for ref in voice.features]}

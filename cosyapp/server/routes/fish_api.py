@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, media_type, read_form
-from cosyapp.server.errors import ApiError
+from cosyapp.server.errors import ApiError, quote
 from cosyapp.server.fields import Fields
 from cosyapp.server.fish_wire import (BODY_ALLOWANCE, FISH, NOT_SERVED, TTS_FIELDS, audio_list, body_limit,
                                       check_reference_id, fish_served, not_found, parse_tts, read_payload, reply,
@@ -77,10 +77,10 @@ async def tts(request: Request) -> Response:
         fish_served(state)
         state.ready_engine(FISH)  # 503 while loading, before reading the body
         fields = Fields(await read_payload(request, body_limit(state)), TTS_FIELDS)
-        params = parse_tts(fields, state, state.settings.fishapi.max_text_length)
+        params = parse_tts(fields, state)
         if params.streaming and params.format not in STREAM_FORMATS:
             raise ApiError(400, f"Streaming only supports the {' and '.join(STREAM_FORMATS)} formats; "
-                                f"got {params.format!r}")
+                                f"got {quote(params.format)}")
         started = await speech.start(params.speech, record)
         headers = {**headers, "Content-Disposition": f"attachment; filename=audio.{params.format}"}
         return await audio_response(request, started, record, params.format, headers, params.streaming,

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from cosyapp.audio import AUDIO_MEDIA_TYPES, encode_audio
 from cosyapp.engine.scheduler import Admission
-from cosyapp.server.errors import ApiError, as_api_error
+from cosyapp.server.errors import ApiError, as_api_error, quote
 from cosyapp.server.fields import Fields
 from cosyapp.server.fish_tasks import COMPLETED, STEP_ID, Job, Task, TaskConflict, TaskManager
 from cosyapp.server.fish_wire import FISH, TTS_FIELDS, body_limit, fish_served, parse_tts, read_payload, reply
@@ -63,9 +63,9 @@ async def generate_async(request: Request) -> Response:
     fields = Fields(await read_payload(request, body_limit(state)), ASYNC_FIELDS)
     step_id = fields.string("step_id")
     if not STEP_ID.fullmatch(step_id):
-        raise ApiError(400, f"step_id: invalid task id {step_id!r}: use 1-128 letters, digits, '_', '.' or '-', "
+        raise ApiError(400, f"step_id: invalid task id {quote(step_id)}: use 1-128 letters, digits, '_', '.' or '-', "
                             "starting with a letter or digit")
-    params = parse_tts(fields, state, state.settings.fishapi.max_text_length, default_format="mp3",
+    params = parse_tts(fields, state, default_format="mp3",
                        default_max_new_tokens=2048)
     speech.parse_options(params.speech)  # bad options are a 400 now, not a failed task
     running = _tasks(request).get(step_id)

@@ -36,8 +36,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cosyapp.audio import encode_audio, mp3_stream_piece, to_s16le
 from cosyapp.server.audio_responses import stream_header
-from cosyapp.server.errors import ApiError, as_api_error
-from cosyapp.server.fields import Fields
+from cosyapp.server.bodies import decode_document
+from cosyapp.server.errors import ApiError, as_api_error, quote
+from cosyapp.server.fields import Fields, check_length
 from cosyapp.server.fish_wire import TTS_FIELDS, TTSParams, fish_served, parse_tts
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import NoAudio, SpeechService
@@ -62,7 +63,7 @@ def parse_start(payload: Any, speech: SpeechService) -> LiveParams:
     if not isinstance(payload, dict) or payload.get("event") != "start":
         raise ApiError(400, "the first event must be {\"event\": \"start\", \"request\": {...}}")
     fields = Fields(payload.get("request"), LIVE_FIELDS)
-    tts = parse_tts(fields, speech.state, 0, default_format="mp3", text_required=False)
+    tts = parse_tts(fields, speech.state, default_format="mp3", text_required=False)
     if tts.format not in LIVE_FORMATS:
         raise ApiError(400, f"format {tts.format} cannot be streamed live; use one of {', '.join(LIVE_FORMATS)}")
     bitrates = (("mp3_bitrate", 128, (64, 128, 192)), ("opus_bitrate", 32, (-1000, 24, 32, 48, 64)))
@@ -90,10 +91,7 @@ async def receive_event(websocket: WebSocket) -> dict[str, Any]:
     data = message.get("bytes")
     if data is None:
         raise ApiError(400, "every frame must be binary MessagePack")
-    try:
-        event = ormsgpack.unpackb(data)
-    except ormsgpack.MsgpackDecodeError as e:
-        raise ApiError(400, f"a frame is not valid MessagePack: {e}") from None
+    event = decode_document(data, "MessagePack", "a frame")
     if not isinstance(event, dict):
         raise ApiError(400, "every event must be a map with an 'event' field")
     return event
@@ -104,8 +102,9 @@ async def send_event(websocket: WebSocket, event: dict[str, Any]) -> None:
 
 
 async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments: asyncio.Queue[str | None],
-                       record: RequestRecord) -> None:
-    """Text, flush and stop events -> segments to speak, then None after stop."""
+                       record: RequestRecord, max_event_chars: int) -> None:
+    """Text, flush and stop events -> segments to speak, then None after stop. A text event holds at most
+    `max_event_chars` characters ([limits] max_text_chars, every API's text limit)."""
     while True:
         event = await receive_event(websocket)
         kind = event.get("event")
@@ -113,6 +112,7 @@ async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments:
             text = event.get("text")
             if not isinstance(text, str):
                 raise ApiError(400, "a text event needs a string 'text'")
+            check_length(text, max_event_chars, "the text event's text")
             record.text_chars += len(text)
             ready = segmenter.add(text)
         elif kind == "flush":
@@ -123,7 +123,7 @@ async def receive_text(websocket: WebSocket, segmenter: TextSegmenter, segments:
             segments.put_nowait(None)
             return
         else:
-            raise ApiError(400, f"unknown event {kind!r}: send text, flush or stop events")
+            raise ApiError(400, f"unknown event {quote(kind)}: send text, flush or stop events")
         for segment in ready:
             segments.put_nowait(segment)
 
@@ -176,7 +176,8 @@ async def live(websocket: WebSocket) -> None:
         record.text_chars = len(params.tts.speech.text)
         for segment in segmenter.add(params.tts.speech.text):
             segments.put_nowait(segment)
-        tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record)),
+        max_event_chars = speech.state.settings.limits.max_text_chars
+        tasks = [asyncio.create_task(receive_text(websocket, segmenter, segments, record, max_event_chars)),
                  asyncio.create_task(speak(websocket, speech, params, segments, record))]
         pending = set(tasks)
         while pending:  # the first failure (a bad event, a failed synthesis, the client leaving) ends the session

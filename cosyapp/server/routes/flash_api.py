@@ -36,7 +36,7 @@ from starlette.routing import Route
 from cosyapp.audio import AUDIO_MEDIA_TYPES
 from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_form, read_json_object
-from cosyapp.server.errors import ApiError
+from cosyapp.server.errors import ApiError, quote
 from cosyapp.server.fields import Fields
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
@@ -57,7 +57,7 @@ def read_options(fields: Fields) -> tuple[str, bool]:
     for name in ("pitch", "speed"):
         level = fields.text(name) or "moderate"
         if level not in LEVELS:
-            raise ApiError(400, f"{name} must be one of {', '.join(LEVELS)}; got {level!r}")
+            raise ApiError(400, f"{name} must be one of {', '.join(LEVELS)}; got {quote(level)}")
         if level != "moderate":
             raise ApiError(400, f"{name} {level} is not supported: the model speaks at its own {name} (moderate)")
     fields.number("temperature", None, 0.0, 100.0)
@@ -66,7 +66,7 @@ def read_options(fields: Fields) -> tuple[str, bool]:
         fields.integer(name, None, 1, 1_000_000, nullable=True)
     audio_format = (fields.text("response_format") or "mp3").lower()
     if audio_format not in AUDIO_MEDIA_TYPES:
-        raise ApiError(400, f"response_format must be one of {', '.join(AUDIO_MEDIA_TYPES)}; got {audio_format!r}")
+        raise ApiError(400, f"response_format must be one of {', '.join(AUDIO_MEDIA_TYPES)}; got {quote(audio_format)}")
     stream = fields.boolean("stream", False)
     if stream and audio_format not in STREAMED_FORMATS:
         raise ApiError(400, f"stream: true sends {' or '.join(STREAMED_FORMATS)}; got response_format {audio_format}")
@@ -117,7 +117,7 @@ async def read_clone(request: Request, state: ServiceState) -> tuple[SpeechReque
     audio_format, stream = read_options(fields)
     text = fields.text("text", required=True, limit=state.settings.limits.max_text_chars)
     voice = VoiceReference(recordings=(Recording(prompt_wav, "reference_audio"),),
-                           transcript=fields.text("reference_text"))
+                           transcript=fields.text("reference_text", limit=state.settings.limits.max_text_chars))
     return SpeechRequest(text=text, voice=voice), audio_format, stream
 
 
@@ -155,7 +155,7 @@ async def add_speaker(request: Request) -> JSONResponse:
         raise ApiError(400, "give the speaker's recording: audio_file (upload) or audio (base64)")
     await state.add_speaker(engine, name, data, fields.text("reference_text"), "audio",
                             {"source_file": filename, "added_via": "/add_speaker"},
-                            taken=f"role {name!r} already exists")
+                            taken=f"role {quote(name)} already exists")
     return JSONResponse({"success": True, "role": name})
 
 
@@ -163,7 +163,7 @@ async def delete_speaker(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.service
     async with read_form(request, ("name",), 64 * 1024, max_files=0) as fields:
         name = fields.text("name", required=True)
-    await state.remove_speaker(name, f"role {name!r} not found; roles: {', '.join(state.speakers.ids()) or 'none'}")
+    await state.remove_speaker(name, f"role {quote(name)} not found")
     return JSONResponse({"success": True, "role": name})
 
 

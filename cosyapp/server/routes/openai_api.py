@@ -45,7 +45,7 @@ from cosyapp.config import LimitsSettings
 from cosyapp.engine.registry import backend_names
 from cosyapp.server.audio_responses import audio_response, speech_response, streamed_response
 from cosyapp.server.bodies import audio_bytes, base64_size, read_json_object
-from cosyapp.server.errors import ApiError
+from cosyapp.server.errors import ApiError, quote
 from cosyapp.server.fields import Fields, sample_rate, seed
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
@@ -102,17 +102,17 @@ def parse_speech(body: dict[str, Any], limits: LimitsSettings) -> SpeechParams:
     audio_format = (fields.text("response_format") or "mp3").lower()
     if audio_format not in (*STREAMED_FORMATS, *FILE_FORMATS):
         raise ApiError(400, f"response_format must be one of {', '.join((*STREAMED_FORMATS, *FILE_FORMATS))}; "
-                            f"got {audio_format!r}")
+                            f"got {quote(audio_format)}")
     speed = fields.number("speed", 1.0)
     if speed != 1.0:
         raise ApiError(400, f"speed {speed:g} is not supported: the model speaks at its own pace (speed 1.0)")
     stream_format = (fields.text("stream_format") or "audio").lower()
     if stream_format not in ("audio", "sse"):
-        raise ApiError(400, f"stream_format must be audio or sse; got {stream_format!r}")
+        raise ApiError(400, f"stream_format must be audio or sse; got {quote(stream_format)}")
     if stream_format == "sse" and audio_format != "pcm":
         raise ApiError(400, "stream_format sse sends base64 pcm chunks: use response_format pcm with it")
     speech = SpeechRequest(text=text, voice=_voice(fields, limits.max_upload_bytes),
-                           instruction=fields.text("instructions"),
+                           instruction=fields.text("instructions", limit=limits.max_text_chars),
                            backend=model if model in backend_names() else None, sample_rate=sample_rate(fields),
                            seed=seed(fields))
     return SpeechParams(speech=speech, format=audio_format, sse=stream_format == "sse")

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from cosyapp.config import LimitsSettings
 from cosyapp.server.audio_responses import audio_response, speech_response
 from cosyapp.server.bodies import audio_bytes, read_form
-from cosyapp.server.errors import ApiError
+from cosyapp.server.errors import ApiError, quote
 from cosyapp.server.fields import Fields, sample_rate, seed
 from cosyapp.server.request_log import RequestRecord
 from cosyapp.server.speech import Recording, SpeechRequest, SpeechService, VoiceReference
@@ -71,7 +71,7 @@ async def read_request(request: Request, limits: LimitsSettings) -> tuple[Speech
         raise ApiError(400, "give either 'speaker' or 'prompt_wav', not both")
     audio_format = (fields.text("format") or "pcm").lower()
     if audio_format not in FORMATS:
-        raise ApiError(400, f"format must be one of {', '.join(FORMATS)}; got {audio_format!r}")
+        raise ApiError(400, f"format must be one of {', '.join(FORMATS)}; got {quote(audio_format)}")
     recordings = (Recording(prompt_wav, "prompt_wav"),) if prompt_wav is not None else ()
     voice = VoiceReference(speaker=speaker, recordings=recordings,
                            transcript=fields.text("prompt_text", limit=limits.max_text_chars))
