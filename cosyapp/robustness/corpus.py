@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from cosyapp.robustness.service import PROMPT, PROMPT_B64
 from cosyapp.server.fish_wire import TTS_FIELDS
-from cosyapp.server.routes import fish_async, fish_live, flash_api, openai_api, synthesize
+from cosyapp.server.routes import agent, fish_async, fish_live, flash_api, openai_api, synthesize
 
 DEEP = "__deeply_nested__"  # a value replaced by a nesting deeper than any parser's recursion limit
 HUGE_TEXT = "x" * 1_000_000
@@ -96,6 +96,8 @@ def plausible(codebooks: int) -> dict[str, st.SearchStrategy]:
         "references": st.lists(st.fixed_dictionaries({"audio": audio, "text": texts}), max_size=2),
         "tokens": st.lists(_grid(codebooks), min_size=1, max_size=2),
         "sample_rate": st.sampled_from([44100, 24000, 0]), "mp3_bitrate": st.sampled_from([64, 128, 100]),
+        "message": texts, "system_message": texts, "system_audio": audio,
+        "conversation_id": st.sampled_from(IDS + ["fuzz-talk"]), "max_text_length": st.integers(0, 3000),
     }
 
 
@@ -164,8 +166,10 @@ def _form_case(path: str, document: dict[str, Any], file_fields: tuple[str, ...]
 
 # ---- routes --------------------------------------------------------------------------------------------------
 
+# The voice agent's RunPod routes take any endpoint id.
+AGENT_ENDPOINT = "/v2/fuzz-endpoint"
 GET_PATHS = ("/", "/health", "/model_info", "/stats", "/metrics", "/v1/health", "/v1/references/list", "/audio_roles",
-             "/server_info", "/v1/audio/voices", "/v1/models")
+             "/server_info", "/v1/audio/voices", "/v1/models", f"{AGENT_ENDPOINT}/health")
 TASK_PATHS = ("/get_task_status/{id}", "/download_result/{id}", "/stop_async_task/{id}")
 DOCUMENT_ROUTES = (  # (method, path, fields)
     ("POST", "/v1/tts", TTS_FIELDS),
@@ -186,9 +190,14 @@ FORM_ROUTES = (  # (path, fields, file fields)
     ("/delete_speaker", ("name",), ()),
     ("/v1/references/add", ("id", "audio", "text"), ("audio",)),
 )
+# The voice agent: a run's fields sit under "input"; its job routes answer at the root and under RunPod's prefix.
+AGENT_RUN_PATHS = ("/run", "/runsync", f"{AGENT_ENDPOINT}/run", f"{AGENT_ENDPOINT}/runsync")
+AGENT_JOB_PATHS = tuple(f"{prefix}/{action}/{{id}}" for prefix in ("", AGENT_ENDPOINT)
+                        for action in ("status", "stream", "cancel"))
 LIVE_PATH = "/v1/tts/live"
 ROUTES = tuple(dict.fromkeys((*GET_PATHS, *TASK_PATHS, *(path for _, path, _ in DOCUMENT_ROUTES),
-                              *(path for path, _, _ in FORM_ROUTES), LIVE_PATH)))  # /v1/references/add: both kinds
+                              *(path for path, _, _ in FORM_ROUTES), *AGENT_RUN_PATHS, *AGENT_JOB_PATHS,
+                              LIVE_PATH)))  # /v1/references/add: both kinds
 
 
 def _live_case(start: dict[str, Any], events: list[dict[str, Any]], mutation: int, rng: random.Random) -> Case:
@@ -203,32 +212,62 @@ def _live_case(start: dict[str, Any], events: list[dict[str, Any]], mutation: in
     return Case("WS", LIVE_PATH, frames=tuple(frames))
 
 
-def _case_strategy(codebooks: int) -> st.SearchStrategy[Case]:
+def _route_strategies(codebooks: int) -> list[tuple[str, int, st.SearchStrategy[Case]]]:
+    """(route, weight, cases of that route) for every route: routes that take a body get more of the corpus than
+    those that take only a path, and the live socket (many events per case) the most."""
     seeds = st.randoms(use_true_random=False)
     mutations = st.integers(0, 9)
-    gets = st.sampled_from(GET_PATHS).map(lambda path: Case("GET", path))
-    task_ids = st.sampled_from(IDS + ["../../x", "%2e%2e", "a" * 300])
-    tasks = st.tuples(st.sampled_from(TASK_PATHS), task_ids).map(
-        lambda t: Case("POST" if t[0].startswith("/stop") else "GET", t[0].replace("{id}", t[1] or "x"), route=t[0]))
-    documents = st.sampled_from(DOCUMENT_ROUTES).flatmap(lambda route: st.builds(
-        lambda document, kind, mutation, rng: _document_case(route[0], route[1], document, kind, mutation, rng),
-        _fields(route[2], codebooks), st.sampled_from(["json", "json", "msgpack"]), mutations, seeds))
-    forms = st.sampled_from(FORM_ROUTES).flatmap(lambda route: st.builds(
-        lambda document, mutation: _form_case(route[0], document, route[2], mutation),
-        _fields(route[1], codebooks), mutations))
+    ids = st.sampled_from(IDS + ["../../x", "%2e%2e", "a" * 300])
     text_events = st.one_of(
         st.builds(lambda text: {"event": "text", "text": text}, st.one_of(st.sampled_from(TEXTS), ANY_VALUE)),
         st.just({"event": "flush"}), st.builds(lambda kind: {"event": kind}, st.sampled_from(TRICKY)))
+
+    def with_id(path: str, methods: list[str]) -> st.SearchStrategy[Case]:
+        return st.tuples(ids, st.sampled_from(methods)).map(
+            lambda t: Case(t[1], path.replace("{id}", t[0] or "x"), route=path))
+
+    def document(method: str, path: str, names: tuple[str, ...]) -> st.SearchStrategy[Case]:
+        return st.builds(lambda fields, kind, mutation, rng: _document_case(method, path, fields, kind, mutation, rng),
+                         _fields(names, codebooks), st.sampled_from(["json", "json", "msgpack"]), mutations, seeds)
+
+    def form(path: str, names: tuple[str, ...], file_fields: tuple[str, ...]) -> st.SearchStrategy[Case]:
+        return st.builds(lambda fields, mutation: _form_case(path, fields, file_fields, mutation),
+                         _fields(names, codebooks), mutations)
+
+    def agent_run(path: str) -> st.SearchStrategy[Case]:
+        return st.builds(lambda inputs, outer, mutation, rng: _document_case("POST", path, {"input": inputs, **outer},
+                                                                              "json", mutation, rng),
+                         _fields(agent.INPUT_FIELDS, codebooks), _fields(agent.REQUEST_FIELDS[1:], codebooks),
+                         mutations, seeds)
+
     live = st.builds(lambda start, events, mutation, rng: _live_case(start, events + [{"event": "stop"}],
                                                                      mutation, rng),
                      _fields(fish_live.LIVE_FIELDS, codebooks), st.lists(text_events, max_size=5), mutations, seeds)
-    return st.one_of(gets, tasks, documents, documents, documents, forms, forms, live)
+    return [
+        *((path, 1, st.just(Case("GET", path))) for path in GET_PATHS),
+        *((path, 1, with_id(path, ["POST" if path.startswith("/stop") else "GET"])) for path in TASK_PATHS),
+        *((path, 1, with_id(path, ["POST"] if "/cancel/" in path else ["GET", "POST"])) for path in AGENT_JOB_PATHS),
+        *((f"{method} {path}", 4, document(method, path, names)) for method, path, names in DOCUMENT_ROUTES),
+        *((f"form {path}", 4, form(path, names, files)) for path, names, files in FORM_ROUTES),
+        *((path, 4, agent_run(path)) for path in AGENT_RUN_PATHS),
+        (LIVE_PATH, 16, live),
+    ]
 
 
-def generate_corpus(count: int, corpus_seed: int, codebooks: int) -> list[Case]:
-    """`count` cases, the same ones for the same seed. `codebooks`: the Fish codec's (for plausible code grids)."""
+def _shares(count: int, weights: list[int]) -> list[int]:
+    """`count` split by `weights` (largest remainders), every part at least one case when there are enough."""
+    floor = 1 if count >= len(weights) else 0
+    rest = count - floor * len(weights)
+    exact = [rest * weight / sum(weights) for weight in weights]
+    shares = [floor + int(part) for part in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: int(exact[i]) - exact[i])
+    for i in by_remainder[:count - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _generate(strategy: st.SearchStrategy[Case], count: int, corpus_seed: int) -> list[Case]:
     cases: list[Case] = []
-    strategy = _case_strategy(codebooks)
     for round_seed in range(corpus_seed, corpus_seed + 100):  # hypothesis may stop early: go on with a new seed
 
         @seed(round_seed)
@@ -242,3 +281,13 @@ def generate_corpus(count: int, corpus_seed: int, codebooks: int) -> list[Case]:
         if len(cases) >= count:
             break
     return cases[:count]
+
+
+def generate_corpus(count: int, corpus_seed: int, codebooks: int) -> list[Case]:
+    """`count` cases over every route (each gets its share; mixed in a seeded order), the same ones for the same
+    seed. `codebooks`: the Fish codec's (for plausible code grids)."""
+    routes = _route_strategies(codebooks)
+    cases = [case for i, ((_, _, strategy), share) in enumerate(zip(routes, _shares(count, [w for _, w, _ in routes])))
+             if share for case in _generate(strategy, share, corpus_seed * 1000 + i)]
+    random.Random(corpus_seed).shuffle(cases)
+    return cases

@@ -1,6 +1,7 @@
 """The service a robustness campaign runs against: `python -m cosyapp serve` on a loopback port with CosyVoice2 and
 Fish loaded side by side (so every route answers), on given model folders or on tiny random ones made for it,
-plus what the campaign reads off it: /stats, its resident memory, and a /health prober.
+plus what the campaign reads off it: /stats, its resident memory, and a /health prober. Its voice agent talks to a
+scripted OpenAI-compatible chat endpoint run beside it, so /run answers in seconds and speaks real sentences.
 
 Each campaign part starts its own service (a clean memory baseline, and the kill -9 rounds kill theirs)."""
 
@@ -18,6 +19,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 
+from cosyapp.agent.scripted_chat import ScriptedChat
 from cosyapp.config import DEFAULT_CONFIG_FILE, PROJECT_ROOT
 from cosyapp.engine.registry import make_tiny
 from cosyapp.server.memory import RELEASE_INTERVAL_S
@@ -26,6 +28,8 @@ from cosyapp.service_process import ServiceProcess, free_port, start_service
 # A real recording: voices, references and uploads of the campaign's requests.
 PROMPT = (PROJECT_ROOT / "asset" / "zero_shot_prompt.wav").read_bytes()
 PROMPT_B64 = base64.b64encode(PROMPT).decode()
+# What the agent's chat model answers every turn: two sentences, so a turn speaks twice.
+CHAT_ANSWER = "Hello there, this is the campaign's answer. It has a second sentence too."
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,11 @@ def campaign_service(models: CampaignModels, workdir: Path, **settings: str) -> 
     """A running campaign service keeping its data and log under `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = service_env(models, workdir / "data", port, **settings)
-    with start_service(port, env, workdir / "service.log", cwd=workdir, log_lines=40) as service:
-        yield service
+    with ScriptedChat(CHAT_ANSWER, words_per_s=200) as chat:
+        env = service_env(models, workdir / "data", port, COSYAPP_AGENT_CHAT="openai", COSYAPP_AGENT_CHAT_URL=chat.url,
+                          **settings)
+        with start_service(port, env, workdir / "service.log", cwd=workdir, log_lines=40) as service:
+            yield service
 
 
 def rss_mb(pid: int) -> float:
