@@ -41,12 +41,14 @@ class CampaignModels:
 
     @classmethod
     def tiny(cls, folder: Path) -> CampaignModels:
-        """Tiny random models under `folder` (made once: a folder that holds one already is reused)."""
+        """Tiny random models under `folder` (made once: a model whose marker `folder/.<backend>.complete` is there
+        is reused; the marker sits beside the model so the model folder keeps the release layout exactly)."""
         models = cls(folder / "cosyvoice2", folder / "fish")
         for backend, path in (("cosyvoice2", models.cosyvoice2), ("fish", models.fish)):
-            if not (path / ".complete").is_file():
+            marker = folder / f".{backend}.complete"
+            if not marker.is_file():
                 make_tiny(backend, path)
-                (path / ".complete").touch()
+                marker.touch()
         return models
 
 

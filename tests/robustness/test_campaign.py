@@ -70,7 +70,7 @@ def test_the_command_prints_the_figures(tmp_path: Path, campaign_models: Campaig
     for name, path in (("cosyvoice2", campaign_models.cosyvoice2), ("fish", campaign_models.fish)):
         (models / name).parent.mkdir(exist_ok=True)
         (models / name).symlink_to(path)
-        (path / ".complete").touch()
+        (models / f".{name}.complete").touch()
     result = CliRunner().invoke(main, ["bench", "robustness", "--only", "disconnects", "--disconnects", "10",
                                        "--models", str(models)])
     assert result.exit_code == 0, result.output
