@@ -384,6 +384,42 @@ class DecodeStream:
         return self.codec.decoder(self.codec.quantizer.decode(codes, self.state), self.state)
 
 
+def merge_stream_states(states: list[StreamState]) -> StreamState:
+    """The streaming states of several utterances as one state of their batch (row i = utterance i). They
+    must have the same shapes and positions: the same number of frames decoded so far."""
+    if len(states) == 1:
+        return states[0]
+    merged: StreamState = {}
+    for module, first in states[0].items():
+        values = [state[module] for state in states]
+        if isinstance(first, Tensor):
+            merged[module] = torch.cat(values)
+        elif isinstance(first, tuple):
+            merged[module] = tuple(torch.cat(parts) for parts in zip(*values))
+        elif any(value != first for value in values):
+            raise ValueError(f"streaming states at different positions ({values}) cannot decode together")
+        else:
+            merged[module] = first
+    return merged
+
+
+def split_stream_state(state: StreamState, n: int) -> list[StreamState]:
+    """The inverse of `merge_stream_states`: one state per batch row (views of the batch's tensors)."""
+    if n == 1:
+        return [state]
+    parts: list[StreamState] = [{} for _ in range(n)]
+    for module, value in state.items():
+        if isinstance(value, Tensor):
+            rows = value.split(1)
+        elif isinstance(value, tuple):
+            rows = list(zip(*(part.split(1) for part in value)))
+        else:
+            rows = [value] * n
+        for part, row in zip(parts, rows, strict=True):
+            part[module] = row
+    return parts
+
+
 def load_codec(path: str | Path, device: torch.device | str = "cpu") -> FishCodec:
     """Load `codec.pth` strictly into a codec whose sizes are read off the checkpoint; weights stay float32."""
     state = load_state_dict(path)
