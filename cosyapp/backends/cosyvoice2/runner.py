@@ -46,7 +46,7 @@ class CosyVoiceStream:
     keep: Callable[[int], bool] | None = None  # which tokens reach the vocoder (None: all)
     error: BaseException | None = None
     finished: bool = False
-    tokens_made: int = field(default=0)  # over the whole request, for tests
+    tokens: list[int] = field(default_factory=list)  # every speech token the LM made for the request, in order
 
     # ---- what the scheduler reads (engine/scheduler.py StreamState) ----
 
@@ -182,7 +182,7 @@ class CosyVoiceRunner:
         accept([s.lm for s in states], logp)
         for state in states:
             tokens, state.lm.tokens = state.lm.tokens, []
-            state.tokens_made += len(tokens)
+            state.tokens.extend(tokens)
             if state.request.stats is not None and tokens:
                 state.request.stats.add("lm_token", elapsed)
             if state.keep is not None:
