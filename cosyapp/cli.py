@@ -644,12 +644,16 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @click.option("--service-log", type=click.Path(dir_okay=False, path_type=Path),
               help="keep the started service's log here")
+@click.option("--prompt-text", help="send this transcript of the default prompt voice with every request "
+              "(zero-shot mode)")
+@click.option("--service-checkout", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="start the service from this checkout of cosyapp (another version), measured by this client")
 @user_errors
 def bench_service(url: str | None, config_file: Path | None, model_dir: Path | None, backend: str | None,
                   device: str | None, max_concurrent: int | None, max_queue: int | None, levels: tuple[int, ...],
                   requests: int, fixed_length: int, text: str | None, natural: bool, poisson_rate: float | None,
                   poisson_requests: int, seed: int, warmup: int, api_key: str | None, json_path: Path | None,
-                  service_log: Path | None) -> None:
+                  service_log: Path | None, prompt_text: str | None, service_checkout: Path | None) -> None:
     """Load-test the HTTP service: closed-loop concurrency levels, then Poisson arrivals. Prints a table of
     first-audio p50/p95/p99, real-time factor, audio seconds per second and playback underruns."""
     from cosyapp.bench import BENCH_TEXT
@@ -657,11 +661,12 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
 
     plan = LoadPlan(text=text or BENCH_TEXT, fixed_length=fixed_length, levels=levels, requests_per_client=requests,
                     poisson_rate=poisson_rate, poisson_requests=poisson_requests, seed=seed, warmup=warmup,
-                    natural=natural)
+                    natural=natural, prompt_text=prompt_text)
     service = None
     if url is None:
         service = LocalService(config=config_file, model_dir=model_dir, backend=backend, device=device,
-                               max_concurrent=max_concurrent, max_queue=max_queue, log_path=service_log)
+                               max_concurrent=max_concurrent, max_queue=max_queue, log_path=service_log,
+                               checkout=service_checkout)
         click.echo("starting the service ...", err=True)
     try:
         report = run_service_bench(plan, url=url, service=service, api_key=api_key)
