@@ -8,7 +8,8 @@ thread, which sleeps on a condition while there is nothing to do and is woken by
 Other model work of the backend (voice preparation, codec calls) runs on that thread too, between steps.
 
 The loop's thread uses every core for its intra-op work: one step is all the model work there is, whatever
-the number of streams, so a lone stream gets the whole machine and many streams share its batched calls.
+the number of streams, so a lone stream gets the whole machine and many streams share its batched calls. (With
+two backends loaded, both loops use every core; they compete only while both have streams.)
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.streams)
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, error: BaseException | None = None) -> None:
+        """End every stream (with `error`, default Cancelled)."""
         for stream in list(self.streams.values()):
-            self._end(stream, Cancelled())
+            self._end(stream, error or Cancelled())
 
     def step(self) -> None:
         """Drop cancelled streams, open newly seated ones, then run what the scheduler plans."""
@@ -258,4 +260,7 @@ class CoreLoop:
             for item in items:
                 item()
             if self.core.has_work():
-                self.core.step()
+                try:
+                    self.core.step()
+                except Exception as exc:  # a bug outside the runner's calls: its streams fail, the loop lives on
+                    self.core.cancel_all(exc)

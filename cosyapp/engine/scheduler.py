@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, Protocol
 
 
 class EngineBusy(Exception):
@@ -176,11 +176,6 @@ class Scheduler:
             ticket.row = self.pool.take()
             self.running.append(ticket)
 
-    def seated(self) -> list[Ticket]:
-        """Streams that got a row and whose state the runner has not opened yet are the core's business; this is
-        every stream holding a row."""
-        return list(self.running)
-
     @property
     def slack_s(self) -> float:
         return max(MIN_SLACK_S, SLACK_STEPS * max(self._audio_step_s, default=0.0))
@@ -221,7 +216,3 @@ class Scheduler:
         if key is None:
             return [first]
         return [first, *(t for t in ready[1:] if t.state.audio_key == key)]
-
-
-def rows_in_use(tickets: Sequence[Ticket]) -> list[int]:
-    return sorted(t.row for t in tickets if t.row is not None)

@@ -23,7 +23,6 @@ from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
 from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice3.token2wav import Token2Wav, Token2WavStream
 from cosyapp.backends.weights import resolve_device, resolve_dtype
-from cosyapp.engine.core import run_alone
 from cosyapp.engine.types import BackendInfo, InputError, Mode, SynthesisRequest
 
 MODEL_TYPE = "CosyVoice3"
