@@ -18,7 +18,8 @@ from cosyapp.backends.cosyvoice2.decoding import generate, stop_rule
 from cosyapp.backends.cosyvoice2.llm import length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
-from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
+from cosyapp.backends.cosyvoice3.decoding import SilenceCap
+from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 from cosyapp.engine.types import ModelFileError
 
 from parity_helpers import forced_hidden

@@ -19,7 +19,8 @@ from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
 from cosyapp.backends.cosyvoice3.frontend import CosyVoice3Frontend
 from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
-from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
+from cosyapp.backends.cosyvoice3.decoding import SilenceCap
+from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice3.token2wav import Token2Wav, Token2WavStream
 from cosyapp.backends.weights import resolve_device, resolve_dtype
