@@ -37,6 +37,7 @@ from cosyapp.backends.fish.dual_ar import DualARTransformer, load_dual_ar
 from cosyapp.backends.fish.generate import FrameGenerator, SamplingParams, frame_budget, request_generator
 from cosyapp.backends.fish.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.fish.prompt import Reference, build_prompt
+from cosyapp.backends.fish.runner import FishRunner, FishStreamState
 from cosyapp.backends.fish.tokenizer import FishTokenizer
 from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict, resolve_device, resolve_dtype
 from cosyapp.engine.stats import timed
@@ -129,6 +130,7 @@ class FishBackend:
         self.codec: FishCodec = load_codec(self.model_dir / CODEC_FILE, self.device)
         self.check_every = check_every
         self.penalty_main_history = penalty_main_history
+        self.runner = FishRunner(self.model, self.codec, penalty_main_history)
         # Each stream owns one row of the transformer's KV caches for its whole request.
         self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
         for row in range(max_streams):
@@ -214,10 +216,9 @@ class FishBackend:
             references = [Reference(references[0].codes, request.prompt_text)]
         return build_prompt(self.tokenizer, request.text, references, self.model.config.num_codebooks)
 
-    def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
-        """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included.
-
-        With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
+    def plan_stream(self, request: SynthesisRequest) -> tuple[torch.Tensor, SamplingParams, int, int | None]:
+        """A request's prompt grid, sampling settings, frame budget and stop id (None for a fixed length, whose
+        stop token is ignored); InputError for what Fish cannot do."""
         prompt = self.prompt_for(request)
         options = request.options if isinstance(request.options, FishOptions) else parse_options(request.options)
         params = SamplingParams(temperature=options.temperature, top_p=options.top_p,
@@ -232,12 +233,25 @@ class FishBackend:
             raise InputError(str(exc)) from None
         if request.fixed_length is not None and budget < request.fixed_length:
             raise InputError(f"fixed_length {request.fixed_length} does not fit the context ({budget} frames left)")
+        stop_id = None if request.fixed_length is not None else self.tokenizer.im_end_id
+        return prompt, params, budget, stop_id
+
+    def start_stream(self, request: SynthesisRequest, row: int) -> FishStreamState:
+        """The runner state of a request on KV-cache row `row` (taken from the caller's pool of
+        `self.runner.rows`); InputError for what Fish cannot do. No model work happens here."""
+        prompt, params, budget, stop_id = self.plan_stream(request)
+        return self.runner.start(row, prompt, params, request_generator(request.seed, self.device), budget, stop_id)
+
+    def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
+        """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included.
+
+        With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
+        prompt, params, budget, im_end = self.plan_stream(request)
         row = self._free_rows.get()  # waits while every cache row is streaming
         try:
             generator = request_generator(request.seed, self.device)
             frames = FrameGenerator(self.model, params, generator, fast_width=self.codec.cfg.residual_codebook_size,
                                     row=row)
-            im_end = None if request.fixed_length is not None else self.tokenizer.im_end_id
             blocks = frames.frames(prompt, budget, im_end, self.check_every, request.cancel)
             while True:
                 with timed(request.stats, "fish_lm"):
