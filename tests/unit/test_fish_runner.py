@@ -26,11 +26,12 @@ from cosyapp.backends.fish.runner import FishRunner, FishStreamState
 from cosyapp.engine.types import SynthesisRequest
 
 ROWS = 3
-MAX_FRAMES = 40
+MAX_FRAMES = 30
 AUDIO_ATOL = 5e-5
-# (text, seed): different prompt lengths; with MAX_FRAMES the third stops on <|im_end|> before its budget.
-STREAMS = [("Hello world.", 0), ("A somewhat longer sentence here, to be spoken.", 1), ("Hi.", 2),
-           ("Numbers one, two and three.", 3)]
+# (text, seed): prompts of 26, 60, 41 and 17 tokens; on the tiny model these stop on <|im_end|> after 22,
+# (budget: 30), 27 and 19 frames (test_the_streams_cover_both_endings checks that the set has both endings).
+STREAMS = [("Hello world.", 3), ("A somewhat longer sentence here, to be spoken.", 1),
+           ("Numbers one, two and three.", 0), ("Hi.", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def assert_same_stream(backend, job: Job, reference: Job) -> None:
 
 def test_one_stream_equals_the_backend(backend):
     """The runner alone gives the frames the backend's own decoding loop gives, and the same audio."""
-    for text, seed in STREAMS[:3]:
+    for text, seed in STREAMS[:2]:
         frames = torch.cat(list(backend.generate_frames(request(backend, text, seed))), dim=1)
         job = alone(backend, Job(text, seed))
         assert torch.equal(job.state.frames_so_far(), frames)
@@ -145,7 +146,7 @@ def test_streams_started_together_get_their_own_codes(backend):
 def test_streams_joining_mid_decode_get_their_own_codes(backend):
     """Streams join at seeded random steps while others are mid-decode (two in the same step, prefilled
     together); with more streams than rows the last waits for a row another stream released."""
-    offsets = sorted(random.Random(18).sample(range(1, 25), 2))
+    offsets = sorted(random.Random(18).sample(range(1, 15), 2))
     jobs = [Job(*STREAMS[0], start=0), Job(*STREAMS[1], start=offsets[0]), Job(*STREAMS[2], start=offsets[0]),
             Job(*STREAMS[3], start=offsets[1])]
     drive(backend, jobs)
