@@ -200,3 +200,33 @@ def test_misuse_is_refused(backend):
         runner.decode_step([a])
     with pytest.raises(ValueError, match="outside"):
         backend.start_stream(request(backend, "Three.", 3), runner.rows)
+
+
+def test_codec_batches_streams_at_different_positions(backend):
+    """Chunks of the same size from streams at different points of their utterances (other positions and
+    attention windows in the codec) decode in one call, each equal to its lone decode; first chunks and
+    chunks of other sizes go in calls of their own."""
+    runner = backend.runner
+    a, b = Job(*STREAMS[0], fixed_length=30), Job(*STREAMS[3], fixed_length=40)
+    states = [backend.start_stream(request(backend, job.text, job.seed, fixed_length=job.fixed_length), row)
+              for row, job in enumerate((a, b))]
+    runner.prefill(states)
+    while not all(state.finished for state in states):
+        runner.decode_step([state for state in states if not state.finished])
+    state_a, state_b = states
+    batch_sizes: list[int] = []
+    hook = backend.codec.decoder.register_forward_hook(lambda module, args, out: batch_sizes.append(len(args[0])))
+    try:  # each stream on the schedule's chunks (4, 16, 16, ... the rest), b one chunk ahead of a
+        b1, = runner.codec_decode([(state_b, 4)])
+        b2, a1 = runner.codec_decode([(state_b, 16), (state_a, 4)])
+        a2, b3 = runner.codec_decode([(state_a, 16), (state_b, 16)])  # codec positions 4 and 20: one call
+        a3, b4 = runner.codec_decode([(state_a, 10), (state_b, 4)])
+    finally:
+        hook.remove()
+        for state in states:
+            runner.release(state)
+    assert batch_sizes == [1, 1, 1, 2, 1, 1]
+    for job, chunks in ((a, [a1, a2, a3]), (b, [b1, b2, b3, b4])):
+        reference = alone(backend, job)
+        assert [len(chunk) for chunk in chunks] == [len(chunk) for chunk in reference.chunks]
+        np.testing.assert_allclose(np.concatenate(chunks), np.concatenate(reference.chunks), rtol=0, atol=AUDIO_ATOL)

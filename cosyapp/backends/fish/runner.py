@@ -23,8 +23,8 @@ API (all calls run under `torch.inference_mode()`; a state must not be in two ca
   out to be the dropped last one); `state.finished` -> generation over (stop token or budget).
 * `runner.codec_decode(work) -> list[np.ndarray]`: `work` is `[(state, n), ...]` with `1 <= n <=
   state.decodable`; decodes each state's next `n` frames into `n * 2048` float32 samples at 44.1 kHz,
-  in the order given. States with the same shape key (`codec_shape_key(state, n)`: frames decoded so far,
-  n) go through the codec in one batched call. Mutates: `decoded` (+n), the codec state.
+  in the order given. States with the same shape key (`codec_shape_key(state, n)`: n, and whether it is
+  the stream's first chunk) go through the codec in one batched call, whatever their positions. Mutates: `decoded` (+n), the codec state.
 * `runner.release(state) -> None`: the stream is over (finished, cancelled or failed); drops its codec
   state and refuses further calls with it. The caller then returns `state.row` to its pool: the next
   stream on that row overwrites every cache slot before it reads it, so no clearing is needed.
@@ -90,10 +90,11 @@ class FishStreamState:
         return self.frames[:, : self.produced]
 
 
-def codec_shape_key(state: FishStreamState, frames: int) -> tuple[int, int]:
-    """States whose next codec call has the same key have codec states of the same shapes and positions, so
-    they decode in one batched call."""
-    return state.decoded, frames
+def codec_shape_key(state: FishStreamState, frames: int) -> tuple[bool, int]:
+    """States whose next codec call has the same key decode in one batched call: the same number of frames,
+    and all on their first chunk or all past it (then their conv contexts have the same sizes; positions and
+    attention windows may differ, the codec pads and masks them)."""
+    return state.decoded == 0, frames
 
 
 class FishRunner:
@@ -181,7 +182,7 @@ class FishRunner:
 
     @torch.inference_mode()
     def codec_decode(self, work: Sequence[tuple[FishStreamState, int]]) -> list[np.ndarray]:
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[bool, int], list[int]] = defaultdict(list)
         for i, (state, frames) in enumerate(work):
             if state.released:
                 raise ValueError(f"the stream on row {state.row} was released")
@@ -191,9 +192,9 @@ class FishRunner:
         if len({id(state) for state, _ in work}) != len(work):
             raise ValueError("a stream appears twice in one codec call")
         audio: list[np.ndarray | None] = [None] * len(work)
-        for (start, frames), members in groups.items():
+        for (_, frames), members in groups.items():
             states = [work[i][0] for i in members]
-            codes = torch.stack([state.frames[1:, start:start + frames] for state in states])
+            codes = torch.stack([state.frames[1:, state.decoded:state.decoded + frames] for state in states])
             stream = DecodeStream(self.codec)
             stream.state = merge_stream_states([state.codec_state for state in states])
             samples = stream.push(codes)[:, 0].float().cpu().numpy()
