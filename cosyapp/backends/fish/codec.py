@@ -9,7 +9,10 @@ causal conv decoder -> tanh; `T` frames give exactly `T * 2048` samples (no trim
 
 Everything on the decode path is causal, so `DecodeStream` decodes incrementally: each conv keeps its last
 input samples, each transposed conv its last input frame, each attention layer the keys/values of its last
-`window - 1` positions. Feeding the codes in pieces gives the same samples as one `decode` call.
+`window - 1` positions. Feeding the codes in pieces gives the same samples as one `decode` call. The states
+of several utterances merge into one batch state (`merge_stream_states`, split back after the call), also
+when they are at different positions: each row's RoPE positions are its own and shorter attention windows are
+padded and masked.
 
 Weight norm is folded at load time (both spellings in `codec.pth`); the checkpoint's persistent RoPE/mask
 buffers are dropped and recomputed (the RoPE cos/sin table is rounded to bf16 like upstream's).
