@@ -10,9 +10,8 @@ causal conv decoder -> tanh; `T` frames give exactly `T * 2048` samples (no trim
 Everything on the decode path is causal, so `DecodeStream` decodes incrementally: each conv keeps its last
 input samples, each transposed conv its last input frame, each attention layer the keys/values of its last
 `window - 1` positions. Feeding the codes in pieces gives the same samples as one `decode` call. The states
-of several utterances merge into one batch state (`merge_stream_states`, split back after the call), also
-when they are at different positions: each row's RoPE positions are its own and shorter attention windows are
-padded and masked.
+of several utterances decode in one batch (`codec_batch`), also when they are at different positions: each
+row's RoPE positions are its own and shorter attention windows are padded and masked.
 
 Weight norm is folded at load time (both spellings in `codec.pth`); the checkpoint's persistent RoPE/mask
 buffers are dropped and recomputed (the RoPE cos/sin table is rounded to bf16 like upstream's).
@@ -405,49 +404,6 @@ class DecodeStream:
     @torch.inference_mode()
     def push(self, codes: Tensor) -> Tensor:
         return self.codec.decoder(self.codec.quantizer.decode(codes, self.state), self.state)
-
-
-def merge_stream_states(states: list[StreamState]) -> StreamState:
-    """The streaming states of several utterances as one state of their batch (row i = utterance i). Every
-    utterance must have decoded at least one chunk (conv contexts then have their fixed sizes); positions and
-    attention windows may differ: shorter windows are padded on the left, which the attention masks out."""
-    if len(states) == 1:
-        return states[0]
-    merged: StreamState = {}
-    for module, first in states[0].items():
-        values = [state[module] for state in states]
-        if isinstance(module, CodecTransformer):
-            merged[module] = [start for starts in values for start in starts]
-        elif isinstance(module, WindowAttention):
-            held = max(k.shape[2] for k, _, _ in values)
-            pad = [(0, 0, held - k.shape[2], 0) for k, _, _ in values]
-            merged[module] = (torch.cat([F.pad(k, p) for (k, _, _), p in zip(values, pad)]),
-                              torch.cat([F.pad(v, p) for (_, v, _), p in zip(values, pad)]),
-                              [length for _, _, lengths in values for length in lengths])
-        else:
-            merged[module] = torch.cat(values)
-    return merged
-
-
-def split_stream_state(state: StreamState, n: int) -> list[StreamState]:
-    """The inverse of `merge_stream_states`: one state per batch row (views of the batch's tensors, each
-    window cut to the row's own keys)."""
-    if n == 1:
-        return [state]
-    parts: list[StreamState] = [{} for _ in range(n)]
-    for module, value in state.items():
-        if isinstance(module, CodecTransformer):
-            rows = [[start] for start in value]
-        elif isinstance(module, WindowAttention):
-            k, v, lengths = value
-            held = k.shape[2]
-            rows = [(k[i:i + 1, :, held - length:], v[i:i + 1, :, held - length:], [length])
-                    for i, length in enumerate(lengths)]
-        else:
-            rows = value.split(1)
-        for part, row in zip(parts, rows, strict=True):
-            part[module] = row
-    return parts
 
 
 def load_codec(path: str | Path, device: torch.device | str = "cpu") -> FishCodec:
