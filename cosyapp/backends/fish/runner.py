@@ -108,6 +108,10 @@ def codec_shape_key(state: FishStreamState, frames: int) -> tuple[bool, int]:
 
 
 class FishRunner:
+    """Batched calls over `FishStreamState`s (see the module docstring). `penalty_main_history` (the backend's
+    load option) applies to every stream, so that all rows' penalty ids have one shape; the field of the same
+    name in `SamplingParams` is not read here."""
+
     def __init__(self, model: DualARTransformer, codec: FishCodec, penalty_main_history: bool = False) -> None:
         self.model = model
         self.codec = codec
