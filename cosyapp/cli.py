@@ -614,6 +614,30 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
         json_path.write_text(json.dumps(report, indent=2))
 
 
+@bench.command("decode")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Fish model directory (default: make a random model of --size)")
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="size of the random model")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--rows", "row_counts", callback=_counts, default="1,2,4", show_default=True,
+              help="numbers of streams decoded in step, one batched call per step, e.g. 1,2,4,8")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="timed decode steps per count")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_decode(model_dir: Path | None, size: str, device: str, dtype: str, row_counts: tuple[int, ...],
+                 steps: int, json_path: Path | None) -> None:
+    """Batched decoding of the Fish model runner: decode steps per second and codec audio per second for
+    several streams decoded in step, against the fewest (what batching gains)."""
+    from cosyapp.bench_decode import format_decode_report, run_decode_bench
+
+    report = run_decode_bench(model_dir, size=size, device=device, dtype=dtype, row_counts=row_counts, steps=steps)
+    click.echo(format_decode_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 @bench.command("service")
 @click.option("--url", help="benchmark this running service instead of starting one")
 @config_option

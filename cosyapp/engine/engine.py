@@ -111,8 +111,9 @@ def _failed(future: asyncio.Future) -> bool:
 
 
 def backend_runner(backend: Backend, max_concurrent: int) -> ModelRunner:
-    """The backend's model runner, or one that drives its `synthesize` a chunk per step."""
-    runner = getattr(backend, "runner", None)
+    """What the core drives for a backend: its `stream_runner`, or one that drives its `synthesize` a chunk per
+    step."""
+    runner = getattr(backend, "stream_runner", None)
     return runner if runner is not None else GeneratorRunner(backend, max_concurrent)
 
 

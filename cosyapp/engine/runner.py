@@ -1,5 +1,8 @@
 """What a backend's model runner offers the core loop, and the runner of a backend that has none of its own.
 
+A backend hands the core its `stream_runner` (CosyVoice: the model runner itself; Fish: serving.py's schedule
+over the Fish model runner).
+
 A model runner is pure math over per-stream states (scheduler.StreamState plus whatever the runner keeps in
 them: KV row, sampler and generator, flow, vocoder or codec caches). The core owns the states and passes them
 in; every call is batched over the states it is given and keeps no request bookkeeping of its own. A call

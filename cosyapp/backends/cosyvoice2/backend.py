@@ -73,6 +73,7 @@ class CosyVoice2Backend:
         # vocoder's kernels); on a CPU they compete for the same cores, so a stream waits while it vocodes.
         run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
         self.runner = CosyVoiceRunner(self, max_streams, static_step, run_ahead)
+        self.stream_runner = self.runner  # what the engine's core drives: the model runner speaks its protocol
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
@@ -138,7 +139,7 @@ class CosyVoice2Backend:
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
         """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise. One request
         alone on the calling thread, through the runner the engine uses (engine/core.py `run_alone`)."""
-        return run_alone(self.runner, request, self.config.sample_rate)
+        return run_alone(self.stream_runner, request, self.config.sample_rate)
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice2Backend:

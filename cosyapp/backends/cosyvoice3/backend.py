@@ -66,6 +66,7 @@ class CosyVoice3Backend:
         # On a GPU the LM decodes up to one full chunk ahead of each stream's vocoding (see CosyVoice2Backend).
         run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
         self.runner = CosyVoiceRunner(self, max_streams, run_ahead=run_ahead)
+        self.stream_runner = self.runner  # what the engine's core drives (see CosyVoice2Backend)
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,

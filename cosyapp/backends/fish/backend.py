@@ -39,7 +39,7 @@ from cosyapp.backends.fish.dual_ar import DualARTransformer, load_dual_ar
 from cosyapp.backends.fish.generate import FrameGenerator, SamplingParams, frame_budget, request_generator
 from cosyapp.backends.fish.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.fish.prompt import Reference, build_prompt
-from cosyapp.backends.fish.runner import FishStreamState
+from cosyapp.backends.fish.runner import FishRunner, FishStreamState
 from cosyapp.backends.fish.serving import FishServing
 from cosyapp.backends.fish.tokenizer import FishTokenizer
 from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict, resolve_device, resolve_dtype
@@ -131,8 +131,10 @@ class FishBackend:
         self.codec: FishCodec = load_codec(self.model_dir / CODEC_FILE, self.device)
         self.check_every = check_every
         self.penalty_main_history = penalty_main_history
-        # Each stream owns one row of the transformer's KV caches for its whole request (the engine's row pool).
-        self.runner = FishServing(self)
+        self.runner = FishRunner(self.model, self.codec, penalty_main_history)
+        # What the engine's core loop drives: the runner's calls on the streaming schedule (serving.py). Each stream
+        # owns one row of the transformer's KV caches for its whole request (the core's row pool).
+        self.stream_runner = FishServing(self)
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=SAMPLE_RATE, modes=MODES,
@@ -214,10 +216,9 @@ class FishBackend:
             references = [Reference(references[0].codes, request.prompt_text)]
         return build_prompt(self.tokenizer, request.text, references, self.model.config.num_codebooks)
 
-    def decoding_plan(self, request: SynthesisRequest
-                      ) -> tuple[torch.Tensor, SamplingParams, int, int | None, torch.Generator]:
-        """(prompt, sampling parameters, frame budget, stop id or None for a fixed length, generator) of a
-        request; InputError for what Fish cannot do."""
+    def plan_stream(self, request: SynthesisRequest) -> tuple[torch.Tensor, SamplingParams, int, int | None]:
+        """A request's prompt grid, sampling settings, frame budget and stop id (None for a fixed length, whose
+        stop token is ignored); InputError for what Fish cannot do."""
         prompt = self.prompt_for(request)
         options = request.options if isinstance(request.options, FishOptions) else parse_options(request.options)
         params = SamplingParams(temperature=options.temperature, top_p=options.top_p,
@@ -233,7 +234,13 @@ class FishBackend:
         if request.fixed_length is not None and budget < request.fixed_length:
             raise InputError(f"fixed_length {request.fixed_length} does not fit the context ({budget} frames left)")
         stop_id = None if request.fixed_length is not None else self.tokenizer.im_end_id
-        return prompt, params, budget, stop_id, request_generator(request.seed, self.device)
+        return prompt, params, budget, stop_id
+
+    def start_stream(self, request: SynthesisRequest, row: int) -> FishStreamState:
+        """The runner state of a request on KV-cache row `row` (taken from the caller's pool of
+        `self.runner.rows`); InputError for what Fish cannot do. No model work happens here."""
+        prompt, params, budget, stop_id = self.plan_stream(request)
+        return self.runner.start(row, prompt, params, request_generator(request.seed, self.device), budget, stop_id)
 
     def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
         """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included: S1's
@@ -241,7 +248,8 @@ class FishBackend:
         to be mixed with a running engine).
 
         With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
-        prompt, params, budget, stop_id, generator = self.decoding_plan(request)
+        prompt, params, budget, stop_id = self.plan_stream(request)
+        generator = request_generator(request.seed, self.device)
         frames = FrameGenerator(self.model, params, generator, fast_width=self.codec.cfg.residual_codebook_size,
                                 row=0)
         blocks = frames.frames(prompt, budget, stop_id, self.check_every, request.cancel)
@@ -263,7 +271,7 @@ class FishBackend:
         """Yield float32 mono chunks at 44.1 kHz: incrementally while generating when `request.stream`, else
         one chunk decoded at the end (upstream's single segment). One request alone on the calling thread,
         through the runner the engine uses (engine/core.py `run_alone`)."""
-        return run_alone(self.runner, request, SAMPLE_RATE)
+        return run_alone(self.stream_runner, request, SAMPLE_RATE)
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> FishBackend:

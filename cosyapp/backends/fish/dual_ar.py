@@ -2,7 +2,9 @@
 
 A slow transformer runs once per audio frame over the token sequence (text ids, then semantic frames); its
 pre-final-norm hidden state seeds a small fast transformer that runs over the codebooks of that frame
-(position 0 = the slow hidden state, position k = embedding of code k-1). Both keep preallocated KV caches.
+(position 0 = the slow hidden state, position k = embedding of code k-1). Both keep preallocated KV caches
+with one row per concurrent stream; `forward_rows` and `fast_forward_rows` run many streams in one forward,
+each over its own cache row at its own positions (the model runner's batched calls).
 
 S1 details reproduced here (the goldens are exact about them):
 * input embedding = token embedding + sum of the 10 codebook embeddings (codebook i at offset i*codebook_size),

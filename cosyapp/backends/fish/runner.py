@@ -6,30 +6,40 @@ stop token, its sampler settings and `torch.Generator`, the frames produced so f
 state. The runner keeps no per-stream memory of its own, runs no threads and never waits; each call does the
 work of every state it is given in one batched forward where shapes allow.
 
-API (all calls run under `torch.inference_mode()`; a state must not be in two calls at once):
+API (all calls run under `torch.inference_mode()`, on the thread that owns the model; a state is in at most
+one call at a time):
 
-* `FishRunner(model, codec, penalty_main_history=False)`; `runner.rows`: the number of KV-cache rows (the
-  size of the caller's row pool; the model's caches are set up by whoever loads it).
-* `runner.start(row, prompt, params, generator, budget, stop_id) -> FishStreamState`: a new state on cache
-  row `row` (no model work). `prompt [11, P]` (from `build_prompt`), `budget` frames at most with the first
-  one (`frame_budget`), `stop_id` the `<|im_end|>` id or None for a fixed length (then no frame is dropped).
-* `runner.prefill(states) -> None`: one padded forward over the states' prompts, then each state's first
-  frame. Mutates: `produced` (0 -> 1), `frames`, `finished` (when the budget is one frame), the cache rows.
-* `runner.decode_step(states) -> None`: one slow-transformer step for every state (each at its own
-  position, over its own row), then the fast transformer over the codebooks for all rows at once, then the
-  stop check (one host sync for the batch). Mutates: `produced` (+1), `frames`, `finished`, `stopped`,
-  the cache rows. Every state must be prefilled and not finished.
-* `state.decodable` -> frames ready for audio now (the newest frame is held back while it may still turn
-  out to be the dropped last one); `state.finished` -> generation over (stop token or budget).
-* `runner.codec_decode(work) -> list[np.ndarray]`: `work` is `[(state, n), ...]` with `1 <= n <=
-  state.decodable`; decodes each state's next `n` frames into `n * 2048` float32 samples at 44.1 kHz,
-  in the order given. States with the same shape key (`codec_shape_key(state, n)`: frames decoded so far,
-  n) go through the codec in one batched call. Mutates: `decoded` (+n), the codec state.
-* `runner.release(state) -> None`: the stream is over (finished, cancelled or failed); drops its codec
-  state and refuses further calls with it. The caller then returns `state.row` to its pool: the next
-  stream on that row overwrites every cache slot before it reads it, so no clearing is needed.
-* `state.frames_so_far()`: the generated frames `[11, produced]` (main token + 10 codes), last one
-  included, as the backend's `generate_frames` yields them.
+* `FishRunner(model, codec, penalty_main_history=False)`; `runner.rows -> int`: the number of KV-cache rows
+  (`max_streams` at load; the size of the caller's row pool).
+* `backend.start_stream(request, row) -> FishStreamState` (FishBackend): checks the request (InputError as
+  `synthesize` raises them), builds its prompt, budget and generator, and calls
+  `runner.start(row, prompt, params, generator, budget, stop_id) -> FishStreamState`: a new state on cache
+  row `row`; no model work. `prompt [11, P]`; `budget` frames at most, the first one included; `stop_id` the
+  `<|im_end|>` id, or None for a fixed length (the stop token ignored, no frame dropped).
+* `runner.prefill(states: Sequence[FishStreamState]) -> None`: one forward over the prompts (padded to the
+  longest), then each state's first frame. Mutates `produced` (0 -> 1), `frames`, `finished` (a one-frame
+  budget), the states' cache rows.
+* `runner.decode_step(states: Sequence[FishStreamState]) -> None`: one slow-transformer step for every state
+  (each at its own position over its own row), the fast transformer over the codebooks for all rows at
+  once, then the stop check (one host sync per call). Mutates `produced` (+1), `frames`, `finished`,
+  `stopped`, the cache rows. Every state must be prefilled and not finished.
+* `state.decodable -> int`: frames ready for audio now (while generating, the newest frame is held back: it
+  may turn out to be the last one, which S1 drops); `state.finished`, `state.stopped` (on the stop token),
+  `state.decoded`, `state.produced`.
+* `runner.codec_decode(work: Sequence[tuple[FishStreamState, int]]) -> list[np.ndarray]`: for each
+  `(state, n)`, `1 <= n <= state.decodable`, the audio of the state's next n frames: float32 mono,
+  `n * 2048` samples at 44.1 kHz, in the order given. Work with the same `codec_shape_key(state, n)` (n, and
+  whether it is the stream's first chunk) goes through the codec in one batched call, whatever the streams'
+  positions. Mutates `decoded` (+n), `codec_state`. A non-streaming request calls it once, after
+  `finished`, with `state.decodable` frames.
+* `runner.release(state) -> None`: the stream is over (finished, cancelled or failed); drops its codec state
+  and refuses further calls with it. The caller returns `state.row` to its pool at once: the next stream on
+  that row overwrites every cache slot before reading it, so nothing is cleared.
+* `state.frames_so_far() -> Tensor [11, produced]`: main token + 10 codes per frame, the last one included
+  (what the backend's `generate_frames` yields).
+
+Misuse (a row twice in one call, a finished, released or unprefilled state, more frames than decodable)
+raises ValueError before any model work, so a bad state cannot corrupt the others' rows.
 
 Batching changes float reduction order (a matrix product over B rows is blocked differently from one over
 one row), so logits differ from a lone stream's in the last bits; sampling is per row with the stream's
@@ -46,8 +56,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cosyapp.backends.fish.codec import DecodeStream, FishCodec, StreamState, merge_stream_states, \
-    split_stream_state
+from cosyapp.backends.fish.codec import FishCodec, StreamState
+from cosyapp.backends.fish.codec_batch import decode_batch
 from cosyapp.backends.fish.dual_ar import CacheRows, DualARTransformer
 from cosyapp.backends.fish.generate import PENALTY_WINDOW, penalty_window
 from cosyapp.backends.fish.sampling import SamplingParams, sample, sampler_settings
@@ -90,13 +100,18 @@ class FishStreamState:
         return self.frames[:, : self.produced]
 
 
-def codec_shape_key(state: FishStreamState, frames: int) -> tuple[int, int]:
-    """States whose next codec call has the same key have codec states of the same shapes and positions, so
-    they decode in one batched call."""
-    return state.decoded, frames
+def codec_shape_key(state: FishStreamState, frames: int) -> tuple[bool, int]:
+    """States whose next codec call has the same key decode in one batched call: the same number of frames,
+    and all on their first chunk or all past it (then their conv contexts have the same sizes; positions and
+    attention windows may differ, the codec pads and masks them)."""
+    return state.decoded == 0, frames
 
 
 class FishRunner:
+    """Batched calls over `FishStreamState`s (see the module docstring). `penalty_main_history` (the backend's
+    load option) applies to every stream, so that all rows' penalty ids have one shape; the field of the same
+    name in `SamplingParams` is not read here."""
+
     def __init__(self, model: DualARTransformer, codec: FishCodec, penalty_main_history: bool = False) -> None:
         self.model = model
         self.codec = codec
@@ -181,7 +196,7 @@ class FishRunner:
 
     @torch.inference_mode()
     def codec_decode(self, work: Sequence[tuple[FishStreamState, int]]) -> list[np.ndarray]:
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[bool, int], list[int]] = defaultdict(list)
         for i, (state, frames) in enumerate(work):
             if state.released:
                 raise ValueError(f"the stream on row {state.row} was released")
@@ -191,14 +206,11 @@ class FishRunner:
         if len({id(state) for state, _ in work}) != len(work):
             raise ValueError("a stream appears twice in one codec call")
         audio: list[np.ndarray | None] = [None] * len(work)
-        for (start, frames), members in groups.items():
+        for (_, frames), members in groups.items():
             states = [work[i][0] for i in members]
-            codes = torch.stack([state.frames[1:, start:start + frames] for state in states])
-            stream = DecodeStream(self.codec)
-            stream.state = merge_stream_states([state.codec_state for state in states])
-            samples = stream.push(codes)[:, 0].float().cpu().numpy()
-            for i, state, codec_state, row in zip(members, states, split_stream_state(stream.state, len(states)),
-                                                  samples):
+            codes = torch.stack([state.frames[1:, state.decoded:state.decoded + frames] for state in states])
+            samples, codec_states = decode_batch(self.codec, codes, [state.codec_state for state in states])
+            for i, state, codec_state, row in zip(members, states, codec_states, samples[:, 0].float().cpu().numpy()):
                 state.codec_state = codec_state
                 state.decoded += frames
                 audio[i] = row

@@ -66,15 +66,14 @@ class FishServing:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        self.model_runner = FishRunner(backend.model, backend.codec, backend.penalty_main_history)
+        self.model_runner: FishRunner = backend.runner
 
     @property
     def rows(self) -> int:
         return self.model_runner.rows
 
     def open(self, request: SynthesisRequest, row: int) -> FishStream:
-        prompt, params, budget, stop_id, generator = self.backend.decoding_plan(request)
-        return FishStream(request, self.model_runner.start(row, prompt, params, generator, budget, stop_id))
+        return FishStream(request, self.backend.start_stream(request, row))
 
     def prefill(self, states: Sequence[FishStream]) -> None:
         self._timed(states, "fish_lm", self.model_runner.prefill)
