@@ -113,6 +113,7 @@ def assert_same_as_alone(harness: Harness, run: Run, indices: list[int]) -> None
 def test_streams_started_together_get_what_they_get_alone(harness: Harness) -> None:
     run = Run(harness, [harness.request(i) for i in range(ROWS)], [0] * ROWS)
     assert max(run.core.decode_batches) == ROWS  # every row in one forward per step
+    assert max(run.core.audio_batches) >= 2  # chunks at the same point of the schedule in one batched call
     assert_same_as_alone(harness, run, list(range(ROWS)))
 
 

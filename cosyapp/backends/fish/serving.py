@@ -4,8 +4,10 @@ is given: prefill, one decode step (slow and fast transformer over all rows), an
 streams whose next chunk is ready, grouped by codec shape key.
 
 Streaming schedule (S1 decodes once at the end; here the causal codec runs while frames arrive): the first
-chunk once STREAM_FIRST_FRAMES frames can be decoded (~186 ms of audio), then every STREAM_FRAMES; a chunk
-decodes every frame that is ready. The newest frame waits while it may still be the dropped last one.
+chunk is STREAM_FIRST_FRAMES frames (~186 ms of audio), then chunks of STREAM_FRAMES, the last one what is
+left. Fixed chunk sizes make the codec calls of streams at different positions one shape (`codec_shape_key`),
+so the core computes them in one batched call. The newest frame waits while it may still be the dropped last
+one.
 A request made in one piece (`stream=False`) decodes all its codes in one codec call at the end, as S1 does.
 """
 
@@ -42,11 +44,21 @@ class FishStream:
         return not self.lm.finished
 
     @property
+    def chunk_frames(self) -> int:
+        """Frames of the next streaming chunk."""
+        return STREAM_FIRST_FRAMES if self.lm.decoded == 0 else STREAM_FRAMES
+
+    @property
     def tokens_short(self) -> int:
         if not self.request.stream:
             return 1  # all of its audio comes at the end
-        want = STREAM_FIRST_FRAMES if self.lm.decoded == 0 else STREAM_FRAMES
-        return want - self.lm.decodable
+        return self.chunk_frames - self.lm.decodable
+
+    def next_chunk_frames(self) -> int:
+        """Frames the next codec call decodes: a chunk, or the rest once generation is over (maybe 0)."""
+        if self.lm.decodable >= self.chunk_frames:
+            return self.chunk_frames
+        return self.lm.decodable if self.lm.finished else 0
 
     @property
     def audio_pending(self) -> bool:
@@ -54,9 +66,10 @@ class FishStream:
 
     @property
     def audio_key(self) -> Hashable | None:
-        if not self.request.stream or self.lm.decodable == 0:
+        frames = self.next_chunk_frames()
+        if not self.request.stream or frames == 0:
             return None
-        return codec_shape_key(self.lm, self.lm.decodable)
+        return codec_shape_key(self.lm, frames)
 
 
 class FishServing:
@@ -91,17 +104,20 @@ class FishServing:
     def vocode(self, states: Sequence[FishStream]) -> list[list[np.ndarray]]:
         started = time.perf_counter()
         audio: dict[int, list[np.ndarray]] = {id(state): [] for state in states}
-        streamed = [state for state in states if state.request.stream and state.lm.decodable]
-        if streamed:
-            decoded = self.model_runner.codec_decode([(state.lm, state.lm.decodable) for state in streamed])
-            for state, samples in zip(streamed, decoded):
+        work = [(state, state.next_chunk_frames()) for state in states if state.request.stream]
+        work = [(state, frames) for state, frames in work if frames]
+        if work:
+            decoded = self.model_runner.codec_decode([(state.lm, frames) for state, frames in work])
+            for (state, _), samples in zip(work, decoded):
                 audio[id(state)].append(samples)
         for state in states:
             if not state.lm.finished:
                 continue
             if not state.request.stream:
                 audio[id(state)].append(self.backend.decode_frames(state.lm))
-            state.finished = True  # generation is over and every usable frame is decoded
+                state.finished = True
+            elif state.lm.decodable == 0:
+                state.finished = True  # generation is over and every usable frame is decoded
         for state in states:
             if state.request.stats is not None:
                 state.request.stats.add("fish_codec", time.perf_counter() - started)
