@@ -71,7 +71,8 @@ for new_path in sorted(out.glob("*-new.json")):
         continue
     new, base = (json.loads(p.read_text()) for p in (new_path, base_path))
     for new_level, base_level in zip(new["levels"], base["levels"]):
-        cores = new_level["cpu_cores"].get("service"), base_level["cpu_cores"].get("service")
+        cores = [f"{c:.2f}" if c is not None else "-" for c in (new_level["cpu_cores"].get("service"),
+                                                                 base_level["cpu_cores"].get("service"))]
         ratio = lambda key, sub: new_level[key][sub] / base_level[key][sub] if base_level[key][sub] else float("nan")
         print(f"{new_path.name[:-9]:22s} {new_level['name']:5s} audio s/s x{new_level['audio_s_per_s'] / base_level['audio_s_per_s']:.2f}"
               f"  first audio p50 x{ratio('first_audio_s', 'p50'):.2f} p95 x{ratio('first_audio_s', 'p95'):.2f}"
