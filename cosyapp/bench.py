@@ -10,7 +10,6 @@ from __future__ import annotations
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,42 +171,35 @@ def profile_request(backend: Any, request: SynthesisRequest, path: Path) -> None
 
 def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, stream_counts: Sequence[int],
                          runs: int) -> dict[str, Any]:
-    """Vocoding (flow + HiFT) of `tokens` random LM tokens for n streams at once, all in step, each on its own
-    thread through the backend's chunk batcher, as concurrent requests are computed; best of `runs`.
+    """Vocoding (flow + HiFT) of `tokens` random LM tokens for n streams at once, all in step, their chunks
+    grouped by shape key into batched calls as the engine's core loop groups them; best of `runs`.
 
     n x (one stream's time) / (n streams' time) is how much more audio per second n streams get out of the
     vocoding than one stream: with the vocoding most of a request's work, it bounds what concurrency can gain.
     """
     features = voice.features
-    batcher = backend.token2wav.batcher
+    token2wav = backend.token2wav
     generator = torch.Generator().manual_seed(0)
     token_ids = torch.randint(0, backend.config.llm.speech_token_size, (max(stream_counts), tokens),
                               generator=generator)
+    batches: dict[int, int] = {}
 
-    def vocode(session: Token2WavStream, stream_tokens: torch.Tensor) -> None:
-        if backend.cpu_threads is not None:
-            torch.set_num_threads(backend.cpu_threads)  # the share synthesize gives each stream's thread
-        try:
-            with torch.inference_mode():
-                session.push(stream_tokens)
-                session.finish()
-        finally:
-            session.close()
-
+    @torch.inference_mode()
     def all_at_once(count: int) -> float:
-        sessions = [backend.token2wav.new_stream(features.speech_token, features.speech_feat, features.embedding,
-                                                 seed=index) for index in range(count)]
-        # As if the LM had made every token already: a batch then waits for all streams at its point.
-        for session in sessions:
-            for _ in range(tokens):
-                session.count_produced()
-        threads = [threading.Thread(target=vocode, args=(session, token_ids[index].to(backend.device)))
-                   for index, session in enumerate(sessions)]
+        sessions = [token2wav.new_stream(features.speech_token, features.speech_feat, features.embedding,
+                                         seed=index) for index in range(count)]
         start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        # As if the LM had made every token already: every chunk of every stream, groups of one key together.
+        for index, session in enumerate(sessions):
+            session.add(token_ids[index].to(backend.device))
+        while any(not session.finished for session in sessions):
+            groups: dict[Any, list[Token2WavStream]] = {}
+            for session in sessions:
+                if not session.finished:
+                    groups.setdefault(session.chunk_key() or id(session), []).append(session)
+            for group in groups.values():
+                batches[len(group)] = batches.get(len(group), 0) + 1
+                token2wav.vocode_group(group)
         if backend.device.type == "cuda":
             torch.cuda.synchronize(backend.device)
         return time.perf_counter() - start
@@ -215,20 +207,21 @@ def chunk_batching_times(backend: CosyVoice2Backend, voice: Voice, tokens: int, 
     rows = {}
     for count in sorted(set(stream_counts)):
         all_at_once(count)  # warm-up: first runs of these batch shapes
-        batcher.batch_sizes.clear()
+        batches.clear()
         wall_s = min(all_at_once(count) for _ in range(runs))
-        rows[count] = {"wall_ms": 1000.0 * wall_s, "batches": dict(sorted(batcher.batch_sizes.items()))}
+        rows[count] = {"wall_ms": 1000.0 * wall_s,
+                       "batches": {size: number // runs for size, number in sorted(batches.items())}}
     alone_ms = rows[min(rows)]["wall_ms"] / min(rows)
     for count, row in rows.items():
         row["per_stream_ms"] = row["wall_ms"] / count
         row["speed_up"] = count * alone_ms / row["wall_ms"]
-    return {"tokens": tokens, "batch_workers": batcher.workers, "streams": rows}
+    return {"tokens": tokens, "streams": rows}
 
 
 def format_chunk_batching(batching: dict[str, Any]) -> str:
     lines = [
         f"vocoding of {batching['tokens']} LM tokens per stream, all streams in step (flow + HiFT, chunks "
-        f"batched, {batching['batch_workers']} part(s) at once):",
+        "of one shape key batched):",
         "  streams   wall ms  per stream ms  audio/s vs the fewest  batches (size: count)",
     ]
     for count, row in batching["streams"].items():

@@ -82,12 +82,14 @@ class LoadPlan:
     warmup: int = 1  # requests sent one at a time before the first measurement, not counted
     timeout_s: float = 600.0
     natural: bool = False  # cycle through NATURAL_TEXTS without fixed_length (streams end at different times)
+    prompt_text: str | None = None  # zero-shot: the transcript of the service's default prompt voice
 
     def forms(self) -> list[dict[str, str]]:
         """The request bodies the clients take in turn."""
+        extra = {} if self.prompt_text is None else {"prompt_text": self.prompt_text}
         if self.natural:
-            return [{"text": text} for text in NATURAL_TEXTS]
-        return [{"text": self.text, "fixed_length": str(self.fixed_length)}]
+            return [{"text": text, **extra} for text in NATURAL_TEXTS]
+        return [{"text": self.text, "fixed_length": str(self.fixed_length), **extra}]
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class LocalService:
     max_concurrent: int | None = None
     max_queue: int | None = None
     log_path: Path | None = None  # the service's log; default: a temporary file, deleted afterwards
+    checkout: Path | None = None  # run the service of this checkout of cosyapp (another version) instead of ours
 
 
 @dataclass
@@ -341,9 +344,11 @@ def start_local_service(service: LocalService, plan: LoadPlan) -> Iterator[Servi
         env = {**os.environ, **{k: v for k, v in overrides.items() if v is not None}}
         if service.config is not None:
             env["COSYAPP_CONFIG"] = str(service.config.resolve())
+        if service.checkout is not None:
+            env["PYTHONPATH"] = str(service.checkout.resolve())
         log_path = service.log_path or Path(scratch) / "service.log"
         try:
-            with start_service(port, env, log_path, startup_timeout_s=STARTUP_TIMEOUT_S,
+            with start_service(port, env, log_path, cwd=service.checkout, startup_timeout_s=STARTUP_TIMEOUT_S,
                                stop_timeout_s=STOP_TIMEOUT_S, log_lines=LOG_TAIL_LINES) as running:
                 yield running
         except ServiceStartError as e:

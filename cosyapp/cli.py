@@ -681,6 +681,30 @@ def bench_agent(url: str | None, api_key: str | None, model_dir: Path | None, ba
         json_path.write_text(json.dumps(report, indent=2))
 
 
+@bench.command("decode")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Fish model directory (default: make a random model of --size)")
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="size of the random model")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--rows", "row_counts", callback=_counts, default="1,2,4", show_default=True,
+              help="numbers of streams decoded in step, one batched call per step, e.g. 1,2,4,8")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="timed decode steps per count")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_decode(model_dir: Path | None, size: str, device: str, dtype: str, row_counts: tuple[int, ...],
+                 steps: int, json_path: Path | None) -> None:
+    """Batched decoding of the Fish model runner: decode steps per second and codec audio per second for
+    several streams decoded in step, against the fewest (what batching gains)."""
+    from cosyapp.bench_decode import format_decode_report, run_decode_bench
+
+    report = run_decode_bench(model_dir, size=size, device=device, dtype=dtype, row_counts=row_counts, steps=steps)
+    click.echo(format_decode_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 @bench.command("chat")
 @click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--tokens", type=click.IntRange(2), default=64, show_default=True, help="tokens a run (greedy)")
@@ -723,12 +747,16 @@ def bench_chat(device: str, tokens: int, runs: int) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @click.option("--service-log", type=click.Path(dir_okay=False, path_type=Path),
               help="keep the started service's log here")
+@click.option("--prompt-text", help="send this transcript of the default prompt voice with every request "
+              "(zero-shot mode)")
+@click.option("--service-checkout", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="start the service from this checkout of cosyapp (another version), measured by this client")
 @user_errors
 def bench_service(url: str | None, config_file: Path | None, model_dir: Path | None, backend: str | None,
                   device: str | None, max_concurrent: int | None, max_queue: int | None, levels: tuple[int, ...],
                   requests: int, fixed_length: int, text: str | None, natural: bool, poisson_rate: float | None,
                   poisson_requests: int, seed: int, warmup: int, api_key: str | None, json_path: Path | None,
-                  service_log: Path | None) -> None:
+                  service_log: Path | None, prompt_text: str | None, service_checkout: Path | None) -> None:
     """Load-test the HTTP service: closed-loop concurrency levels, then Poisson arrivals. Prints a table of
     first-audio p50/p95/p99, real-time factor, audio seconds per second and playback underruns."""
     from cosyapp.bench import BENCH_TEXT
@@ -736,11 +764,12 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
 
     plan = LoadPlan(text=text or BENCH_TEXT, fixed_length=fixed_length, levels=levels, requests_per_client=requests,
                     poisson_rate=poisson_rate, poisson_requests=poisson_requests, seed=seed, warmup=warmup,
-                    natural=natural)
+                    natural=natural, prompt_text=prompt_text)
     service = None
     if url is None:
         service = LocalService(config=config_file, model_dir=model_dir, backend=backend, device=device,
-                               max_concurrent=max_concurrent, max_queue=max_queue, log_path=service_log)
+                               max_concurrent=max_concurrent, max_queue=max_queue, log_path=service_log,
+                               checkout=service_checkout)
         click.echo("starting the service ...", err=True)
     try:
         report = run_service_bench(plan, url=url, service=service, api_key=api_key)

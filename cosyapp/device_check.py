@@ -120,10 +120,7 @@ def check_cosyvoice2(model_dir: Path, device: str) -> list[StageCheck]:
     streamed = []
     for backend in (ref, dut):
         session = backend.token2wav.new_stream(*(p.to(backend.device) for p in prompt), seed=0)
-        try:
-            pieces = session.push(tokens.to(backend.device)) + [session.finish()]
-        finally:
-            session.close()
+        pieces = session.push(tokens.to(backend.device)) + [session.finish()]
         streamed.append(torch.cat([p.float().cpu().reshape(-1) for p in pieces]))
     checks.append(StageCheck("cosyvoice2", "streamed audio (flow + HiFT chunks)", flow_dtype,
                              rel_error(streamed[1], streamed[0]),

@@ -1,34 +1,33 @@
-"""The engine: runs a blocking backend on worker threads for an asyncio server.
+"""The engine's policy: admission, the KV-row pool, and what each step of a backend's core loop runs.
 
-- Admission: at most `max_concurrent` requests synthesize at once and at most `max_queue` more wait for a
-  slot; beyond that `admit()` raises `EngineBusy` at once (the server answers 503 + Retry-After) instead of
-  queueing without bound.
-- Streaming: a worker thread iterates `backend.synthesize(request)` and hands each chunk to the event loop
-  with `call_soon_threadsafe` into an asyncio queue, so the loop never blocks and never polls.
-- Cancellation: `SynthesisStream.cancel()` (client gone) sets `request.cancel`; the backend stops with
-  `Cancelled` at its next chunk (CosyVoice2: once it has the tokens of the chunk it is waiting for), and the slot is freed when the worker thread has really stopped.
-- Other model work (codec encoding and decoding) runs in a slot as well (`run`).
-- Voices: prepared prompt voices are cached by a caller-chosen key (a content hash of an upload, a speaker
-  id + version); concurrent requests for the same key share one preparation.
+Pure policy: no model math and no torch. The core loop (core.py) asks `Scheduler.plan` once per step and calls
+the backend's model runner with what it answers; the runner's per-stream states say where each stream is
+(`StreamState`), the scheduler decides what to do about it.
 
-Streams share the model inside the backend (CosyVoice2: every stream's LM decoding on one batcher thread,
-lm_batcher.py; chunks at the same point of their schedule computed together, token2wav.py); the engine only
-admits, feeds and cancels the worker threads.
+- Admission: `AdmissionLimit` holds at most `max_concurrent` synthesizing requests and `max_queue` waiting
+  ones; beyond that a request is refused at once with `EngineBusy` (503 + Retry-After), never queued without
+  bound. A stream that reaches the core takes a row of the `RowPool` (the runner's KV-cache rows, one pool
+  type for every backend) and keeps it until it ends, fails or is cancelled.
+- Each step: every stream that starts a sentence is prefilled; every stream that is decoding and still short
+  of the tokens of its next audio chunk (plus `run_ahead` tokens, where decoding ahead overlaps the audio work,
+  on a GPU) decodes one token, all of them in one batched forward; then one audio group is computed.
+- Audio groups: streams whose next chunk is ready, grouped by the runner's shape key (equal keys: equal
+  shapes and cache states, so one batched call computes them all, each as it would be alone).
+- First-chunk priority: the group of the most urgent stream goes first. A stream with no audio yet is the
+  most urgent (its listener hears nothing), oldest first; a stream with audio is as urgent as the moment its
+  listener runs dry (first audio time + audio seconds sent: earliest deadline first). While some stream is
+  still decoding towards its first chunk, a chunk whose listener has more than `slack_s` of audio buffered
+  waits, so the decode steps that stand between the newcomer and its first audio are not held up by audio
+  nobody needs yet. The slack follows the audio steps' measured cost, so a buffered stream is served before
+  it can run dry.
+- Cancellation: a cancelled stream leaves at the next step (`Scheduler.remove`) and its row is free at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, TypeVar
-
-import numpy as np
-
-from cosyapp.engine.types import Backend, BackendInfo, Cancelled, SynthesisRequest, Voice
+import heapq
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol
 
 
 class EngineBusy(Exception):
@@ -39,218 +38,181 @@ class EngineBusy(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
-class EngineStats:
-    admitted: int = 0
-    rejected: int = 0  # EngineBusy
-    completed: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    active: int = 0  # worker threads running a request now
-    in_flight: int = 0  # admitted and not finished (active + waiting for a slot)
-    voice_cache_hits: int = 0
-    voice_cache_misses: int = 0
-    audio_seconds: float = 0.0
+class AdmissionLimit:
+    """Counts requests holding a slot or a queue place (`in_flight`) against `max_concurrent + max_queue`."""
+
+    def __init__(self, max_concurrent: int, max_queue: int, retry_after_s: int) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    def take(self) -> None:
+        """One more place, or EngineBusy when all are taken."""
+        if self.in_flight >= self.max_concurrent + self.max_queue:
+            raise EngineBusy(self.retry_after_s)
+        self.in_flight += 1
+
+    def give_back(self) -> None:
+        self.in_flight -= 1
 
 
 class Admission:
-    """A request's place in the engine, held from `Engine.admit()` until its work is over.
+    """A request's place in the engine, held from `admit()` until its work is over. The caller releases it if
+    it fails before starting; after that the stream owns it. Idempotent."""
 
-    The caller releases it if it fails before `Engine.start`; after that the stream owns it. Idempotent.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, limit: AdmissionLimit) -> None:
+        self._limit = limit
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._engine.stats.in_flight -= 1
+            self._limit.give_back()
 
 
-T = TypeVar("T")
+class RowPool:
+    """The runner's KV-cache rows; the lowest free row first, so batched decodes over rows 0..highest in use
+    stay as small as the number of streams."""
 
-# Queue items after the audio chunks: the end of the stream, or why it stopped.
-_END = object()
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._free = list(range(rows))
 
+    def take(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
 
-@dataclass(frozen=True)
-class _Stopped:
-    error: BaseException
+    def give_back(self, row: int) -> None:
+        heapq.heappush(self._free, row)
 
-
-class SynthesisStream:
-    """Async iterator of float32 chunks from one running request. Raises the backend's error (e.g. an
-    InputError, or Cancelled) where the stream stopped."""
-
-    def __init__(self, request: SynthesisRequest, queue: asyncio.Queue) -> None:
-        self.request = request
-        self._queue = queue
-        self._finished = False
-
-    def __aiter__(self) -> SynthesisStream:
-        return self
-
-    async def __anext__(self) -> np.ndarray:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, np.ndarray):
-            return item
-        self._finished = True
-        if isinstance(item, _Stopped):
-            raise item.error
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        """Stop the generation (no-op once it has finished). Safe to call from `finally` of a cancelled task."""
-        self.request.cancel.set()
+    @property
+    def free(self) -> int:
+        return len(self._free)
 
 
-def _failed(future: asyncio.Future) -> bool:
-    return future.done() and (future.cancelled() or future.exception() is not None)
+class StreamState(Protocol):
+    """What the scheduler reads of a runner's per-stream state (the runner keeps it true after each call)."""
+
+    needs_prefill: bool  # a sentence starts: its prompt goes into the stream's row next
+    decoding: bool  # the LM is still making tokens for the current sentence
+    tokens_short: int  # tokens missing before the next audio chunk can be computed (<= 0: it can)
+    audio_pending: bool  # audio is left to compute once decoding has ended (the sentence's last chunk)
+    finished: bool  # every chunk of the request has been made
+    audio_key: Hashable | None  # streams with equal keys compute their chunks in one batched call; None: alone
 
 
-class Engine:
-    def __init__(self, backend: Backend, max_concurrent: int, max_queue: int, retry_after_s: int = 2,
-                 voice_cache_size: int = 64) -> None:
-        self.backend = backend
-        self.info: BackendInfo = backend.info()
-        self.max_concurrent = max_concurrent
-        self.max_queue = max_queue
-        self.retry_after_s = retry_after_s
-        self.stats = EngineStats()
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self._workers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="synth")
-        # Prompt extraction runs beside synthesis on its own threads (uploads must not wait for a stream slot).
-        self._voice_workers = ThreadPoolExecutor(max(1, min(4, max_concurrent)), thread_name_prefix="voice")
-        self._voices: OrderedDict[str, asyncio.Future[Voice]] = OrderedDict()
-        self._voice_cache_size = voice_cache_size
-        self._running: set[threading.Event] = set()  # cancel events of the requests on worker threads
+@dataclass(eq=False)
+class Ticket:
+    """The scheduler's record of one stream in the core."""
+    state: StreamState
+    arrival: float  # when it reached the core (seconds, the core's clock)
+    row: int | None = None
+    streaming: bool = True  # False: one waveform at the end, nobody listens before
+    first_audio_at: float | None = None
+    audio_s: float = 0.0  # audio seconds handed out so far
 
-    def admit(self) -> Admission:
-        """Take a place (a slot or a queue place) or raise EngineBusy. Cheap; call it before heavy work."""
-        if self.stats.in_flight >= self.max_concurrent + self.max_queue:
-            self.stats.rejected += 1
-            raise EngineBusy(self.retry_after_s)
-        self.stats.in_flight += 1
-        self.stats.admitted += 1
-        return Admission(self)
+    def audio_ready(self) -> bool:
+        state = self.state
+        if state.needs_prefill or state.finished:
+            return False
+        return state.tokens_short <= 0 or (not state.decoding and state.audio_pending)
 
-    async def voice(self, key: str, prepare: Callable[[], Voice]) -> Voice:
-        """The voice cached under `key`, else `prepare()` run on a worker thread (its errors propagate and are
-        not cached)."""
-        future = self._voices.get(key)
-        if future is not None and not _failed(future):
-            self._voices.move_to_end(key)
-            self.stats.voice_cache_hits += 1
-        else:
-            self.stats.voice_cache_misses += 1
-            future = asyncio.get_running_loop().run_in_executor(self._voice_workers, prepare)
-            self._voices[key] = future
-            future.add_done_callback(lambda f: self._forget_failed(key, f))
-            self._evict_voices()
-        # shield: one waiting request going away must not cancel a preparation others share.
-        return await asyncio.shield(future)
+    def deadline(self) -> float:
+        """When its listener runs out of audio (no audio yet: the arrival, so older newcomers go first)."""
+        if self.first_audio_at is None or not self.streaming:
+            return self.arrival
+        return self.first_audio_at + self.audio_s
 
-    def _forget_failed(self, key: str, future: asyncio.Future) -> None:
-        if _failed(future) and self._voices.get(key) is future:
-            del self._voices[key]
+    def priority(self) -> tuple[bool, float]:
+        return (self.first_audio_at is not None and self.streaming, self.deadline())
 
-    def _evict_voices(self) -> None:
-        while len(self._voices) > self._voice_cache_size:
-            oldest = next(iter(self._voices))
-            if not self._voices[oldest].done():
-                break  # never drop a preparation somebody is waiting for
-            del self._voices[oldest]
 
-    async def start(self, request: SynthesisRequest, admission: Admission) -> SynthesisStream:
-        """Wait for a free slot, then start synthesizing on a worker thread. The stream owns `admission`
-        from here on; the slot and the admission are released when the worker has stopped."""
-        await self._slots.acquire()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self.stats.active += 1
-        self._running.add(request.cancel)
-        try:
-            self._workers.submit(self._work, loop, queue, request, admission)
-        except BaseException:
-            self._finish(request, admission, "failed", 0.0)
-            raise
-        return SynthesisStream(request, queue)
+@dataclass
+class StepPlan:
+    prefill: list[Ticket] = field(default_factory=list)
+    decode: list[Ticket] = field(default_factory=list)
+    audio: list[Ticket] = field(default_factory=list)
 
-    async def run(self, work: Callable[[], T], admission: Admission) -> T:
-        """Run blocking model work other than a synthesis (codec encoding and decoding) in a synthesis slot on a
-        worker thread, so it counts against the same limit. Owns `admission` like `start`; the slot is freed when
-        the work has really stopped (a caller that goes away does not stop the thread)."""
-        try:
-            await self._slots.acquire()
-        except BaseException:
-            admission.release()
-            raise
-        self.stats.active += 1
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode or self.audio)
 
-        def finished(_: asyncio.Future) -> None:
-            self.stats.active -= 1
-            admission.release()
-            self._slots.release()
 
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._workers, work)
-        except BaseException:
-            finished(None)
-            raise
-        future.add_done_callback(finished)
-        return await asyncio.shield(future)
+# Smallest audio buffer a stream keeps before its chunk goes ahead of a newcomer's first chunk, and how many times
+# the slowest recent audio step a buffer must cover (the chunk still has to be computed when it is served).
+MIN_SLACK_S = 0.5
+SLACK_STEPS = 3.0
+AUDIO_STEP_MEMORY = 8  # recent audio step times kept
 
-    def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, request: SynthesisRequest,
-              admission: Admission) -> None:
-        """Worker thread: run the backend and forward its chunks to the event loop."""
-        samples = 0
-        outcome = "completed"
-        try:
-            with contextlib.closing(self.backend.synthesize(request)) as chunks:
-                for chunk in chunks:
-                    chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
-                    if chunk.size == 0:
-                        continue  # nothing to send; the first real chunk defines the time to first byte
-                    samples += chunk.shape[0]
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                    request.check_cancelled()
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
-        except Cancelled as e:
-            outcome = "cancelled"
-            self._post(loop, queue.put_nowait, _Stopped(e))
-        except BaseException as e:  # handed to the consumer; the worker thread itself must survive
-            outcome = "failed"
-            self._post(loop, queue.put_nowait, _Stopped(e))
-        finally:
-            self._post(loop, self._finish, request, admission, outcome, samples / self.info.sample_rate)
 
-    @staticmethod
-    def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: the server is shutting down and nobody is listening
-            pass
+class Scheduler:
+    """Rows and per-step plans for one backend's core loop (module docstring)."""
 
-    def _finish(self, request: SynthesisRequest, admission: Admission, outcome: str, audio_seconds: float) -> None:
-        self._running.discard(request.cancel)
-        self.stats.active -= 1
-        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        self.stats.audio_seconds += audio_seconds
-        admission.release()
-        self._slots.release()
+    def __init__(self, rows: int, run_ahead: int = 0) -> None:
+        self.pool = RowPool(rows)
+        self.run_ahead = run_ahead
+        self.waiting: list[Ticket] = []  # reached the core, no row free yet
+        self.running: list[Ticket] = []
+        self._audio_step_s: list[float] = []
 
-    def snapshot(self) -> dict[str, Any]:
-        """Counters plus limits, for /stats and tests."""
-        return {**asdict(self.stats), "waiting": self.stats.in_flight - self.stats.active,
-                "max_concurrent": self.max_concurrent, "max_queue": self.max_queue}
+    def add(self, ticket: Ticket) -> None:
+        self.waiting.append(ticket)
+        self._seat()
 
-    async def close(self) -> None:
-        """Cancel everything still running and wait for the worker threads to stop."""
-        for cancel in list(self._running):
-            cancel.set()
-        await asyncio.to_thread(self._workers.shutdown, wait=True, cancel_futures=True)
-        await asyncio.to_thread(self._voice_workers.shutdown, wait=True, cancel_futures=True)
+    def remove(self, ticket: Ticket) -> None:
+        """The stream ended, failed or was cancelled: it leaves now and its row is free for the next step."""
+        if ticket in self.waiting:
+            self.waiting.remove(ticket)
+            return
+        if ticket in self.running:
+            self.running.remove(ticket)
+            if ticket.row is not None:
+                self.pool.give_back(ticket.row)
+                ticket.row = None
+            self._seat()
+
+    def _seat(self) -> None:
+        while self.waiting and self.pool.free:
+            ticket = self.waiting.pop(0)
+            ticket.row = self.pool.take()
+            self.running.append(ticket)
+
+    @property
+    def slack_s(self) -> float:
+        return max(MIN_SLACK_S, SLACK_STEPS * max(self._audio_step_s, default=0.0))
+
+    def observe_audio_step(self, seconds: float) -> None:
+        """The measured cost of an audio step, so the slack covers what serving a chunk takes."""
+        self._audio_step_s.append(seconds)
+        del self._audio_step_s[:-AUDIO_STEP_MEMORY]
+
+    def plan(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        for ticket in self.running:
+            state = ticket.state
+            if state.finished:
+                continue
+            if state.needs_prefill:
+                plan.prefill.append(ticket)
+            elif state.decoding and state.tokens_short > -self.run_ahead:
+                plan.decode.append(ticket)
+        plan.audio = self.audio_group(now, starving=any(self._starving(t) for t in plan.prefill + plan.decode))
+        return plan
+
+    def _starving(self, ticket: Ticket) -> bool:
+        """Working towards its first chunk, which a listener waits for."""
+        return ticket.streaming and ticket.first_audio_at is None
+
+    def audio_group(self, now: float, starving: bool = False) -> list[Ticket]:
+        """The most urgent ready stream and every ready stream with its shape key (module docstring); nothing when
+        newcomers are starving and the most urgent ready stream has more than `slack_s` of audio buffered."""
+        ready = sorted((t for t in self.running if t.audio_ready()), key=Ticket.priority)
+        if not ready:
+            return []
+        first = ready[0]
+        buffered = first.deadline() - now
+        if starving and first.priority()[0] and buffered > self.slack_s:
+            return []
+        key = first.state.audio_key
+        if key is None:
+            return [first]
+        return [first, *(t for t in ready[1:] if t.state.audio_key == key)]

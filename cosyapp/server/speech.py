@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, cast
 import numpy as np
 
 from cosyapp.audio import check_duration, decode_audio, read_audio_file
-from cosyapp.engine.scheduler import Admission, Engine, SynthesisStream
+from cosyapp.engine.engine import Engine, SynthesisStream
+from cosyapp.engine.scheduler import Admission
 from cosyapp.engine.types import Codec, InputError, Mode, ReferenceVoices, SynthesisRequest, Voice
 from cosyapp.server.errors import ApiError
 from cosyapp.server.fields import check_length

@@ -12,7 +12,7 @@ from cosyapp.audio import check_duration, decode_audio
 from cosyapp.backends.weights import resolve_device
 from cosyapp.config import AUTO, Settings
 from cosyapp.engine.registry import load_backend
-from cosyapp.engine.scheduler import Engine
+from cosyapp.engine.engine import Engine
 from cosyapp.engine.sizing import auto_max_concurrent
 from cosyapp.engine.types import InputError
 from cosyapp.server.errors import ApiError

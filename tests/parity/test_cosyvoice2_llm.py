@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cosyapp.backends.cosyvoice2.decoding import generate
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
@@ -119,7 +120,7 @@ def test_seeded_generate_tokens(lm, llm_npz, frontend_npz, settings, mode):
 def generate_n(lm: CosyVoice2LM, lm_input: torch.Tensor, min_len: int, max_len: int, n: int,
                generator: torch.Generator | None = None) -> list[int]:
     tokens = []
-    for token in lm.generate(lm_input, min_len, max_len, generator=generator):
+    for token in generate(lm, lm_input, min_len, max_len, generator=generator):
         tokens.append(token)
         if len(tokens) == n:
             break
@@ -207,7 +208,7 @@ def test_batched_decode_rows_at_different_positions(lm, llm_npz, frontend_npz):
 
 def test_fixed_length_ignores_stop_tokens(lm, frontend_npz):
     lm_input = lm_input_for(lm, frontend_npz, "cross_lingual")
-    tokens = list(lm.generate(lm_input, 0, 1, generator=torch.Generator().manual_seed(0), fixed_length=45))
+    tokens = list(generate(lm, lm_input, 0, 1, generator=torch.Generator().manual_seed(0), fixed_length=45))
     assert len(tokens) == 45
     assert all(0 <= t < lm.config.speech_token_size for t in tokens)
 
@@ -217,14 +218,14 @@ def test_stops_on_eos_after_min_len(cosyvoice2_golden, frontend_npz):
     lm = CosyVoice2LM.from_pretrained(cosyvoice2_golden / "tiny")
     lm.llm_decoder.bias[lm.config.speech_token_size] += 100.0
     lm_input = lm_input_for(lm, frontend_npz, "cross_lingual")
-    tokens = list(lm.generate(lm_input, min_len=3, max_len=40, generator=torch.Generator().manual_seed(0)))
+    tokens = list(generate(lm, lm_input, min_len=3, max_len=40, generator=torch.Generator().manual_seed(0)))
     assert len(tokens) == 3
     assert all(t < lm.config.speech_token_size for t in tokens)
 
 
 def test_max_len_bounds_generation(lm, frontend_npz):
     lm_input = lm_input_for(lm, frontend_npz, "cross_lingual")
-    tokens = list(lm.generate(lm_input, min_len=7, max_len=7, generator=torch.Generator().manual_seed(0)))
+    tokens = list(generate(lm, lm_input, min_len=7, max_len=7, generator=torch.Generator().manual_seed(0)))
     assert len(tokens) == 7
 
 

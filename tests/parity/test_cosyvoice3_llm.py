@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from cosyapp.backends.cosyvoice2.decoding import generate, stop_rule
 from cosyapp.backends.cosyvoice2.llm import length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
-from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
+from cosyapp.backends.cosyvoice3.decoding import SilenceCap
+from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 from cosyapp.engine.types import ModelFileError
 
 from parity_helpers import forced_hidden
@@ -97,10 +99,10 @@ def test_seeded_generate_stops_like_upstream(lm, llm_npz, frontend_npz, cv3_sett
     expected = llm_npz[f"{mode}__sampled_tokens"].tolist()
     assert len(expected) == per_mode["sampled_n_tokens"]
     torch.manual_seed(cv3_settings["sampling"]["seed"])
-    assert list(lm.generate(lm_input, per_mode["min_len"], per_mode["max_len"])) == expected
+    assert list(generate(lm, lm_input, per_mode["min_len"], per_mode["max_len"])) == expected
     # The same stream from a dedicated generator leaves the global one alone.
     before = torch.get_rng_state()
-    tokens = lm.generate(lm_input, per_mode["min_len"], per_mode["max_len"],
+    tokens = generate(lm, lm_input, per_mode["min_len"], per_mode["max_len"],
                          generator=torch.Generator().manual_seed(cv3_settings["sampling"]["seed"]))
     assert list(tokens) == expected
     assert torch.equal(torch.get_rng_state(), before)
@@ -115,7 +117,7 @@ def test_seeded_sampling_steps(lm, llm_npz, frontend_npz, cv3_settings, mode):
     prefix = f"{mode}__sampled"
     n_steps = len(llm_npz[f"{prefix}_ids_all"])
     assert n_steps == per_mode["sampled_n_steps"]
-    rule = lm.stop_rule(per_mode["min_len"], per_mode["max_len"])
+    rule = stop_rule(lm, per_mode["min_len"], per_mode["max_len"])
     top_k, length = lm.config.top_k, lm_input.shape[1]
     lm.setup_cache(1, length + n_steps)
     sampler = RasSampler(lm.config.top_p, top_k, lm.config.win_size, lm.config.tau_r)
@@ -153,7 +155,7 @@ def test_seeded_sampling_steps(lm, llm_npz, frontend_npz, cv3_settings, mode):
 
 
 def test_stop_ids(lm, cv3_settings):
-    rule = lm.stop_rule(0, 10)
+    rule = stop_rule(lm, 0, 10)
     stop_ids = range(cv3_settings["speech_token_size"], cv3_settings["llm_decoder_out"])
     assert all(rule.is_stop(i) for i in stop_ids)
     assert not rule.is_stop(cv3_settings["speech_token_size"] - 1)

@@ -4,13 +4,17 @@ replayed from CUDA graphs where a GPU is present."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
+from cosyapp.backends.cosyvoice2.decoding import Decoding, generate, stop_rule
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
-from cosyapp.backends.cosyvoice2.lm_batcher import LMBatcher
+from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner, CosyVoiceStream
+from cosyapp.backends.cosyvoice2.sampling import RasSampler
+from cosyapp.engine.types import SynthesisRequest
 
 ROWS = 4
 CONTEXT = 256
@@ -59,22 +63,37 @@ def test_fixed_shape_step_matches_the_eager_step(tiny_cosyvoice2_dir: Path) -> N
         step(x, positions)
 
 
+class TokenLog:
+    """Stands in for a stream's token2wav session: keeps the tokens the runner hands on."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def add(self, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
+
+
 @torch.inference_mode()
-def test_batcher_with_a_fixed_shape_step_samples_the_same_tokens(tiny_cosyvoice2_dir: Path) -> None:
+def test_runner_with_a_fixed_shape_step_samples_the_same_tokens(tiny_cosyvoice2_dir: Path) -> None:
     lm = load_lm(tiny_cosyvoice2_dir, "cpu")
     (prompt,) = prompts(lm, [9])
 
-    alone = list(lm.generate(prompt, 0, 40, generator=torch.Generator().manual_seed(3), fixed_length=40, cache_row=1))
+    alone = list(generate(lm, prompt, 0, 40, generator=torch.Generator().manual_seed(3), fixed_length=40,
+                          cache_row=1))
     static_step = StaticDecodeStep(lm, capture=False)
     fixed_batches: list[int] = []
     fixed_step = static_step._step
     static_step._step = lambda x, pos: fixed_batches.append(x.shape[0]) or fixed_step(x, pos)
-    batcher = LMBatcher(lm, ROWS, static_step)
-    decoding = batcher.start(1, prompt, lm.stop_rule(0, 40, fixed_length=40), torch.Generator().manual_seed(3))
-    batched: list[int] = []
-    while (tokens := decoding.take()) is not None:
-        batched.extend(tokens)
-    batcher.stop(decoding)
+    runner = CosyVoiceRunner(SimpleNamespace(llm=lm), ROWS, static_step)
+    generator = torch.Generator().manual_seed(3)
+    state = CosyVoiceStream(SynthesisRequest(text="", voice=None), None, [[0]], None, generator, row=1,
+                            lm=Decoding(1, prompt.shape[1], stop_rule(lm, 0, 40, fixed_length=40),
+                                        RasSampler.from_config(lm.config, generator)),
+                            lm_input=prompt, session=TokenLog())
+    runner.prefill_rows([state])
+    while state.decoding:
+        runner.decode([state])
+    batched = state.session.tokens
     assert batched == alone
     # Row 1 decoding alone runs as rows 0..1 (the fixed size 2); the prefill runs eagerly.
     assert fixed_batches == [2] * 39

@@ -1,18 +1,17 @@
 """The CosyVoice2 backend: frontend -> LM -> flow -> HiFT behind the engine's `Backend` interface.
 
 One object per loaded model, shared by every request. Request state (LM cache row, sampling generator,
-streaming schedule, HiFT caches) lives in the call to `synthesize`, never on the shared object, so
-concurrent streams cannot disturb each other (upstream's shared `token_hop_len` bug cannot happen here).
+streaming schedule, HiFT caches) lives in per-stream states of the model runner (runner.py), which the engine's
+core loop owns, never on the shared object, so concurrent streams cannot disturb each other (upstream's shared
+`token_hop_len` bug cannot happen here). `synthesize` runs one request alone through the same runner.
 """
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-import torch
 
 from cosyapp.accel.trt import load_trt_estimator
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
@@ -20,13 +19,12 @@ from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
-from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
-from cosyapp.backends.cosyvoice2.lm_batcher import LMBatcher
+from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
 from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
-from cosyapp.backends.cosyvoice2.token2wav import Token2Wav
+from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner
+from cosyapp.backends.cosyvoice2.token2wav import Token2Wav, Token2WavStream
 from cosyapp.backends.weights import resolve_device, resolve_dtype
-from cosyapp.engine.sizing import cpu_cores
-from cosyapp.engine.stats import timed
+from cosyapp.engine.core import run_alone
 from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
 
 MODEL_TYPE = "CosyVoice2"
@@ -51,12 +49,6 @@ class CosyVoice2Backend:
                  cuda_graphs: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        # On the CPU every thread that runs model work (each stream's vocoding, the LM batcher) gets an equal
-        # share of the cores as intra-op threads: threads with a thread team of every core each would fight over
-        # the cores (their idle team threads spin). With 2 cores and one stream, two threads each made a request
-        # 1.6x slower than one (510 vs 325 ms). Batched chunks are cut into one part per share, computed at once.
-        self.cpu_threads = max(1, cpu_cores() // (max_streams + 1)) if self.device.type == "cpu" else None
-        batch_workers = max(1, cpu_cores() // self.cpu_threads) if self.cpu_threads else 1
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
         self.frontend = CosyVoice2Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
         self.llm = CosyVoice2LM.from_pretrained(self.model_dir, self.config, self.device,
@@ -72,19 +64,16 @@ class CosyVoice2Backend:
         self.hift.m_source.upstream_noise_order = False
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
                                    incremental_flow=incremental_flow, exact_final=exact_final,
-                                   flow_left_chunks=flow_left_chunks, batching=True, batch_workers=batch_workers)
+                                   flow_left_chunks=flow_left_chunks)
         self.lm_context = lm_context
-        # Every stream's LM decoding runs on the batcher's thread, all streams in shared forwards. On a GPU the
-        # batched decode step replays CUDA graphs (eager on the CPU, or with cuda_graphs=False).
+        # The engine's core loop decodes every stream's LM row in one forward per step; on a GPU that step replays
+        # CUDA graphs (eager on the CPU, or with cuda_graphs=False).
         static_step = StaticDecodeStep(self.llm) if cuda_graphs and self.device.type == "cuda" else None
-        # On a GPU the LM decodes up to one full chunk ahead of each stream's vocoding (LMBatcher).
+        # On a GPU the LM decodes up to one full chunk ahead of each stream's vocoding (its steps overlap the
+        # vocoder's kernels); on a CPU they compete for the same cores, so a stream waits while it vocodes.
         run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
-        self.lm_batcher = LMBatcher(self.llm, max_streams, static_step, self.cpu_threads, run_ahead)
-        # Each stream owns one row of the LM's KV cache for the whole request. The lowest free row is handed
-        # out, so the batched decode (rows 0..highest running row) stays as small as the number of streams.
-        self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
-        for row in range(max_streams):
-            self._free_rows.put(row)
+        self.runner = CosyVoiceRunner(self, max_streams, static_step, run_ahead)
+        self.stream_runner = self.runner  # what the engine's core drives: the model runner speaks its protocol
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
@@ -138,69 +127,19 @@ class CosyVoice2Backend:
             return self.frontend.instruction_ids(instruction)
         return None
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
-        """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise."""
-        if self.cpu_threads is not None:
-            torch.set_num_threads(self.cpu_threads)  # this thread's share of the cores (see __init__)
-        stats = request.stats
-        with timed(stats, "frontend"):
-            voice = self._features(request.voice)
-            sentences = self.frontend.text_sentences(request.text)
-            prompt_ids = self._prompt_ids(request)
-        generator = torch.Generator(device=self.device)
-        if request.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(request.seed)
-        try:
-            row = self._free_rows.get_nowait()
-        except queue.Empty:
-            raise RuntimeError("more concurrent streams than the backend's max_streams") from None
-        try:
-            pieces: list[np.ndarray] = []
-            for text_ids in sentences:
-                for chunk in self._sentence(request, voice, text_ids, prompt_ids, row, generator):
-                    if request.stream:
-                        yield chunk
-                    else:
-                        pieces.append(chunk)
-            if not request.stream:
-                yield np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        finally:
-            self._free_rows.put(row)
+    def new_session(self, model_input: Any, request: SynthesisRequest) -> Token2WavStream:
+        """The token2wav state of one sentence (runner.py)."""
+        return self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
+                                         model_input.flow_embedding, stream=request.stream, seed=request.seed)
 
-    def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
-                  prompt_ids: list[int] | None, row: int, generator: torch.Generator) -> Iterator[np.ndarray]:
-        stats = request.stats
-        with timed(stats, "frontend"):
-            model_input = self.frontend.build_model_input(request.mode, text_ids, voice, prompt_ids)
-            lm_input = self.llm.build_lm_input(model_input.text, model_input.prompt_text,
-                                               model_input.llm_prompt_speech_token)
-        min_len, max_len = length_limits(model_input.text_len)
-        room = self.lm_context - lm_input.shape[1]
-        if request.fixed_length is not None and request.fixed_length > room:
-            raise InputError(f"fixed_length {request.fixed_length} exceeds the LM context left ({room} tokens)")
-        max_len = min(max_len, room)
-        if max_len <= min_len:
-            raise InputError("prompt and sentence are too long for the LM context; use a shorter prompt or text")
-        session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
-                                            model_input.flow_embedding, stream=request.stream, seed=request.seed)
-        session.stats = stats
-        # The batcher decodes this stream's tokens in forwards shared with the other streams'; this thread takes
-        # them a chunk's worth at a time and vocodes them.
-        decoding = self.lm_batcher.start(row, lm_input, self.llm.stop_rule(min_len, max_len, request.fixed_length),
-                                         generator, stats, on_token=session.count_produced)
-        try:
-            while (tokens := decoding.take(session.tokens_wanted(), request.cancel)) is not None:
-                request.check_cancelled()
-                for token in tokens:  # one at a time, so each chunk is handed out as soon as it is ready
-                    for chunk in session.push([token]):
-                        yield chunk.float().cpu().numpy()
-            request.check_cancelled()
-            yield session.finish().float().cpu().numpy()
-        finally:
-            self.lm_batcher.stop(decoding)  # before the caller frees the LM cache row
-            session.close()
+    def token_filter(self) -> None:
+        """Every CosyVoice2 token reaches the vocoder."""
+        return None
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks: several per sentence when streaming, one waveform otherwise. One request
+        alone on the calling thread, through the runner the engine uses (engine/core.py `run_alone`)."""
+        return run_alone(self.stream_runner, request, self.config.sample_rate)
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice2Backend:

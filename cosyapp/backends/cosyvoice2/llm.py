@@ -1,5 +1,5 @@
-"""The CosyVoice2 LM: a Qwen2 transformer over text + speech-token embeddings, a speech-token head, and
-upstream's autoregressive loop (dossier section 4, golden README 5.2 and quirks 1-4).
+"""The CosyVoice2 LM: a Qwen2 transformer over text + speech-token embeddings and a speech-token head (dossier
+section 4, golden README 5.2 and quirks 1-4). Decoding (stop rules, sampling, the loop) is in decoding.py.
 
 The transformer runs on embeddings (never on Qwen text ids directly) with a preallocated KV cache:
 `max_batch` rows x `max_seq_len` positions. Every call passes explicit per-row positions and the first
@@ -9,16 +9,14 @@ decoded together in one forward, each at its own position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Self, Sequence
+from typing import Any, Self, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, LLMConfig, Qwen2Config
-from cosyapp.backends.cosyvoice2.sampling import RasSampler, SampleResult
 from cosyapp.backends.weights import check_keys, load_state_dict
 
 CACHE_LEN_MULTIPLE = 256  # grow the KV cache in steps, not once per request length
@@ -282,62 +280,3 @@ class CosyVoice2LM(nn.Module):
         hidden = self(x, input_pos, first_row, longest)
         last = torch.tensor(lengths, device=x.device) - 1
         return self.speech_logp(hidden[torch.arange(len(inputs), device=x.device), last])
-
-    def sample_step(self, x: torch.Tensor, position: int, cache_row: int, sampler: RasSampler,
-                    banned: tuple[int, int | None] | None) -> SampleResult:
-        """One row alone (`step_logp`), its banned ids masked, then sampled."""
-        return sampler(ban(self.step_logp(x, position, cache_row), banned))
-
-    def stop_rule(self, min_len: int, max_len: int, fixed_length: int | None = None) -> "StopRule":
-        """Upstream's stop conditions for a sentence (`length_limits`), or exactly `fixed_length` tokens."""
-        return StopRule(self.config.speech_token_size, min_len, max_len if fixed_length is None else fixed_length,
-                        fixed_length is not None)
-
-    @torch.inference_mode()
-    def generate(self, lm_input: torch.Tensor, min_len: int, max_len: int,
-                 generator: torch.Generator | None = None, fixed_length: int | None = None,
-                 cache_row: int = 0) -> Iterator[int]:
-        """Upstream's decoding loop for one stream: yield speech token ids until a stop id or max_len (see
-        `StopRule`). Uses cache row `cache_row`; one generation per row at a time. The one host sync per step
-        is the sampled id. (The service decodes its streams together: lm_batcher.py.)
-        """
-        rule = self.stop_rule(min_len, max_len, fixed_length)
-        length = lm_input.shape[1]
-        self.ensure_cache(length + rule.num_steps)
-        sampler = RasSampler.from_config(self.config, generator)
-        x, position = lm_input, 0
-        for i in range(rule.num_steps):
-            sample = self.sample_step(x, position, cache_row, sampler, rule.banned(i))
-            if rule.is_stop(sample.token_id):
-                return
-            yield sample.token_id
-            x, position = self.speech_embedding(sample.token).reshape(1, 1, -1), length + i
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """When upstream's decoding stops: at a stop id (>= `eos`, the speech vocabulary size), which is banned
-    while fewer than `min_len` tokens were made, or after `num_steps` (max_len) tokens. `fixed` (benchmarks)
-    bans every stop id, so exactly num_steps tokens come out whatever the weights."""
-    eos: int
-    min_len: int
-    num_steps: int
-    fixed: bool = False
-
-    def banned(self, made: int) -> tuple[int, int | None] | None:
-        """Ids [start, stop) masked in the step after `made` tokens (stop None: to the end)."""
-        if self.fixed:
-            return (self.eos, None)  # every stop id
-        if made < self.min_len:
-            return (self.eos, self.eos + 1)
-        return None
-
-    def is_stop(self, token_id: int) -> bool:
-        return not self.fixed and token_id >= self.eos
-
-
-def ban(logp: torch.Tensor, banned: tuple[int, int | None] | None) -> torch.Tensor:
-    """Log-probs with ids [start, stop) set to -inf (stop None: to the end), in place."""
-    if banned is not None:
-        logp[..., banned[0]:banned[1]] = float("-inf")
-    return logp

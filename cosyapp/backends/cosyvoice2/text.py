@@ -26,7 +26,6 @@ import contextlib
 import functools
 import importlib.util
 import re
-import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -69,13 +68,11 @@ class WetextNormalizer:
             raise RuntimeError(f"no wetext TN FSTs found in {where}")
         self._models = {lang: Normalizer(tagger_path=str(tagger), verbalizer_path=str(verbalizer), lang=lang)
                         for lang, (tagger, verbalizer) in paths.items()}
-        # kaldifst makes no thread-safety promise; normalisation is rare and fast next to synthesis.
-        self._lock = threading.Lock()
 
     def normalize(self, text: str) -> str:
         model = self._models["zh" if contains_chinese(text) else "en"]
-        with self._lock:
-            return model.normalize(text)
+        # kaldifst makes no thread-safety promise: the engine calls this from its backend's core loop only.
+        return model.normalize(text)
 
 
 def find_wetext_fsts(fst_dir: str | Path | None = None) -> dict[str, tuple[Path, Path]] | None:

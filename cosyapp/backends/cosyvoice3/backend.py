@@ -1,34 +1,29 @@
 """The CosyVoice3 backend: frontend -> LM (+ silence cap) -> flow -> causal HiFT behind the engine's `Backend`.
 
 One object per loaded model, shared by every request; request state (LM cache row, sampling generator,
-streaming schedule, flow caches, mel and sample offsets) lives in the call to `synthesize`. Each stream decodes
-its own LM tokens on the request thread, in its own row of the KV cache. Streaming chunks cost what they add
+streaming schedule, flow caches, mel and sample offsets) lives in per-stream states of CosyVoice2's model runner
+(cosyvoice2/runner.py), which the engine's core loop owns: the LM rows of all streams decode in one forward per
+step, each stream's chunks are vocoded one stream at a time. Streaming chunks cost what they add
 (`token2wav.py`), unless `exact_streaming` asks for upstream's re-run of the whole utterance per chunk.
 """
 
 from __future__ import annotations
 
-import queue
-import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import numpy as np
-import torch
 
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, verify_layout
-from cosyapp.backends.cosyvoice2.frontend import VoiceFeatures
-from cosyapp.backends.cosyvoice2.llm import length_limits
+from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner
 from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
 from cosyapp.backends.cosyvoice3.frontend import CosyVoice3Frontend
 from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
-from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM, SilenceCap
+from cosyapp.backends.cosyvoice3.decoding import SilenceCap
+from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
-from cosyapp.backends.cosyvoice3.token2wav import Token2Wav
+from cosyapp.backends.cosyvoice3.token2wav import Token2Wav, Token2WavStream
 from cosyapp.backends.weights import resolve_device, resolve_dtype
-from cosyapp.engine.sizing import cpu_cores
-from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, SynthesisRequest
 
 MODEL_TYPE = "CosyVoice3"
@@ -47,7 +42,7 @@ class CosyVoice3Backend:
     voice_state = CosyVoice2Backend.voice_state
     voice_from_state = CosyVoice2Backend.voice_from_state
     _features = CosyVoice2Backend._features
-    # A request's sentences in turn on one KV-cache row, as CosyVoice2; each sentence is CosyVoice3's `_sentence`.
+    # One request alone through the model runner, as CosyVoice2.
     synthesize = CosyVoice2Backend.synthesize
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
@@ -55,8 +50,6 @@ class CosyVoice3Backend:
                  exact_streaming: bool = False, flow_left_chunks: int = 8) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        # On the CPU each stream's thread gets an equal share of the cores (see CosyVoice2Backend).
-        self.cpu_threads = max(1, cpu_cores() // max_streams) if self.device.type == "cpu" else None
         self.config = CosyVoice3Config.from_model_dir(self.model_dir)
         self.frontend = CosyVoice3Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
         self.llm = CosyVoice3LM.from_pretrained(self.model_dir, self.config, self.device,
@@ -70,9 +63,10 @@ class CosyVoice3Backend:
         # whose flow sees the prompt and the last flow_left_chunks chunks (-1: all).
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, exact=exact_streaming,
                                    left_chunks=flow_left_chunks)
-        self._free_rows: queue.PriorityQueue[int] = queue.PriorityQueue()
-        for row in range(max_streams):
-            self._free_rows.put(row)
+        # On a GPU the LM decodes up to one full chunk ahead of each stream's vocoding (see CosyVoice2Backend).
+        run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
+        self.runner = CosyVoiceRunner(self, max_streams, run_ahead=run_ahead)
+        self.stream_runner = self.runner  # what the engine's core drives (see CosyVoice2Backend)
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
@@ -97,35 +91,14 @@ class CosyVoice3Backend:
             return self.frontend.instruction_ids(instruction)
         return None
 
-    def _sentence(self, request: SynthesisRequest, voice: VoiceFeatures, text_ids: list[int],
-                  prompt_ids: list[int] | None, row: int, generator: torch.Generator) -> Iterator[np.ndarray]:
-        with timed(request.stats, "frontend"):
-            model_input = self.frontend.build_model_input(request.mode, text_ids, voice, prompt_ids)
-            lm_input = self.llm.build_lm_input(model_input.text, model_input.prompt_text,
-                                               model_input.llm_prompt_speech_token)
-        min_len, max_len = length_limits(model_input.text_len)
-        room = self.lm_context - lm_input.shape[1]
-        if request.fixed_length is not None and request.fixed_length > room:
-            raise InputError(f"fixed_length {request.fixed_length} exceeds the LM context left ({room} tokens)")
-        max_len = min(max_len, room)
-        if max_len <= min_len:
-            raise InputError("prompt and sentence are too long for the LM context; use a shorter prompt or text")
-        session = self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
-                                            model_input.flow_embedding, stream=request.stream)
-        session.stats = request.stats
-        cap = SilenceCap()
-        stats = request.stats
-        started = time.perf_counter()  # each token's decode time: from the previous token's chunks to its arrival
-        for token in self.llm.generate(lm_input, min_len, max_len, generator, request.fixed_length, cache_row=row):
-            if stats is not None:
-                stats.add("lm_token", time.perf_counter() - started)
-            request.check_cancelled()
-            if cap.keep(token):
-                for chunk in session.push([token]):
-                    yield chunk.float().cpu().numpy()
-            started = time.perf_counter()
-        request.check_cancelled()
-        yield session.finish().float().cpu().numpy()
+    def new_session(self, model_input: Any, request: SynthesisRequest) -> Token2WavStream:
+        """The token2wav state of one sentence (cosyvoice2/runner.py)."""
+        return self.token2wav.new_stream(model_input.flow_prompt_speech_token, model_input.prompt_speech_feat,
+                                         model_input.flow_embedding, stream=request.stream)
+
+    def token_filter(self) -> Any:
+        """Long runs of silent tokens are cut before the vocoder (a sentence's own `SilenceCap`)."""
+        return SilenceCap().keep
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> CosyVoice3Backend:

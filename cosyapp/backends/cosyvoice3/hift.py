@@ -16,7 +16,6 @@ Two upstream behaviours are kept for parity:
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import torch
@@ -136,16 +135,14 @@ class FixedSourceNoise:
         self.initial_phase = torch.rand(1, harmonics, generator=generator)
         self.initial_phase[:, 0] = 0
         self._noise = torch.empty(1, 0, harmonics)
-        self._lock = threading.Lock()
 
     def noise(self, length: int) -> Tensor:
         """[1, length, harmonics] float32 (CPU)."""
-        with self._lock:
-            if self._noise.size(1) < length:
-                generator = torch.Generator().set_state(self.state)
-                torch.rand(1, self.harmonics, generator=generator)  # the initial phases come first
-                self._noise = torch.rand(1, -(-length // self.block) * self.block, self.harmonics, generator=generator)
-            return self._noise[:, :length]
+        if self._noise.size(1) < length:
+            generator = torch.Generator().set_state(self.state)
+            torch.rand(1, self.harmonics, generator=generator)  # the initial phases come first
+            self._noise = torch.rand(1, -(-length // self.block) * self.block, self.harmonics, generator=generator)
+        return self._noise[:, :length]
 
 
 class CausalHarmonicSource(nn.Module):

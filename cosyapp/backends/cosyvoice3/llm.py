@@ -1,24 +1,23 @@
-"""The CosyVoice3 LM (upstream `CosyVoice3LM`): CosyVoice2's Qwen2 body, sampler and decoding loop with the
-CosyVoice3 embedding layout and head (golden README 5.2, quirks 4-7).
+"""The CosyVoice3 LM (upstream `CosyVoice3LM`): CosyVoice2's Qwen2 body with the CosyVoice3
+embedding layout and head (golden README 5.2, quirks 4-7).
 
 - No `llm_embedding` table: sos and task_id are rows speech_token_size and speech_token_size + 2 of
   `speech_embedding`, which (like the bias-free `llm_decoder`) has speech_token_size + 200 rows.
 - Decoding stops on any id >= speech_token_size. Before min_len upstream bans only id speech_token_size (its
   *sos*; eos is +1), so the other stop ids can end a sentence early; CosyVoice2's `StopRule` bans exactly that
   id, so it is reused as is.
-- `SilenceCap`: runs of FSQ silence/breath tokens longer than 5 are cut before flow (the LM still sees them).
+Decoding is CosyVoice2's (cosyvoice2/decoding.py); the silence cap on its tokens is in decoding.py here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, Qwen2, _Nest
-from cosyapp.backends.cosyvoice3.config import MAX_SILENT_RUN, SILENT_TOKENS, CosyVoice3Config, LMConfig
+from cosyapp.backends.cosyvoice3.config import CosyVoice3Config, LMConfig
 from cosyapp.backends.weights import load_state_dict
 
 
@@ -54,23 +53,3 @@ class CosyVoice3LM(CosyVoice2LM):
         sos, task = table[self.config.sos:self.config.sos + 1], table[self.config.task_id:self.config.task_id + 1]
         parts = [sos, self.qwen.embed_tokens(text), task, self.speech_embedding(speech)]
         return torch.cat(parts, dim=0).unsqueeze(0)
-
-
-class SilenceCap:
-    """Upstream `CosyVoice3Model.llm_job`'s filter: a silent token is dropped when it would be the 6th or later
-    of a run of consecutive silent tokens; any other token resets the run."""
-
-    def __init__(self, silent_tokens: Iterable[int] = SILENT_TOKENS, max_run: int = MAX_SILENT_RUN) -> None:
-        self.silent_tokens = frozenset(silent_tokens)
-        self.max_run = max_run
-        self.run = 0
-
-    def keep(self, token: int) -> bool:
-        if token not in self.silent_tokens:
-            self.run = 0
-            return True
-        self.run += 1
-        return self.run <= self.max_run
-
-    def filter(self, tokens: Iterable[int]) -> Iterator[int]:
-        return (token for token in tokens if self.keep(token))

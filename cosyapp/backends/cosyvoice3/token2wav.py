@@ -24,7 +24,6 @@ Non-streaming requests make upstream's single full-attention call either way.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import OrderedDict
 from typing import Sequence
@@ -66,7 +65,6 @@ class Token2Wav:
         self.token_mel_ratio = config.token_mel_ratio
         # id(prompt_token) -> (weak reference to it, its prefilled flow caches), least recent first.
         self._prefilled: OrderedDict[int, tuple[weakref.ref, list[DiTCache]]] = OrderedDict()
-        self._prefill_lock = threading.Lock()
 
     def new_stream(self, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                    stream: bool = True) -> "Token2WavStream":
@@ -77,22 +75,25 @@ class Token2Wav:
     def prompt_caches(self, prompt_token: Tensor, prompt_feat: Tensor, spks: Tensor) -> list[DiTCache]:
         """Flow caches holding the prompt's complete chunks (`CosyVoice3Flow.prefill_length`), forked from the
         voice's, which are computed on its first request; windowed by `left_chunks` with the prompt pinned."""
-        with self._prefill_lock:
-            entry = self._prefilled.get(id(prompt_token))
-            if entry is not None and entry[0]() is prompt_token:
-                self._prefilled.move_to_end(id(prompt_token))
-                caches = entry[1]
-            else:
-                caches = self.flow.new_caches()
-                end = self.flow.prefill_length(prompt_token.shape[1])
-                if end:
-                    self.flow.forward_cached(prompt_token, end, False, spks, prompt_feat, caches)
-                self._prefilled[id(prompt_token)] = (weakref.ref(prompt_token), caches)
-                while len(self._prefilled) > PREFILLED_VOICES:
-                    self._prefilled.popitem(last=False)
+        entry = self._prefilled.get(id(prompt_token))
+        if entry is not None and entry[0]() is prompt_token:
+            self._prefilled.move_to_end(id(prompt_token))
+            caches = entry[1]
+        else:
+            caches = self.flow.new_caches()
+            end = self.flow.prefill_length(prompt_token.shape[1])
+            if end:
+                self.flow.forward_cached(prompt_token, end, False, spks, prompt_feat, caches)
+            self._prefilled[id(prompt_token)] = (weakref.ref(prompt_token), caches)
+            while len(self._prefilled) > PREFILLED_VOICES:
+                self._prefilled.popitem(last=False)
         window = None if self.left_chunks is None else ChunkWindow(
             self.config.flow.estimator.static_chunk_size, self.left_chunks, prompt_feat.size(1))
         return [cache.fork(window) for cache in caches]
+
+    def vocode_group(self, sessions: Sequence["Token2WavStream"]) -> list[Tensor]:
+        """The next chunk of each session: its next streaming chunk when ready, else its last (every token in)."""
+        return [s.next_chunk() if s.chunk_ready() else s.finish() for s in sessions]
 
     def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor,
              embedding: Tensor) -> Tensor:
@@ -130,30 +131,41 @@ class Token2WavStream:
         # Each call's token_len, token_offset, finalize and speech_offset_before (upstream's names), for inspection.
         self.calls: list[dict] = []
 
-    def tokens_wanted(self) -> int | None:
-        """How many more tokens the next chunk needs (at least 1); None when not streaming (all of them)."""
-        if not self.stream:
-            return None
-        return max(1, self._tokens_short())
-
-    def _tokens_short(self) -> int:
+    def tokens_short(self) -> int:
         return self.offset + self.next_hop() + self.owner.pre_lookahead - self.tokens.numel()
 
     def next_hop(self) -> int:
         return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
 
-    def push(self, tokens: Sequence[int] | Tensor) -> list[Tensor]:
-        """Add speech tokens; returns the chunks (1-D float32 tensors) that became ready, maybe none."""
+    def add(self, tokens: Sequence[int] | Tensor) -> None:
+        """Add speech tokens; nothing is computed (`chunk_ready`, `next_chunk`)."""
         if self.finished:
-            raise RuntimeError("push() after finish()")
+            raise RuntimeError("add() after finish()")
         tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device).reshape(-1)
         self.tokens = torch.cat([self.tokens, tokens])
+
+    def chunk_ready(self) -> bool:
+        """Whether the tokens of the next streaming chunk are all there."""
+        return self.stream and self.tokens_short() <= 0
+
+    def chunk_key(self) -> None:
+        """Chunks of CosyVoice3 streams are computed one stream at a time."""
+        return None
+
+    def next_chunk(self) -> Tensor:
+        """The next streaming chunk (`chunk_ready` must hold), 1-D float32."""
+        hop = self.next_hop()
+        chunk = self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False)
+        self.offset += hop
+        self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
+        return chunk
+
+    def push(self, tokens: Sequence[int] | Tensor) -> list[Tensor]:
+        """Add speech tokens; returns the chunks (1-D float32 tensors) that became ready, maybe none."""
+        self.add(tokens)
         chunks: list[Tensor] = []
-        while self.stream and self._tokens_short() <= 0:
-            hop = self.next_hop()
-            chunks.append(self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False))
-            self.offset += hop
-            self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
+        while self.chunk_ready():
+            chunks.append(self.next_chunk())
         return chunks
 
     def finish(self) -> Tensor:

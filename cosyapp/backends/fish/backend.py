@@ -6,7 +6,10 @@ and ignored), S1 sampler and penalty windows, the last generated frame dropped, 
 Deviations, each harmless to parity:
 * streaming decodes incrementally while frames arrive (the codec is causal: same samples within float noise)
   instead of one segment after generation; `stream=False` decodes once at the end like upstream;
-* the stop token is checked every `check_every` frames (frames past it are discarded: same output);
+* the engine runs every stream through the model runner (runner.py; serving.py has the streaming schedule),
+  all streams' frames in one batched forward per step; `synthesize` runs one request alone the same way;
+* `generate_frames`, the single-stream reference loop, checks the stop token every `check_every` frames
+  (frames past it are discarded: same output);
 * code 0 is clamped to the codebook (upstream would crash on a sampled vocabulary-padding id);
 * `max_new_tokens=1` is an InputError (upstream raises UnboundLocalError);
 * `penalty_main_history=True` (load option) penalises the main token with its own history instead of S1's
@@ -21,7 +24,6 @@ A voice holds zero or more references; zero references = the model's own random 
 from __future__ import annotations
 
 import math
-import queue
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,17 +39,17 @@ from cosyapp.backends.fish.dual_ar import DualARTransformer, load_dual_ar
 from cosyapp.backends.fish.generate import FrameGenerator, SamplingParams, frame_budget, request_generator
 from cosyapp.backends.fish.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.fish.prompt import Reference, build_prompt
+from cosyapp.backends.fish.runner import FishRunner, FishStreamState
+from cosyapp.backends.fish.serving import FishServing
 from cosyapp.backends.fish.tokenizer import FishTokenizer
 from cosyapp.backends.weights import check_keys, fold_weight_norm, load_state_dict, resolve_device, resolve_dtype
+from cosyapp.engine.core import run_alone
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import BackendInfo, InputError, Mode, ModelFileError, SynthesisRequest, Voice
 
 MODEL_TYPE = "OpenAudio-S1-mini"
 MODES = (Mode.ZERO_SHOT.value, Mode.CROSS_LINGUAL.value)
 MAX_REFERENCE_SECONDS = 90.0  # upstream's maintainers' advice; longer references crowd out the text
-# Streaming schedule: the first audio chunk after this many frames (~186 ms), then every `STREAM_FRAMES`.
-STREAM_FIRST_FRAMES = 4
-STREAM_FRAMES = 16
 # Frames the codec decodes at once for /v1/vqgan/decode (about 6 s of audio): the working memory of a
 # decode is that of this many frames, however long the grid.
 DECODE_FRAMES = 256
@@ -132,10 +134,10 @@ class FishBackend:
         self.codec: FishCodec = load_codec(self.model_dir / CODEC_FILE, self.device)
         self.check_every = check_every
         self.penalty_main_history = penalty_main_history
-        # Each stream owns one row of the transformer's KV caches for its whole request.
-        self._free_rows: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for row in range(max_streams):
-            self._free_rows.put(row)
+        self.runner = FishRunner(self.model, self.codec, penalty_main_history)
+        # What the engine's core loop drives: the runner's calls on the streaming schedule (serving.py). Each stream
+        # owns one row of the transformer's KV caches for its whole request (the core's row pool).
+        self.stream_runner = FishServing(self)
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=SAMPLE_RATE, modes=MODES,
@@ -223,10 +225,9 @@ class FishBackend:
             references = [Reference(references[0].codes, request.prompt_text)]
         return build_prompt(self.tokenizer, request.text, references, self.model.config.num_codebooks)
 
-    def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
-        """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included.
-
-        With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
+    def plan_stream(self, request: SynthesisRequest) -> tuple[torch.Tensor, SamplingParams, int, int | None]:
+        """A request's prompt grid, sampling settings, frame budget and stop id (None for a fixed length, whose
+        stop token is ignored); InputError for what Fish cannot do."""
         prompt = self.prompt_for(request)
         options = request.options if isinstance(request.options, FishOptions) else parse_options(request.options)
         params = SamplingParams(temperature=options.temperature, top_p=options.top_p,
@@ -241,51 +242,45 @@ class FishBackend:
             raise InputError(str(exc)) from None
         if request.fixed_length is not None and budget < request.fixed_length:
             raise InputError(f"fixed_length {request.fixed_length} does not fit the context ({budget} frames left)")
-        row = self._free_rows.get()  # waits while every cache row is streaming
-        try:
-            generator = request_generator(request.seed, self.device)
-            frames = FrameGenerator(self.model, params, generator, fast_width=self.codec.cfg.residual_codebook_size,
-                                    row=row)
-            im_end = None if request.fixed_length is not None else self.tokenizer.im_end_id
-            blocks = frames.frames(prompt, budget, im_end, self.check_every, request.cancel)
-            while True:
-                with timed(request.stats, "fish_lm"):
-                    block = next(blocks, None)
-                if block is None:
-                    break
-                yield block
-        finally:
-            self._free_rows.put(row)
+        stop_id = None if request.fixed_length is not None else self.tokenizer.im_end_id
+        return prompt, params, budget, stop_id
+
+    def start_stream(self, request: SynthesisRequest, row: int) -> FishStreamState:
+        """The runner state of a request on KV-cache row `row` (taken from the caller's pool of
+        `self.runner.rows`); InputError for what Fish cannot do. No model work happens here."""
+        prompt, params, budget, stop_id = self.plan_stream(request)
+        return self.runner.start(row, prompt, params, request_generator(request.seed, self.device), budget, stop_id)
+
+    def generate_frames(self, request: SynthesisRequest) -> Iterator[torch.Tensor]:
+        """Yield the generated frames `[11, n]` block by block (device tensors), the last frame included: S1's
+        loop for one stream alone, on cache row 0 (the reference the batched runner is checked against; not
+        to be mixed with a running engine).
+
+        With `request.fixed_length` exactly that many frames are generated and the stop token is ignored."""
+        prompt, params, budget, stop_id = self.plan_stream(request)
+        generator = request_generator(request.seed, self.device)
+        frames = FrameGenerator(self.model, params, generator, fast_width=self.codec.cfg.residual_codebook_size,
+                                row=0)
+        blocks = frames.frames(prompt, budget, stop_id, self.check_every, request.cancel)
+        while True:
+            with timed(request.stats, "fish_lm"):
+                block = next(blocks, None)
+            if block is None:
+                break
+            yield block
+
+    def decode_frames(self, state: FishStreamState) -> np.ndarray:
+        """All of a finished stream's usable codes in one codec call (S1's single segment) -> float32 audio."""
+        produced = state.produced - 1 if state.drop_last else state.produced
+        if produced <= 0:
+            return np.zeros(0, np.float32)
+        return self.codec.decode(state.frames[None, 1:, :produced])[0, 0].float().cpu().numpy()
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at 44.1 kHz: incrementally while generating when `request.stream`, else
-        one chunk decoded at the end (upstream's single segment)."""
-        drop_last = request.fixed_length is None  # S1 always drops the last generated frame
-        stream = DecodeStream(self.codec) if request.stream else None
-        held: list[torch.Tensor] = []  # frames not yet decoded
-        held_frames = 0
-        decoded_frames = 0
-        for block in self.generate_frames(request):
-            request.check_cancelled()
-            held.append(block)
-            held_frames += block.shape[1]
-            ready = held_frames - 1 if drop_last else held_frames  # the newest frame may turn out to be the last
-            want = STREAM_FIRST_FRAMES if decoded_frames == 0 else STREAM_FRAMES
-            if stream is not None and ready >= want:
-                frames = torch.cat(held, dim=1)
-                held, held_frames = [frames[:, ready:]], held_frames - ready
-                decoded_frames += ready
-                with timed(request.stats, "fish_codec"):
-                    audio = stream.push(frames[None, 1:, :ready])
-                yield audio[0, 0].float().cpu().numpy()
-        request.check_cancelled()
-        frames = torch.cat(held, dim=1)
-        codes = frames[1:, : frames.shape[1] - 1] if drop_last else frames[1:]
-        if codes.shape[1] == 0:
-            return
-        with timed(request.stats, "fish_codec"):
-            audio = stream.push(codes[None]) if stream is not None else self.codec.decode(codes[None])
-        yield audio[0, 0].float().cpu().numpy()
+        one chunk decoded at the end (upstream's single segment). One request alone on the calling thread,
+        through the runner the engine uses (engine/core.py `run_alone`)."""
+        return run_alone(self.stream_runner, request, SAMPLE_RATE)
 
 
 def load(model_dir: Path, device: str = "auto", dtype: str = "auto", **options: Any) -> FishBackend:

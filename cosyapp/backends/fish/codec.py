@@ -9,7 +9,9 @@ causal conv decoder -> tanh; `T` frames give exactly `T * 2048` samples (no trim
 
 Everything on the decode path is causal, so `DecodeStream` decodes incrementally: each conv keeps its last
 input samples, each transposed conv its last input frame, each attention layer the keys/values of its last
-`window - 1` positions. Feeding the codes in pieces gives the same samples as one `decode` call.
+`window - 1` positions. Feeding the codes in pieces gives the same samples as one `decode` call. The states
+of several utterances decode in one batch (`codec_batch`), also when they are at different positions: each
+row's RoPE positions are its own and shorter attention windows are padded and masked.
 
 Weight norm is folded at load time (both spellings in `codec.pth`); the checkpoint's persistent RoPE/mask
 buffers are dropped and recomputed (the RoPE cos/sin table is rounded to bf16 like upstream's).
@@ -131,24 +133,37 @@ class WindowAttention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
         self.wo = nn.Linear(inner, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, start: int, state: StreamState | None) -> Tensor:
-        """`x [B, T, dim]` at positions start..start+T-1; `state` carries the previous window's keys/values."""
+    def forward(self, x: Tensor, rope: Tensor, state: StreamState | None) -> Tensor:
+        """`x [B, T, dim]`, `rope` at its positions (`[T, ...]`, or `[B, T, ...]` for rows at their own
+        positions); `state` carries (keys, values, lengths): the previous window's keys/values `[B, H, M, D]`,
+        row b's in its last `lengths[b]` slots (rows of a batch merged from several streams hold fewer than M:
+        the slots before are padding and masked out)."""
         bsz, seq, _ = x.shape
         q, k, v = self.wqkv(x).view(bsz, seq, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        lengths = [0] * bsz
         if state is not None and self in state:
-            k_prev, v_prev = state[self]
+            k_prev, v_prev, lengths = state[self]
             k, v = torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
+        held = k.shape[2] - seq
         if state is not None:
             keep = min(self.window - 1, k.shape[2])
-            state[self] = (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:])
-        q_pos = torch.arange(start, start + seq, device=x.device)
-        k_pos = torch.arange(start + seq - k.shape[2], start + seq, device=x.device)
-        delta = q_pos[:, None] - k_pos[None, :]
-        mask = (delta >= 0) & (delta < self.window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            state[self] = (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:],
+                           [min(keep, length + seq) for length in lengths])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(seq, held, lengths, x.device))
         return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def mask(self, seq: int, held: int, lengths: list[int], device: torch.device) -> Tensor:
+        """Query t sees key slot j (the `held` earlier slots, then the T new ones) when it lies 0..window-1
+        positions back (t + held - j, whatever the row's absolute position) and is not padding: `[T, held + T]`
+        when every row holds `held` keys, else `[B, 1, T, held + T]`."""
+        delta = torch.arange(seq, device=device)[:, None] + held - torch.arange(held + seq, device=device)[None, :]
+        mask = (delta >= 0) & (delta < self.window)
+        if all(length == held for length in lengths):
+            return mask
+        first = held - torch.tensor(lengths, device=device)  # each row's first real slot
+        return (mask[None] & (torch.arange(held + seq, device=device)[None, None, :] >= first[:, None, None]))[:, None]
 
 
 class CodecTransformerBlock(nn.Module):
@@ -161,8 +176,8 @@ class CodecTransformerBlock(nn.Module):
         self.attention_layer_scale = LayerScale(cfg.dim)
         self.ffn_layer_scale = LayerScale(cfg.dim)
 
-    def forward(self, x: Tensor, rope: Tensor, start: int, state: StreamState | None) -> Tensor:
-        x = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, start, state))
+    def forward(self, x: Tensor, rope: Tensor, state: StreamState | None) -> Tensor:
+        x = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, state))
         return x + self.ffn_layer_scale(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -182,16 +197,23 @@ class CodecTransformer(nn.Module):
                              persistent=False)
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
-        start = 0 if state is None else state.get(self, 0)
-        end = start + x.shape[-1]
+        """`x [B, C, T]`; `state` carries each row's next position (a list: the rows of a batch merged from
+        several streams may be at different positions)."""
+        bsz, seq = x.shape[0], x.shape[-1]
+        starts = [0] * bsz if state is None else state.get(self, [0] * bsz)
+        end = max(starts) + seq
         if end > self.rope.shape[0]:  # upstream's table bounds the length; ours just grows
             self.reset_buffers(max(end, 2 * self.rope.shape[0]))
-        rope = self.rope[start:end]
+        if all(start == starts[0] for start in starts):
+            rope = self.rope[starts[0]:starts[0] + seq]
+        else:
+            positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(seq, device=x.device)
+            rope = self.rope[positions]
         h = x.transpose(1, 2)
         for layer in self.layers:
-            h = layer(h, rope, start, state)
+            h = layer(h, rope, state)
         if state is not None:
-            state[self] = end
+            state[self] = [start + seq for start in starts]
         return self.norm(h).transpose(1, 2)
 
 

@@ -2,7 +2,9 @@
 
 A slow transformer runs once per audio frame over the token sequence (text ids, then semantic frames); its
 pre-final-norm hidden state seeds a small fast transformer that runs over the codebooks of that frame
-(position 0 = the slow hidden state, position k = embedding of code k-1). Both keep preallocated KV caches.
+(position 0 = the slow hidden state, position k = embedding of code k-1). Both keep preallocated KV caches
+with one row per concurrent stream; `forward_rows` and `fast_forward_rows` run many streams in one forward,
+each over its own cache row at its own positions (the model runner's batched calls).
 
 S1 details reproduced here (the goldens are exact about them):
 * input embedding = token embedding + sum of the 10 codebook embeddings (codebook i at offset i*codebook_size),
@@ -15,6 +17,8 @@ S1 details reproduced here (the goldens are exact about them):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,9 +38,10 @@ def rope_table(seq_len: int, head_dim: int, base: float, device: torch.device | 
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of `x [B, T, H, D]` by `table [T, D/2, 2]`; computed in fp32."""
+    """Rotate pairs (x[2j], x[2j+1]) of `x [B, T, H, D]` by `table [T, D/2, 2]` (shared by the batch) or
+    `[B, T, D/2, 2]` (each row at its own positions); computed in fp32."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    cos, sin = table[..., 0].unsqueeze(-2), table[..., 1].unsqueeze(-2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
     return rotated.flatten(3).type_as(x)
@@ -82,6 +87,32 @@ class KVCache(nn.Module):
         self.v[row:row + 1, :, start:end] = v
         return self.k[row:row + 1, :, :end], self.v[row:row + 1, :, :end]
 
+    def write_rows(self, rows: CacheRows, positions: Tensor, k: Tensor, v: Tensor,
+                   length: int) -> tuple[Tensor, Tensor]:
+        """Store `k, v [B, H, S, D]`, row b at `positions[b] [S]` of cache row `rows.index[b]`; return those
+        rows' first `length` positions `[B, H, length, D]`."""
+        index = rows.index[:, None]
+        self.k[index, :, positions] = k.transpose(1, 2)
+        self.v[index, :, positions] = v.transpose(1, 2)
+        return self.k[rows.view, :, :length], self.v[rows.view, :, :length]
+
+
+@dataclass(frozen=True)
+class CacheRows:
+    """Rows of the shared KV caches that one batched call works on: `index [B]` (int64, on the cache's
+    device) for writes, and `view` for reads (a slice when the rows are consecutive, so reading needs no
+    gather copy; otherwise the index)."""
+
+    index: Tensor
+    view: Tensor | slice
+
+    @classmethod
+    def of(cls, rows: Sequence[int], device: torch.device | str) -> CacheRows:
+        index = torch.tensor(list(rows), dtype=torch.long, device=device)
+        first = rows[0]
+        consecutive = list(rows) == list(range(first, first + len(rows)))
+        return cls(index, slice(first, first + len(rows)) if consecutive else index)
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
@@ -94,9 +125,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, start: int | None, row: int = 0) -> Tensor:
-        """`x [B, S, dim]` at positions start..start+S-1 (`rope` sliced to them). `start=None`: a full causal
-        pass without the cache; otherwise (B = 1) cache row `row` is written and attended over 0..start+S-1."""
+    def project(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`x [B, S, dim]` -> q `[B, n_head, S, head_dim]`, k and v `[B, n_kv_heads, S, head_dim]`, RoPE'd."""
         bsz, seq, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -106,7 +136,18 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, y: Tensor) -> Tensor:
+        """Attention output `[B, n_head, S, head_dim]` -> `[B, S, dim]`."""
+        bsz, _, seq, _ = y.shape
+        return self.wo(y.transpose(1, 2).reshape(bsz, seq, self.n_head * self.head_dim))
+
+    def forward(self, x: Tensor, rope: Tensor, start: int | None, row: int = 0) -> Tensor:
+        """`x [B, S, dim]` at positions start..start+S-1 (`rope` sliced to them). `start=None`: a full causal
+        pass without the cache; otherwise (B = 1) cache row `row` is written and attended over 0..start+S-1."""
+        seq = x.shape[1]
+        q, k, v = self.project(x, rope)
         if start is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -117,7 +158,14 @@ class Attention(nn.Module):
                 q_pos = torch.arange(start, start + seq, device=x.device)
                 mask = q_pos[:, None] >= torch.arange(start + seq, device=x.device)[None, :]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seq, q_size))
+        return self.output(y)
+
+    def forward_rows(self, x: Tensor, rope: Tensor, rows: CacheRows, positions: Tensor, mask: Tensor) -> Tensor:
+        """Each batch row at its own positions over its own cache row: `x [B, S, dim]` at `positions [B, S]`
+        (`rope [B, S, ...]` gathered at them) is written to `rows` and attends under `mask [B, 1, S, L]`."""
+        q, k, v = self.project(x, rope)
+        k, v = self.cache.write_rows(rows, positions, k, v, mask.shape[-1])
+        return self.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
 
 
 class Block(nn.Module):
@@ -131,6 +179,17 @@ class Block(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, start: int | None, row: int = 0) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, start, row)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_rows(self, x: Tensor, rope: Tensor, rows: CacheRows, positions: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.attention.forward_rows(self.attention_norm(x), rope, rows, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def causal_row_mask(positions: Tensor, length: int) -> Tensor:
+    """`[B, 1, S, length]` (length > every position): query (b, s) sees the keys at positions <= positions[b, s].
+    The length comes from the caller, who knows the positions on the host (no device sync here)."""
+    keys = torch.arange(length, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
 class DualARTransformer(nn.Module):
@@ -209,6 +268,19 @@ class DualARTransformer(nn.Module):
         hidden = x[:, -1]
         return self.output(self.norm(hidden)), hidden
 
+    def forward_rows(self, grid: Tensor, rows: CacheRows, positions: Tensor, last: Tensor,
+                     length: int) -> tuple[Tensor, Tensor]:
+        """Many streams at once, each through its own cache row at its own positions: `grid [B, 11, S]` at
+        `positions [B, S]`, all below `length` (rows shorter than S padded at the end; padded positions write
+        cache slots after the row's real ones, which the row overwrites before it reads them). Returns the
+        logits `[B, vocab]` and pre-norm hidden states `[B, dim]` at index `last [B]` of each row."""
+        x = self.embed(grid)
+        rope, mask = self.rope[positions], causal_row_mask(positions, length)
+        for layer in self.layers:
+            x = layer.forward_rows(x, rope, rows, positions, mask)
+        hidden = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.output(self.norm(hidden)), hidden
+
     # ---- fast transformer ----
 
     def fast_forward_cached(self, x: Tensor, pos: int, row: int = 0) -> Tensor:
@@ -219,6 +291,17 @@ class DualARTransformer(nn.Module):
         rope = self.fast_rope[pos:pos + 1]
         for layer in self.fast_layers:
             h = layer(h, rope, pos, row)
+        return self.fast_output(self.fast_norm(h[:, 0]))
+
+    def fast_forward_rows(self, x: Tensor, pos: int, rows: CacheRows) -> Tensor:
+        """`fast_forward_cached` for many streams at the same fast position: `x [B, fast_dim]` -> logits
+        `[B, codebook_size]`, cache row `rows.index[b]` for batch row b."""
+        positions = torch.full((x.shape[0], 1), pos, dtype=torch.long, device=x.device)
+        rope = self.fast_rope[positions]
+        mask = torch.ones(x.shape[0], 1, 1, pos + 1, dtype=torch.bool, device=x.device)
+        h = x[:, None]
+        for layer in self.fast_layers:
+            h = layer.forward_rows(h, rope, rows, positions, mask)
         return self.fast_output(self.fast_norm(h[:, 0]))
 
     def fast_forward(self, hidden: Tensor, codes: Tensor) -> Tensor:

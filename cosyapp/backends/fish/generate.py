@@ -1,9 +1,6 @@
 """S1 sampling and the frame-by-frame generation loop.
 
-Sampler (S1 `logits_to_probs` semantics), one 1-D logit vector at a time:
-  repetition penalty -> top-p on the *untempered* logits (the entry that crosses top_p is dropped, the first
-  is always kept) -> / max(temperature, 1e-5) -> softmax -> argmax(p / q) with q ~ Exp(1). No top-k. The
-  scalars are float32 tensors so comparisons happen in float32 like upstream.
+Sampler: S1 `logits_to_probs` semantics (see `sampling`), one 1-D logit vector at a time.
 
 RNG: per frame one Exp(1) draw over the whole vocabulary (main token, any id may win), then 9 draws over the
 first `fast_width` (1024) fast logits (codebooks 1..9). Drawn from a per-request `torch.Generator`, which on
@@ -23,60 +20,38 @@ The caller drops the last generated frame (S1 `generate_long` does, also when th
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from cosyapp.backends.fish.dual_ar import DualARTransformer
+from cosyapp.backends.fish.sampling import SamplingParams, draw, nucleus_probs, penalize, sampler_settings
 
 PENALTY_WINDOW = 16
 PROMPT_RESERVE = 2048  # S1 rejects prompts longer than max_seq_len - 2048
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 1024
-    penalty_main_history: bool = False  # False = S1 (window column 0), True = main-token history (window row 0)
-
-
 class Sampler:
-    """The S1 sampler with its scalars as float32 tensors on the model's device."""
+    """One stream's S1 sampler (the batched functions of `sampling` on one row), settings on the model's
+    device."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str, generator: torch.Generator) -> None:
-        self.temperature = torch.tensor(max(params.temperature, 1e-5), dtype=torch.float32, device=device)
-        self.top_p = torch.tensor(params.top_p, dtype=torch.float32, device=device)
-        self.repetition_penalty = torch.tensor(params.repetition_penalty, dtype=torch.float32, device=device)
+        self.settings = sampler_settings(params, device)
+        self.temperature, self.top_p, self.repetition_penalty = self.settings.unbind()
         self.generator = generator
 
     def penalize(self, logits: Tensor, penalty_ids: Tensor) -> Tensor:
-        """Repetition penalty: logits at `penalty_ids` multiplied by rp when negative, divided by it otherwise
-        (an id listed twice is penalised once)."""
-        score = logits.gather(0, penalty_ids)
-        score = torch.where(score < 0, score * self.repetition_penalty, score / self.repetition_penalty)
-        return logits.scatter(0, penalty_ids, score)
+        return penalize(logits[None], penalty_ids[None], self.repetition_penalty)[0]
 
     def probs(self, logits: Tensor, penalty_ids: Tensor | None) -> Tensor:
         """`logits [V]` -> sampling distribution `[V]` (float32; exactly 0 outside the nucleus)."""
-        logits = logits.float()
-        if penalty_ids is not None:
-            logits = self.penalize(logits, penalty_ids)
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative > self.top_p
-        drop_sorted[0] = False
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-        return torch.softmax(logits / self.temperature, dim=-1)
+        return nucleus_probs(logits[None], self.settings[None],
+                             None if penalty_ids is None else penalty_ids[None])[0]
 
     def draw(self, probs: Tensor) -> Tensor:
         """argmax(p / q), q ~ Exp(1) from the request's generator; returns a 0-d int64 tensor (no host sync)."""
-        noise = torch.empty_like(probs).exponential_(1, generator=self.generator)
-        return torch.argmax(probs / noise)
+        return draw(probs[None], [self.generator])[0]
 
     def sample(self, logits: Tensor, penalty_ids: Tensor | None) -> Tensor:
         return self.draw(self.probs(logits, penalty_ids))
