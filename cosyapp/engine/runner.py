@@ -22,6 +22,7 @@ from cosyapp.engine.types import SynthesisRequest
 class ModelRunner(Protocol):
     rows: int  # KV-cache rows: streams the runner can hold at once
     run_ahead: int  # tokens a stream may decode past its next chunk's (0 on a CPU: the LM would slow the audio)
+    audio_workers: int  # audio groups the core may compute at once (a CPU: one per core; a GPU runs them in turn)
 
     def open(self, request: SynthesisRequest, row: int) -> Any:
         """A new stream's state in cache row `row` (frontend work; InputError for bad input)."""
@@ -35,13 +36,30 @@ class ModelRunner(Protocol):
         """One token for every state, in one batched forward."""
         ...
 
-    def vocode(self, states: Sequence[Any]) -> list[list[np.ndarray]]:
-        """Each state's next audio chunks (float32 mono), states of one shape key in one batched call."""
+    def prepare_audio(self, states: Sequence[Any]) -> Any:
+        """The first part of each state's next audio chunk, on the core's thread: take the tokens or codes the
+        chunk needs from the state and move its schedule on -> the work `compute_audio` does."""
+        ...
+
+    def compute_audio(self, work: Any) -> Any:
+        """The batched flow and vocoder (or codec) math of `prepare_audio`'s work, states of one shape key in
+        one call. The core may run it on its audio thread while `prefill` and `decode` run, for these states
+        too: it touches only the audio caches of its states, which nothing else touches meanwhile."""
+        ...
+
+    def finish_audio(self, states: Sequence[Any], computed: Any) -> list[list[np.ndarray]]:
+        """Back on the core's thread: each state's chunks (float32 mono) out of `compute_audio`'s result, and
+        the states moved on (a sentence or the stream over)."""
         ...
 
     def close(self, state: Any) -> None:
         """The stream is over (ended, failed or cancelled): release what the state holds."""
         ...
+
+
+def vocode(runner: ModelRunner, states: Sequence[Any]) -> list[list[np.ndarray]]:
+    """Each state's next audio chunks, the three audio calls in a row on the calling thread."""
+    return runner.finish_audio(states, runner.compute_audio(runner.prepare_audio(states)))
 
 
 class GeneratorState:
@@ -64,6 +82,7 @@ class GeneratorRunner:
     batching across streams; the backend keeps its own cache rows)."""
 
     run_ahead = 0
+    audio_workers = 1
 
     def __init__(self, backend: Any, rows: int) -> None:
         self.backend = backend
@@ -78,10 +97,15 @@ class GeneratorRunner:
     def decode(self, states: Sequence[GeneratorState]) -> None:
         pass
 
-    def vocode(self, states: Sequence[GeneratorState]) -> list[list[np.ndarray]]:
+    def prepare_audio(self, states: Sequence[GeneratorState]) -> list[GeneratorState]:
+        return list(states)
+
+    def compute_audio(self, states: list[GeneratorState]) -> list[np.ndarray | None]:
+        return [next(state.chunks, None) for state in states]
+
+    def finish_audio(self, states: Sequence[GeneratorState], chunks: list[np.ndarray | None]) -> list[list[np.ndarray]]:
         out = []
-        for state in states:
-            chunk = next(state.chunks, None)
+        for state, chunk in zip(states, chunks):
             if chunk is None:
                 state.finished = True
                 state.audio_pending = False

@@ -12,7 +12,9 @@ the backend's model runner with what it answers; the runner's per-stream states 
   of the tokens of its next audio chunk (plus `run_ahead` tokens, where decoding ahead overlaps the audio work,
   on a GPU) decodes one token, all of them in one batched forward; then one audio group is computed.
 - Audio groups: streams whose next chunk is ready, grouped by the runner's shape key (equal keys: equal
-  shapes and cache states, so one batched call computes them all, each as it would be alone).
+  shapes and cache states, so one batched call computes them all, each as it would be alone). One group is in
+  the works at a time (the core computes it beside the next LM steps); its streams go on decoding meanwhile
+  but get no other audio group until it is back.
 - First-chunk priority: the group of the most urgent stream goes first. A stream with no audio yet is the
   most urgent (its listener hears nothing), oldest first; a stream with audio is as urgent as the moment its
   listener runs dry (first audio time + audio seconds sent: earliest deadline first). While some stream is
@@ -110,10 +112,11 @@ class Ticket:
     streaming: bool = True  # False: one waveform at the end, nobody listens before
     first_audio_at: float | None = None
     audio_s: float = 0.0  # audio seconds handed out so far
+    audio_busy: bool = False  # its chunk is being computed: the runner's audio state is not to be touched
 
     def audio_ready(self) -> bool:
         state = self.state
-        if state.needs_prefill or state.finished:
+        if self.audio_busy or state.needs_prefill or state.finished:
             return False
         return state.tokens_short <= 0 or (not state.decoding and state.audio_pending)
 
@@ -185,18 +188,29 @@ class Scheduler:
         self._audio_step_s.append(seconds)
         del self._audio_step_s[:-AUDIO_STEP_MEMORY]
 
-    def plan(self, now: float) -> StepPlan:
+    def plan(self, now: float, audio_free: bool = True, lm_free: bool = True) -> StepPlan:
+        """This step's work; `audio_free` False: no audio group is planned (the core computes as many as it can
+        already); `lm_free` False: no LM work (a first chunk is being computed with the whole machine)."""
         plan = StepPlan()
         for ticket in self.running:
             state = ticket.state
             if state.finished:
                 continue
+            if not lm_free:
+                continue
             if state.needs_prefill:
                 plan.prefill.append(ticket)
             elif state.decoding and state.tokens_short > -self.run_ahead:
                 plan.decode.append(ticket)
-        plan.audio = self.audio_group(now, starving=any(self._starving(t) for t in plan.prefill + plan.decode))
+        if audio_free:
+            plan.audio = self.audio_group(now, starving=any(self._starving(t) for t in plan.prefill + plan.decode))
         return plan
+
+    def first_chunk(self, group: list[Ticket]) -> bool:
+        """Whether the group holds a first chunk a listener waits for: it is computed with the whole machine and
+        the LM waits for it (on a CPU both compete for the same cores, and this chunk is what someone hears
+        first)."""
+        return any(self._starving(t) for t in group)
 
     def _starving(self, ticket: Ticket) -> bool:
         """Working towards its first chunk, which a listener waits for."""

@@ -42,6 +42,13 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def audio_workers_for(device: torch.device, rows: int) -> int:
+    """Audio groups a core computes at once: on a CPU one per core (each core computes another stream's chunk,
+    streams at different points of their schedule cannot share a batched call), at most one per stream; a GPU
+    computes them in turn anyway, so one."""
+    return 1 if device.type != "cpu" else max(1, min(cpu_cores(), rows))
+
+
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:
     """(streams, the reason in words) for a box about to load `model_dirs` on `device`."""
     if device.type == "cuda":

@@ -1,8 +1,9 @@
 """Streams through the engine's core loop on the tiny models (CPU): what a stream gets does not depend on what runs
 beside it, a cancelled stream leaves (and frees its row) at the next step, a failing stream fails alone.
 
-The core is stepped by hand here (no thread), so "started together" and "at random offsets" are exact step
-numbers. Tokens must be identical: each stream samples its own rows with its own generator, and batching only
+The core is mostly stepped by hand here (no thread, audio computed within the step), so "started together" and
+"at random offsets" are exact step numbers; the last tests run the core's own two threads (`CoreLoop`: audio
+groups computed beside the LM steps) and hold it to the same outputs. Tokens must be identical: each stream samples its own rows with its own generator, and batching only
 changes the last bits of the logits. Audio may differ by float rounding: a batched flow/vocoder call (or a
 batched codec call) runs its matrix products over several rows at once, which the CPU's GEMM kernels block and
 sum in another order than for one row (float32: about 1e-7 relative per operation); the flow's 10 Euler steps and
@@ -12,6 +13,7 @@ the vocoder's upsampling stack carry that to about 1e-5 of full scale. AUDIO_ATO
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +24,7 @@ import torch
 
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
 from cosyapp.backends.fish.backend import FishBackend
-from cosyapp.engine.core import EngineCore, ListSink
+from cosyapp.engine.core import CoreLoop, EngineCore, ListSink
 from cosyapp.engine.engine import backend_runner
 from cosyapp.engine.types import Cancelled, InputError, Mode, SynthesisRequest
 
@@ -148,3 +150,59 @@ def test_a_stream_whose_backend_raises_fails_alone(harness: Harness) -> None:
     assert isinstance(run.sinks[1].error, InputError)
     assert run.core.scheduler.pool.free == ROWS
     assert_same_as_alone(harness, run, [0, 2])
+
+
+def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: list[float],
+                 cancel: tuple[int, int] | None = None) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
+    """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart; `cancel`
+    (index, chunks): cancel that request once it has had that many chunks. -> the loop, states and sinks."""
+    states: dict[int, Any] = {}
+    open_state = harness.runner.open
+
+    def recording_open(request: SynthesisRequest, row: int) -> Any:
+        state = open_state(request, row)
+        states[next(i for i, r in enumerate(requests) if r is request)] = state
+        return state
+
+    harness.runner.open = recording_open
+    loop = CoreLoop(harness.runner, harness.rate, "test", threads=2, audio_workers=2)
+    sinks = [ListSink() for _ in requests]
+    try:
+        for request, sink, delay in zip(requests, sinks, delays):
+            time.sleep(delay)
+            loop.submit(request, sink)
+        deadline = time.monotonic() + 120
+        while not all(sink.ended for sink in sinks):
+            if cancel is not None and len(sinks[cancel[0]].chunks) >= cancel[1]:
+                requests[cancel[0]].cancel.set()
+                loop.wake()
+            assert time.monotonic() < deadline, "the core loop did not finish"
+            time.sleep(0.005)
+    finally:
+        loop.close()
+        del harness.runner.open
+    return loop, states, sinks
+
+
+def test_streams_on_the_core_threads_get_what_they_get_alone(harness: Harness) -> None:
+    requests = [harness.request(i) for i in range(ROWS)]
+    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.05, 0.1])
+    assert loop.core.overlapped_steps > 0  # LM steps ran while an audio group was being computed
+    assert loop.core.most_audio_jobs == 2  # two streams' chunks computed at once, on the two audio threads
+    assert loop.core.scheduler.pool.free == ROWS and not loop.core.audio_jobs
+    for index in range(ROWS):
+        tokens, audio = alone(harness, index)
+        assert harness.tokens_of(states[index]) == tokens
+        assert sinks[index].error is None
+        np.testing.assert_allclose(np.concatenate(list(sinks[index].chunks)), audio, rtol=0, atol=AUDIO_ATOL)
+
+
+def test_a_stream_cancelled_on_the_core_threads_leaves_the_others_unchanged(harness: Harness) -> None:
+    requests = [harness.request(i) for i in range(3)]
+    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.0], cancel=(1, 1))
+    assert isinstance(sinks[1].error, Cancelled)
+    assert loop.core.scheduler.pool.free == ROWS and not loop.core.streams
+    for index in (0, 2):
+        tokens, audio = alone(harness, index)
+        assert harness.tokens_of(states[index]) == tokens
+        np.testing.assert_allclose(np.concatenate(list(sinks[index].chunks)), audio, rtol=0, atol=AUDIO_ATOL)

@@ -9,8 +9,10 @@ per-stream states that the engine's core owns.
   through views, not gathered); a row in that range that is not decoding gets a dummy input at the position its
   next real step writes, so the dummy key/value is overwritten before anyone reads it. Sampling is each
   stream's own (decoding.py), so a stream gets the tokens it gets alone.
-- `vocode`: each state's next chunk; states of one `audio_key` (the same point of the same schedule) go
-  through the flow and the vocoder as one batch (token2wav.py `vocode_group`).
+- `prepare_audio`, `compute_audio`, `finish_audio`: each state's next chunk; states of one `audio_key` (the
+  same point of the same schedule) go through the flow and the vocoder as one batch (token2wav.py
+  `prepare_group` takes the chunk's tokens and moves the schedule on, `compute_group` is the math, which
+  touches only the session's flow and vocoder caches, so the core may run it while the LM decodes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.decoding import Decoding, accept, stop_rule
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
+from cosyapp.engine.sizing import audio_workers_for
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import InputError, SynthesisRequest
 
@@ -95,6 +98,7 @@ class CosyVoiceRunner:
         self.rows = rows
         self.run_ahead = run_ahead
         self.static_step = static_step
+        self.audio_workers = audio_workers_for(backend.device, rows)
         self._next_position = [0] * rows  # per cache row: where its next decode step writes
 
     def open(self, request: SynthesisRequest, row: int) -> CosyVoiceStream:
@@ -192,16 +196,21 @@ class CosyVoiceRunner:
 
     # ---- audio ----
 
-    def vocode(self, states: Sequence[CosyVoiceStream]) -> list[list[np.ndarray]]:
-        chunks = self.backend.token2wav.vocode_group([s.session for s in states])
-        out = []
-        for state, chunk in zip(states, chunks):
-            if state.session.finished:  # the sentence's last chunk: the next sentence, or the end
+    def prepare_audio(self, states: Sequence[CosyVoiceStream]) -> tuple[list[Any], list[Any]]:
+        sessions = [s.session for s in states]
+        return sessions, self.backend.token2wav.prepare_group(sessions)
+
+    def compute_audio(self, work: tuple[list[Any], list[Any]]) -> list[np.ndarray]:
+        sessions, calls = work
+        return [chunk.float().cpu().numpy() for chunk in self.backend.token2wav.compute_group(sessions, calls)]
+
+    def finish_audio(self, states: Sequence[CosyVoiceStream], chunks: list[np.ndarray]) -> list[list[np.ndarray]]:
+        for state in states:
+            if state.session is not None and state.session.finished:  # the sentence's last chunk: next, or the end
                 state.session = state.lm = None
                 state.sentence += 1
                 state.finished = state.sentence >= len(state.sentences)
-            out.append([chunk.float().cpu().numpy()])
-        return out
+        return [[chunk] for chunk in chunks]
 
     def close(self, state: CosyVoiceStream) -> None:
         state.session = state.lm = state.lm_input = None

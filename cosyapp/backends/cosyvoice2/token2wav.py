@@ -132,7 +132,15 @@ class Token2Wav:
     def vocode_group(self, sessions: Sequence["Token2WavStream"]) -> list[Tensor]:
         """The next chunk of each session: its next streaming chunk when ready, else its last (every token in).
         Sessions of one `chunk_key` are computed as one batch."""
-        calls = [s.prepare_chunk() if s.chunk_ready() else s.prepare_final() for s in sessions]
+        return self.compute_group(sessions, self.prepare_group(sessions))
+
+    def prepare_group(self, sessions: Sequence["Token2WavStream"]) -> list[FlowCall | None]:
+        """The flow call of each session's next chunk (None: a last chunk without tokens); the sessions' schedules
+        move on. What `compute_group` then does touches only the sessions' flow and vocoder caches."""
+        return [s.prepare_chunk() if s.chunk_ready() else s.prepare_final() for s in sessions]
+
+    def compute_group(self, sessions: Sequence["Token2WavStream"], calls: Sequence[FlowCall | None]) -> list[Tensor]:
+        """The chunks of `prepare_group`'s calls; sessions of one `chunk_key` as one batch."""
         computed = [i for i, call in enumerate(calls) if call is not None]
         chunks = [torch.zeros(0, device=s.device) for s in sessions]
         if computed:

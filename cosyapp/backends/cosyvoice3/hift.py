@@ -138,11 +138,13 @@ class FixedSourceNoise:
 
     def noise(self, length: int) -> Tensor:
         """[1, length, harmonics] float32 (CPU)."""
-        if self._noise.size(1) < length:
+        noise = self._noise  # read once: another stream's vocoder call may be growing it on another thread
+        if noise.size(1) < length:
             generator = torch.Generator().set_state(self.state)
             torch.rand(1, self.harmonics, generator=generator)  # the initial phases come first
-            self._noise = torch.rand(1, -(-length // self.block) * self.block, self.harmonics, generator=generator)
-        return self._noise[:, :length]
+            noise = torch.rand(1, -(-length // self.block) * self.block, self.harmonics, generator=generator)
+            self._noise = noise
+        return noise[:, :length]
 
 
 class CausalHarmonicSource(nn.Module):

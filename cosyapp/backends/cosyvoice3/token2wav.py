@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -91,9 +91,14 @@ class Token2Wav:
             self.config.flow.estimator.static_chunk_size, self.left_chunks, prompt_feat.size(1))
         return [cache.fork(window) for cache in caches]
 
-    def vocode_group(self, sessions: Sequence["Token2WavStream"]) -> list[Tensor]:
-        """The next chunk of each session: its next streaming chunk when ready, else its last (every token in)."""
-        return [s.next_chunk() if s.chunk_ready() else s.finish() for s in sessions]
+    def prepare_group(self, sessions: Sequence["Token2WavStream"]) -> list["ChunkCall | None"]:
+        """The call of each session's next chunk: its next streaming chunk when ready, else its last (every token
+        in; None without tokens). The sessions' schedules move on; `compute_group` computes the calls."""
+        return [s.prepare_chunk() if s.chunk_ready() else s.prepare_final() for s in sessions]
+
+    def compute_group(self, sessions: Sequence["Token2WavStream"], calls: Sequence["ChunkCall | None"]) -> list[Tensor]:
+        """The chunks of `prepare_group`'s calls, one session at a time."""
+        return [torch.zeros(0, device=s.device) if call is None else s.vocode(call) for s, call in zip(sessions, calls)]
 
     def full(self, tokens: Sequence[int] | Tensor, prompt_token: Tensor, prompt_feat: Tensor,
              embedding: Tensor) -> Tensor:
@@ -101,6 +106,13 @@ class Token2Wav:
         session = self.new_stream(prompt_token, prompt_feat, embedding, stream=False)
         session.push(tokens)
         return session.finish()
+
+
+class ChunkCall(NamedTuple):
+    """One chunk's flow and vocoder call: tokens[:num_tokens], the last call or not, the offset it starts at."""
+    num_tokens: int
+    finalize: bool
+    offset: int
 
 
 class Token2WavStream:
@@ -154,11 +166,15 @@ class Token2WavStream:
 
     def next_chunk(self) -> Tensor:
         """The next streaming chunk (`chunk_ready` must hold), 1-D float32."""
+        return self.vocode(self.prepare_chunk())
+
+    def prepare_chunk(self) -> ChunkCall:
+        """The call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
         hop = self.next_hop()
-        chunk = self.vocode(self.offset + hop + self.owner.pre_lookahead, finalize=False)
+        call = ChunkCall(self.offset + hop + self.owner.pre_lookahead, False, self.offset)
         self.offset += hop
         self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
-        return chunk
+        return call
 
     def push(self, tokens: Sequence[int] | Tensor) -> list[Tensor]:
         """Add speech tokens; returns the chunks (1-D float32 tensors) that became ready, maybe none."""
@@ -171,21 +187,25 @@ class Token2WavStream:
     def finish(self) -> Tensor:
         """Vocode every remaining token (full attention; chunk mask on the bounded path) -> the last chunk, 1-D
         float32."""
+        call = self.prepare_final()
+        return torch.zeros(0, device=self.device) if call is None else self.vocode(call)
+
+    def prepare_final(self) -> ChunkCall | None:
+        """The call of the last chunk (every token, full attention); None without tokens."""
         if self.finished:
             raise RuntimeError("finish() called twice")
         self.finished = True
-        if self.tokens.numel() == 0:
-            return torch.zeros(0, device=self.device)
-        return self.vocode(self.tokens.numel(), finalize=True)
+        return ChunkCall(self.tokens.numel(), True, self.offset) if self.tokens.numel() else None
 
     @torch.inference_mode()
-    def vocode(self, num_tokens: int, finalize: bool) -> Tensor:
-        """Upstream `CosyVoice3Model.token2wav` on tokens[:num_tokens] (streaming mask unless finalize); the next
-        chunk of samples, 1-D."""
-        self.calls.append({"token_len": num_tokens, "token_offset": self.offset, "finalize": finalize,
+    def vocode(self, call: ChunkCall) -> Tensor:
+        """Upstream `CosyVoice3Model.token2wav` on tokens[:call.num_tokens] (streaming mask unless finalize); the
+        next chunk of samples, 1-D. Reads only tokens the call covers, so tokens may be added meanwhile."""
+        num_tokens, finalize = call.num_tokens, call.finalize
+        self.calls.append({"token_len": num_tokens, "token_offset": call.offset, "finalize": finalize,
                            "speech_offset_before": self.speech_offset})
         with timed(self.stats, "flow_chunk"):
-            mel = self._new_mel(num_tokens, finalize)
+            mel = self._new_mel(num_tokens, finalize, call.offset)
         self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=2)
         with timed(self.stats, "vocoder_chunk"):
             if self.bounded:
@@ -195,13 +215,13 @@ class Token2WavStream:
         self.speech_offset += speech.numel()
         return speech
 
-    def _new_mel(self, num_tokens: int, finalize: bool) -> Tensor:
+    def _new_mel(self, num_tokens: int, finalize: bool, offset: int) -> Tensor:
         """The mel frames of tokens [offset, num_tokens - look-ahead) (all of them when finalize)."""
         owner, ratio = self.owner, self.owner.token_mel_ratio
         if not self.bounded:
             mel = owner.flow.inference(self.tokens[None, :num_tokens], self.prompt_token, self.prompt_feat,
                                        self.embedding, streaming=not finalize, finalize=finalize)
-            return mel[:, :, ratio * self.offset:]
+            return mel[:, :, ratio * offset:]
         prompt_len = self.prompt_token.shape[1]
         end = prompt_len + num_tokens - (0 if finalize else owner.pre_lookahead)
         tokens = torch.cat([self.prompt_token, self.tokens[None]], dim=1)

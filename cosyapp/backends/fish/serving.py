@@ -20,6 +20,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from cosyapp.backends.fish.runner import FishRunner, FishStreamState, codec_shape_key
+from cosyapp.engine.sizing import audio_workers_for
 from cosyapp.engine.types import SynthesisRequest
 
 STREAM_FIRST_FRAMES = 4
@@ -32,6 +33,7 @@ class FishStream:
     lm: FishStreamState
     error: BaseException | None = None
     finished: bool = False
+    frames_in_work: int = 0  # frames of the codec call under way (`lm.decoded` counts them once it is done)
 
     # ---- what the scheduler reads (engine/scheduler.py StreamState) ----
 
@@ -46,19 +48,24 @@ class FishStream:
     @property
     def chunk_frames(self) -> int:
         """Frames of the next streaming chunk."""
-        return STREAM_FIRST_FRAMES if self.lm.decoded == 0 else STREAM_FRAMES
+        return STREAM_FIRST_FRAMES if self.lm.decoded + self.frames_in_work == 0 else STREAM_FRAMES
+
+    @property
+    def decodable(self) -> int:
+        """Frames ready for the next codec call (those of a call under way are taken)."""
+        return self.lm.decodable - self.frames_in_work
 
     @property
     def tokens_short(self) -> int:
         if not self.request.stream:
             return 1  # all of its audio comes at the end
-        return self.chunk_frames - self.lm.decodable
+        return self.chunk_frames - self.decodable
 
     def next_chunk_frames(self) -> int:
         """Frames the next codec call decodes: a chunk, or the rest once generation is over (maybe 0)."""
-        if self.lm.decodable >= self.chunk_frames:
+        if self.decodable >= self.chunk_frames:
             return self.chunk_frames
-        return self.lm.decodable if self.lm.finished else 0
+        return self.decodable if self.lm.finished else 0
 
     @property
     def audio_pending(self) -> bool:
@@ -72,6 +79,13 @@ class FishStream:
         return codec_shape_key(self.lm, frames)
 
 
+@dataclass
+class FishAudioWork:
+    """The codec calls of one audio step: streaming chunks (stream, frames) and whole utterances made in one piece."""
+    chunks: list[tuple[FishStream, int]]
+    whole: list[FishStream]
+
+
 class FishServing:
     """The engine's model runner for Fish (engine/runner.py `ModelRunner`), over `FishRunner`."""
 
@@ -80,6 +94,7 @@ class FishServing:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.model_runner: FishRunner = backend.runner
+        self.audio_workers = audio_workers_for(backend.device, self.model_runner.rows)
 
     @property
     def rows(self) -> int:
@@ -101,27 +116,36 @@ class FishServing:
             if state.request.stats is not None:
                 state.request.stats.add(stage, time.perf_counter() - started)
 
-    def vocode(self, states: Sequence[FishStream]) -> list[list[np.ndarray]]:
-        started = time.perf_counter()
-        audio: dict[int, list[np.ndarray]] = {id(state): [] for state in states}
+    def prepare_audio(self, states: Sequence[FishStream]) -> FishAudioWork:
         work = [(state, state.next_chunk_frames()) for state in states if state.request.stream]
         work = [(state, frames) for state, frames in work if frames]
-        if work:
-            decoded = self.model_runner.codec_decode([(state.lm, frames) for state, frames in work])
-            for (state, _), samples in zip(work, decoded):
-                audio[id(state)].append(samples)
-        for state in states:
-            if not state.lm.finished:
-                continue
-            if not state.request.stream:
-                audio[id(state)].append(self.backend.decode_frames(state.lm))
-                state.finished = True
-            elif state.lm.decodable == 0:
-                state.finished = True  # generation is over and every usable frame is decoded
-        for state in states:
+        for state, frames in work:
+            state.frames_in_work = frames
+        whole = [state for state in states if not state.request.stream and state.lm.finished]
+        return FishAudioWork(work, whole)
+
+    def compute_audio(self, work: FishAudioWork) -> dict[int, list[np.ndarray]]:
+        started = time.perf_counter()
+        audio: dict[int, list[np.ndarray]] = {}
+        if work.chunks:
+            decoded = self.model_runner.codec_decode([(state.lm, frames) for state, frames in work.chunks])
+            for (state, _), samples in zip(work.chunks, decoded):
+                audio[id(state)] = [samples]
+        for state in work.whole:
+            audio[id(state)] = [self.backend.decode_frames(state.lm)]
+        for state in [state for state, _ in work.chunks] + work.whole:
             if state.request.stats is not None:
                 state.request.stats.add("fish_codec", time.perf_counter() - started)
-        return [audio[id(state)] for state in states]
+        return audio
+
+    def finish_audio(self, states: Sequence[FishStream], audio: dict[int, list[np.ndarray]]) -> list[list[np.ndarray]]:
+        for state in states:
+            state.frames_in_work = 0
+            if not state.lm.finished:
+                continue
+            if not state.request.stream or state.lm.decodable == 0:
+                state.finished = True  # generation is over and every usable frame is decoded
+        return [audio.get(id(state), []) for state in states]
 
     def close(self, state: FishStream) -> None:
         self.model_runner.release(state.lm)
