@@ -17,7 +17,7 @@ from cosyapp.backends.cosyvoice2.token2wav import prompt_token_pad
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
 from cosyapp.backends.cosyvoice3.hift import CausalHiFTGenerator
-from cosyapp.backends.cosyvoice3.token2wav import Token2Wav
+from cosyapp.backends.cosyvoice3.token2wav import ChunkCall, Token2Wav
 
 ATOL = 1e-4  # README: mels and waveforms within ~1e-4 abs
 
@@ -54,8 +54,8 @@ def test_streaming_schedule_and_chunks(token2wav, prompt, cv3_npz, cv3_settings)
     chunks, mels = [], []
     vocode = session.vocode
 
-    def recording_vocode(num_tokens: int, finalize: bool) -> torch.Tensor:
-        chunk = vocode(num_tokens, finalize)
+    def recording_vocode(call: ChunkCall) -> torch.Tensor:
+        chunk = vocode(call)
         mels.append(session.mel[0].clone())
         return chunk
 

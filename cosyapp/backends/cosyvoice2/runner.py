@@ -98,7 +98,7 @@ class CosyVoiceRunner:
         self.rows = rows
         self.run_ahead = run_ahead
         self.static_step = static_step
-        self.audio_workers = audio_workers_for(backend.device, rows)
+        self.audio_workers = audio_workers_for(self.llm.device, rows)
         self._next_position = [0] * rows  # per cache row: where its next decode step writes
 
     def open(self, request: SynthesisRequest, row: int) -> CosyVoiceStream:
