@@ -299,10 +299,11 @@ class CoreLoop:
     `submit` and `call` may be used from any thread."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, name: str, threads: int | None = None,
-                 audio_workers: int = 1) -> None:
+                 audio_workers: int = 1, parallel_kernels: bool = True) -> None:
         self.core = EngineCore(runner, sample_rate, dispatch_audio=self._dispatch_audio)
         self.core.audio_slots = audio_workers
         self.threads = threads or cpu_cores()
+        self.parallel_kernels = parallel_kernels
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -365,7 +366,9 @@ class CoreLoop:
 
     def _share(self, lm: bool) -> int:
         """Intra-op threads for one piece of work while the LM (if `lm`) and the busy audio threads share the
-        cores."""
+        cores; one when the runner's kernels are too small to split (sizing.py `core_threads`)."""
+        if not self.parallel_kernels:
+            return 1
         return max(1, self.threads // (int(lm) + self._audio_busy))
 
     def _run(self) -> None:

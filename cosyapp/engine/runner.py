@@ -16,13 +16,14 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from cosyapp.engine.sizing import CoreThreads
 from cosyapp.engine.types import SynthesisRequest
 
 
 class ModelRunner(Protocol):
     rows: int  # KV-cache rows: streams the runner can hold at once
     run_ahead: int  # tokens a stream may decode past its next chunk's (0 on a CPU: the LM would slow the audio)
-    audio_workers: int  # audio groups the core may compute at once (a CPU: one per core; a GPU runs them in turn)
+    threads: CoreThreads  # how the core uses the cores for this runner (sizing.py `core_threads`)
 
     def open(self, request: SynthesisRequest, row: int) -> Any:
         """A new stream's state in cache row `row` (frontend work; InputError for bad input)."""
@@ -82,7 +83,7 @@ class GeneratorRunner:
     batching across streams; the backend keeps its own cache rows)."""
 
     run_ahead = 0
-    audio_workers = 1
+    threads = CoreThreads(audio_workers=1, parallel_kernels=True)
 
     def __init__(self, backend: Any, rows: int) -> None:
         self.backend = backend

@@ -6,12 +6,16 @@
   is what runs out).
 - On a CPU, cores decide: one stream keeps about one core busy, and more streams than cores only queue
   inside the machine instead of in the admission queue, where they would at least be answered 503 in time.
+
+And how a backend's core loop uses the cores (`core_threads`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,11 +46,34 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def audio_workers_for(device: torch.device, rows: int) -> int:
-    """Audio groups a core computes at once: on a CPU one per core (each core computes another stream's chunk,
-    streams at different points of their schedule cannot share a batched call), at most one per stream; a GPU
-    computes them in turn anyway, so one."""
-    return 1 if device.type != "cpu" else max(1, min(cpu_cores(), rows))
+# Weights in the matrix and convolution layers of a model's audio stage from which its calls gain from several
+# intra-op threads on a CPU. Below it (the tiny test models: 0.5-13 M; the released CosyVoice2 flow + HiFT: 130 M)
+# a call is thousands of small kernels, each split across cores costs a thread-team wake-up (tens of
+# microseconds once two threads run teams of their own) that the kernel's arithmetic never pays back.
+PARALLEL_KERNEL_WEIGHTS = 32_000_000
+
+
+@dataclass(frozen=True)
+class CoreThreads:
+    """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, and whether
+    a call's kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op
+    thread and the cores go to streams side by side)."""
+    audio_workers: int
+    parallel_kernels: bool
+
+
+def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreThreads:
+    """A GPU computes audio groups in turn anyway: one at a time. On a CPU, a model whose audio stage is large
+    enough (PARALLEL_KERNEL_WEIGHTS) splits its calls across the cores, one group per core at most; a small one
+    computes up to one group per stream at once, each on one intra-op thread."""
+    if device.type != "cpu":
+        return CoreThreads(1, True)
+    weights = sum(module.weight.numel() for model in audio_modules if isinstance(model, torch.nn.Module)
+                  for module in model.modules()
+                  if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)))
+    if weights >= PARALLEL_KERNEL_WEIGHTS:
+        return CoreThreads(max(1, min(cpu_cores(), rows)), True)
+    return CoreThreads(max(1, rows), False)
 
 
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:

@@ -28,7 +28,7 @@ from cosyapp.backends.cosyvoice2.decode_graphs import StaticDecodeStep
 from cosyapp.backends.cosyvoice2.decoding import Decoding, accept, stop_rule
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, length_limits
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
-from cosyapp.engine.sizing import audio_workers_for
+from cosyapp.engine.sizing import core_threads
 from cosyapp.engine.stats import timed
 from cosyapp.engine.types import InputError, SynthesisRequest
 
@@ -98,7 +98,9 @@ class CosyVoiceRunner:
         self.rows = rows
         self.run_ahead = run_ahead
         self.static_step = static_step
-        self.audio_workers = audio_workers_for(self.llm.device, rows)
+        token2wav = getattr(backend, "token2wav", None)  # a runner over the LM alone (tests) has none
+        audio_stage = (token2wav.flow, token2wav.hift) if token2wav is not None else ()
+        self.threads = core_threads(self.llm.device, rows, *audio_stage)
         self._next_position = [0] * rows  # per cache row: where its next decode step writes
 
     def open(self, request: SynthesisRequest, row: int) -> CosyVoiceStream:

@@ -20,7 +20,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from cosyapp.backends.fish.runner import FishRunner, FishStreamState, codec_shape_key
-from cosyapp.engine.sizing import audio_workers_for
+from cosyapp.engine.sizing import core_threads
 from cosyapp.engine.types import SynthesisRequest
 
 STREAM_FIRST_FRAMES = 4
@@ -94,7 +94,7 @@ class FishServing:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.model_runner: FishRunner = backend.runner
-        self.audio_workers = audio_workers_for(backend.device, self.model_runner.rows)
+        self.threads = core_threads(backend.device, self.model_runner.rows, backend.codec)
 
     @property
     def rows(self) -> int:
