@@ -13,8 +13,9 @@ second core hardly speeds it up), while the flow and vocoder are compute-bound. 
 groups (`compute_audio`, which touches only its streams' audio caches) on its audio threads while its own
 thread goes on with the prefill and decode steps, and applies each result (`finish_audio`) on its own thread
 at the next step. A stream has at most one group in the works; a group holding a first chunk runs alone, the
-LM waiting for it. Intra-op threads follow the work in hand: each thread sets torch's count to its share of
-the cores before its work (the LM and the busy audio threads share them; whichever is alone gets them all).
+LM waiting for it. Intra-op threads follow the work in hand where the runner's kernels are large enough to
+split (sizing.py `core_threads`): each thread sets torch's count to its share of the cores before its work (the
+LM and the busy audio threads share them; whichever is alone gets them all); else every thread runs one.
 """
 
 from __future__ import annotations

@@ -41,3 +41,14 @@ def test_the_service_states_the_streams_it_chose(monkeypatch: pytest.MonkeyPatch
     assert "max_concurrent auto: 3 streams at once (3 CPU cores, one stream per core)" in caplog.text
     fixed = load_settings(env={"COSYAPP_ENGINE_MAX_CONCURRENT": "5", "COSYAPP_STORAGE_DATA_DIR": str(tmp_path)})
     assert ServiceState(fixed).stream_slots() == 5 and Settings().engine.max_concurrent == "auto"
+
+
+def test_core_threads_follow_the_size_of_the_audio_stage() -> None:
+    small = torch.nn.Sequential(torch.nn.Linear(64, 64, device="meta"), torch.nn.Conv1d(64, 64, 3, device="meta"))
+    width = int(sizing.PARALLEL_KERNEL_WEIGHTS ** 0.5) + 1
+    large = torch.nn.Linear(width, width, device="meta")
+    assert sizing.core_threads(torch.device("cpu"), 8, small).parallel_kernels is False
+    assert sizing.core_threads(torch.device("cpu"), 8, small).audio_workers == 8  # one group per stream at once
+    assert sizing.core_threads(torch.device("cpu"), 8, small, large).parallel_kernels is True
+    assert sizing.core_threads(torch.device("cpu"), 8, large).audio_workers == min(sizing.cpu_cores(), 8)
+    assert sizing.core_threads(torch.device("cuda"), 8, small).audio_workers == 1
