@@ -93,6 +93,7 @@ class EngineCore:
         self.scheduler = Scheduler(runner.rows, runner.run_ahead)
         self.streams: dict[Ticket, CoreStream] = {}
         self.audio_slots = 1  # audio groups that may be in the works at once (`CoreLoop`: its audio threads)
+        self.audio_parts = 1  # most parts a planned group is cut into, each computed on its own audio thread
         self.audio_jobs: list[AudioJob] = []  # groups being computed elsewhere
         self.steps = 0
         self.decode_batches: dict[int, int] = {}  # decode batch size -> steps, for tests and benchmarks
@@ -136,8 +137,10 @@ class EngineCore:
         audio_free = len(self.audio_jobs) < self.audio_slots and not exclusive
         plan = self.scheduler.plan(self.clock(), audio_free=audio_free, lm_free=not exclusive)
         if plan.audio:
-            self._start_audio(plan.audio)
-            if self.dispatch_audio is not None and self.audio_jobs and self.audio_jobs[-1].first_chunk:
+            parts = max(1, min(self.audio_parts, len(plan.audio), self.audio_slots - len(self.audio_jobs)))
+            for part in range(parts):
+                self._start_audio(plan.audio[part::parts])
+            if self.dispatch_audio is not None and any(job.first_chunk for job in self.audio_jobs):
                 plan.prefill, plan.decode = [], []  # the LM waits for the first chunk (Scheduler.first_chunk)
         if self.audio_jobs and (plan.prefill or plan.decode):
             self.overlapped_steps += 1
@@ -305,6 +308,8 @@ class CoreLoop:
         self.core.audio_slots = audio_workers
         self.threads = threads or cpu_cores()
         self.parallel_kernels = parallel_kernels
+        # Kernels too small to split across cores: a group's streams are cut into one part per core instead.
+        self.core.audio_parts = 1 if parallel_kernels else self.threads
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._closing = False

@@ -65,7 +65,8 @@ class CoreThreads:
 def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreThreads:
     """A GPU computes audio groups in turn anyway: one at a time. On a CPU, a model whose audio stage is large
     enough (PARALLEL_KERNEL_WEIGHTS) splits its calls across the cores, one group per core at most; a small one
-    computes up to one group per stream at once, each on one intra-op thread."""
+    computes up to one group per stream at once, each on one intra-op thread (the core cuts a group of several
+    streams into one part per core)."""
     if device.type != "cpu":
         return CoreThreads(1, True)
     weights = sum(module.weight.numel() for model in audio_modules if isinstance(model, torch.nn.Module)

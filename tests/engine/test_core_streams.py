@@ -153,7 +153,8 @@ def test_a_stream_whose_backend_raises_fails_alone(harness: Harness) -> None:
 
 
 def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: list[float],
-                 cancel: tuple[int, int] | None = None) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
+                 cancel: tuple[int, int] | None = None, parallel_kernels: bool = True
+                 ) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
     """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart; `cancel`
     (index, chunks): cancel that request once it has had that many chunks. -> the loop, states and sinks."""
     states: dict[int, Any] = {}
@@ -165,7 +166,7 @@ def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: lis
         return state
 
     harness.runner.open = recording_open
-    loop = CoreLoop(harness.runner, harness.rate, "test", threads=2, audio_workers=2)
+    loop = CoreLoop(harness.runner, harness.rate, "test", threads=2, audio_workers=2, parallel_kernels=parallel_kernels)
     sinks = [ListSink() for _ in requests]
     try:
         for request, sink, delay in zip(requests, sinks, delays):
@@ -184,9 +185,11 @@ def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: lis
     return loop, states, sinks
 
 
-def test_streams_on_the_core_threads_get_what_they_get_alone(harness: Harness) -> None:
+@pytest.mark.parametrize("parallel_kernels", [True, False], ids=["kernels-split", "groups-cut"])
+def test_streams_on_the_core_threads_get_what_they_get_alone(harness: Harness, parallel_kernels: bool) -> None:
+    # groups-cut: one intra-op thread per core thread, and a group of streams cut into one part per core
     requests = [harness.request(i) for i in range(ROWS)]
-    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.05, 0.1])
+    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.05, 0.1], parallel_kernels=parallel_kernels)
     assert loop.core.overlapped_steps > 0  # LM steps ran while an audio group was being computed
     assert loop.core.most_audio_jobs == 2  # two streams' chunks computed at once, on the two audio threads
     assert loop.core.scheduler.pool.free == ROWS and not loop.core.audio_jobs
