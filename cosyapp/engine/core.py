@@ -70,7 +70,6 @@ class _Placeholder:
 class AudioJob:
     """One audio group between `prepare_audio` and `finish_audio`."""
     tickets: list[Ticket]
-    states: list[Any]
     work: Any  # prepare_audio's answer, compute_audio's input
     started: float
     first_chunk: bool  # a listener waits for its first audio: nothing else starts until it is back
@@ -82,18 +81,19 @@ AudioDispatch = Callable[[AudioJob, Callable[[], Any]], None]
 
 class EngineCore:
     """The step logic. Without `dispatch_audio` an audio group is computed inline within the step; with it, the
-    group is handed over and the step goes on (`audio_computed` brings the result back)."""
+    group is handed over and the step goes on (`audio_computed` brings the result back): at most `audio_slots`
+    groups in the works at once, a planned group cut into at most `audio_parts` of them."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, clock: Callable[[], float] = time.monotonic,
-                 dispatch_audio: AudioDispatch | None = None) -> None:
+                 dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1, audio_parts: int = 1) -> None:
         self.runner = runner
         self.sample_rate = sample_rate
         self.clock = clock
         self.dispatch_audio = dispatch_audio
         self.scheduler = Scheduler(runner.rows, runner.run_ahead)
         self.streams: dict[Ticket, CoreStream] = {}
-        self.audio_slots = 1  # audio groups that may be in the works at once (`CoreLoop`: its audio threads)
-        self.audio_parts = 1  # most parts a planned group is cut into, each computed on its own audio thread
+        self.audio_slots = audio_slots
+        self.audio_parts = audio_parts
         self.audio_jobs: list[AudioJob] = []  # groups being computed elsewhere
         self.steps = 0
         self.decode_batches: dict[int, int] = {}  # decode batch size -> steps, for tests and benchmarks
@@ -160,11 +160,10 @@ class EngineCore:
 
     def _start_audio(self, tickets: list[Ticket]) -> None:
         self.audio_batches[len(tickets)] = self.audio_batches.get(len(tickets), 0) + 1
-        states = [t.state for t in tickets]
         work = self._call(self.runner.prepare_audio, tickets, _NOTHING)
         if work is _NOTHING:
             return
-        job = AudioJob(tickets, states, work, self.clock(), self.scheduler.first_chunk(tickets))
+        job = AudioJob(tickets, work, self.clock(), self.scheduler.first_chunk(tickets))
         for ticket in tickets:
             ticket.audio_busy = True
         self.audio_jobs.append(job)
@@ -191,13 +190,13 @@ class EngineCore:
         self.scheduler.observe_audio_step(self.clock() - job.started)
         for ticket in job.tickets:
             ticket.audio_busy = False
-        for ticket, state in zip(job.tickets, job.states):
-            if ticket not in self.streams and state is not None:
-                self._close(state)  # it ended while its audio was computed
-        live = [t for t in job.tickets if t in self.streams]
+        for ticket in job.tickets:
+            if ticket not in self.streams:
+                self._close(ticket.state)  # it ended while its audio was computed
         if error is not None:
-            for ticket in live:
-                self._end(self.streams[ticket], error)
+            for ticket in job.tickets:
+                if ticket in self.streams:
+                    self._end(self.streams[ticket], error)
             return
         chunks = self._call(lambda states: self.runner.finish_audio(states, result), job.tickets)
         for ticket, pieces in zip(job.tickets, chunks or ()):
@@ -253,7 +252,6 @@ class EngineCore:
         outcome = "completed" if error is None else "cancelled" if isinstance(error, Cancelled) else "failed"
         stream.sink.end(error, outcome, stream.samples / self.sample_rate)
 
-
     def _close(self, state: Any) -> BaseException | None:
         """Release a stream's state; releasing must not take the loop down (the error is the stream's to report)."""
         try:
@@ -304,12 +302,11 @@ class CoreLoop:
 
     def __init__(self, runner: ModelRunner, sample_rate: int, name: str, threads: int | None = None,
                  audio_workers: int = 1, parallel_kernels: bool = True) -> None:
-        self.core = EngineCore(runner, sample_rate, dispatch_audio=self._dispatch_audio)
-        self.core.audio_slots = audio_workers
         self.threads = threads or cpu_cores()
         self.parallel_kernels = parallel_kernels
         # Kernels too small to split across cores: a group's streams are cut into one part per core instead.
-        self.core.audio_parts = 1 if parallel_kernels else self.threads
+        self.core = EngineCore(runner, sample_rate, dispatch_audio=self._dispatch_audio, audio_slots=audio_workers,
+                               audio_parts=1 if parallel_kernels else self.threads)
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._closing = False

@@ -58,11 +58,6 @@ class ModelRunner(Protocol):
         ...
 
 
-def vocode(runner: ModelRunner, states: Sequence[Any]) -> list[list[np.ndarray]]:
-    """Each state's next audio chunks, the three audio calls in a row on the calling thread."""
-    return runner.finish_audio(states, runner.compute_audio(runner.prepare_audio(states)))
-
-
 class GeneratorState:
     """A stream of a backend without a runner: its `synthesize` generator, advanced one chunk per step."""
 
