@@ -13,6 +13,7 @@ the vocoder's upsampling stack carry that to about 1e-5 of full scale. AUDIO_ATO
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -155,7 +156,8 @@ def test_a_stream_whose_backend_raises_fails_alone(harness: Harness) -> None:
 def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: list[float],
                  cancel: tuple[int, int] | None = None, parallel_kernels: bool = True
                  ) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
-    """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart; `cancel`
+    """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart (the first
+    ones without a delay reach the core in one step: the loop is held while they are submitted); `cancel`
     (index, chunks): cancel that request once it has had that many chunks. -> the loop, states and sinks."""
     states: dict[int, Any] = {}
     open_state = harness.runner.open
@@ -168,10 +170,15 @@ def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: lis
     harness.runner.open = recording_open
     loop = CoreLoop(harness.runner, harness.rate, "test", threads=2, audio_workers=2, parallel_kernels=parallel_kernels)
     sinks = [ListSink() for _ in requests]
+    held = threading.Event()
+    loop.call(lambda: held.wait(10), lambda result, error: None)
     try:
         for request, sink, delay in zip(requests, sinks, delays):
-            time.sleep(delay)
+            if delay:
+                held.set()
+                time.sleep(delay)
             loop.submit(request, sink)
+        held.set()
         deadline = time.monotonic() + 120
         while not all(sink.ended for sink in sinks):
             if cancel is not None and len(sinks[cancel[0]].chunks) >= cancel[1]:
