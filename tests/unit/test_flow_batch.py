@@ -56,13 +56,14 @@ def test_batched_calls_equal_each_stream_alone(flow: CosyVoice2Flow, left_chunks
 
 
 def test_calls_in_different_states_still_run_right(flow: CosyVoice2Flow) -> None:
-    """Streams at different positions (and one exact final call) in one run_together: each gets its own result."""
+    """Streams at different positions (and one exact final call) in one run_together: the incremental calls go
+    as one batch, and each gets its own result."""
     prompt = random_prompt(flow, PROMPT_TOKENS, seed=3)
     tokens = random_tokens(flow, N_TOKENS, seed=4)
     ahead, behind, reference = (FlowStream(flow, *prompt, exact_final=False) for _ in range(3))
     ahead.advance(tokens[:63])
     first_ahead, first_behind = ahead.prepare(tokens[63:113]), behind.prepare(tokens[:63])
-    assert first_ahead.batch_key != first_behind.batch_key
+    assert first_ahead.batch_key == first_behind.batch_key
     mel_ahead, mel_behind = run_together([first_ahead, first_behind])
     assert max_diff(mel_behind, reference.advance(tokens[:63])) < MEL_ATOL
     assert max_diff(mel_ahead, reference.advance(tokens[63:113])) < MEL_ATOL
@@ -73,3 +74,44 @@ def test_calls_in_different_states_still_run_right(flow: CosyVoice2Flow) -> None
     assert exact_call.batch_key is None
     expected = flow.inference(tokens[None], *prompt, streaming=False, finalize=True)[:, :, 2 * 60:]
     assert max_diff(run_together([exact_call])[0], expected) < MEL_ATOL
+
+
+def calls_of(prompt_tokens: int, n_tokens: int, hop: int) -> list[tuple[int, int, bool]]:
+    """One stream's calls on its own hop schedule: (first token, last token + look-ahead, finalize)."""
+    calls, pushed = [], 0
+    for end in hop_schedule(prompt_tokens, n_tokens, hop):
+        calls.append((pushed, end + 3, False))
+        pushed = end + 3
+    return [*calls, (pushed, n_tokens, True)]
+
+
+@pytest.mark.parametrize("left_chunks", [None, 1])
+def test_streams_at_their_own_positions_batch_as_one(flow: CosyVoice2Flow, left_chunks: int | None) -> None:
+    """Streams of different voices (prompt lengths), hops and lengths, so that every batch mixes positions,
+    lengths, and final with non-final calls: each stream's mels are what it gets alone."""
+    shapes = [(40, 260, 50), (17, 140, 25), (63, 200, 100), (30, 90, 25)]  # prompt tokens, tokens, hop
+    prompts = [random_prompt(flow, p, seed=30 + i) for i, (p, _, _) in enumerate(shapes)]
+    tokens = [random_tokens(flow, n, seed=40 + i) for i, (_, n, _) in enumerate(shapes)]
+    schedules = [calls_of(p, n, hop) for p, n, hop in shapes]
+
+    def streams() -> list[FlowStream]:
+        return [FlowStream(flow, *prompt, exact_final=False, left_chunks=left_chunks) for prompt in prompts]
+
+    alone = [[stream.advance(t[first:last], finalize) for first, last, finalize in schedule]
+             for stream, t, schedule in zip(streams(), tokens, schedules)]
+    together: list[list[torch.Tensor]] = [[] for _ in shapes]
+    batched = streams()
+    mixed_ends = False
+    for round_ in range(max(len(schedule) for schedule in schedules)):
+        members = [i for i, schedule in enumerate(schedules) if round_ < len(schedule)]
+        calls = [batched[i].prepare(tokens[i][schedules[i][round_][0]:schedules[i][round_][1]],
+                                    schedules[i][round_][2]) for i in members]
+        assert len({call.batch_key for call in calls}) == 1
+        mixed_ends |= len({call.finalize for call in calls}) > 1
+        for i, mel in zip(members, run_together(calls)):
+            together[i].append(mel)
+    assert mixed_ends
+    for stream_alone, stream_together in zip(alone, together):
+        for a, b in zip(stream_alone, stream_together, strict=True):
+            assert a.shape[2] > 0
+            assert max_diff(a, b) < MEL_ATOL

@@ -27,7 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def chunk_attention_mask(length: int, chunk_size: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """Bool [length - start, length], True where query i (positions start..length-1) may attend key j
+    (positions 0..length-1): j lies in i's chunk or an earlier one."""
+    keys = torch.arange(length, device=device)
+    queries = torch.arange(start, length, device=device)
+    chunk_end = (torch.div(queries, chunk_size, rounding_mode="floor") + 1) * chunk_size
+    return keys.unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,17 @@ class ChunkCache:
         pinned = self.window.pinned
         return [(0, pinned), (pinned + self.dropped, end - pinned - self.dropped)]
 
+    def visible_keys(self, chunk_size: int, device: torch.device) -> Tensor:
+        """Bool [new, held + new]: which keys of the call in progress each new position sees (its own chunk
+        and those before it; with a window, the pinned ones and the window's)."""
+        if self.window is not None:
+            return self.window_mask(device)
+        return chunk_attention_mask(self.length + self.new, chunk_size, device, start=self.length)
+
+    def rows(self) -> list[tuple["ChunkCache", slice]]:
+        """The cache and its batch rows (all of them): the interface of `BatchedCaches.rows`."""
+        return [(self, slice(None))]
+
     def window_mask(self, device: torch.device) -> Tensor:
         """Bool [new, held + new]: which keys of the call in progress each new position sees (window only)."""
         queries = torch.arange(self.length, self.length + self.new, device=device)
@@ -190,67 +211,60 @@ class ChunkCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class StackedCaches:
-    """The caches of several streams in the same state (same committed length, same call), seen as the one
-    cache of a batch that runs their calls together.
+class BatchedCaches:
+    """The caches of several streams seen as the one cache of a batch that runs their calls together. Each
+    stream may be at its own position and add its own number of new positions (`begin` each member first).
 
     Batch rows come in `groups` blocks of one row per stream (CFG: the conditional rows of every stream, then
-    the unconditional ones), and each member holds its stream's `groups` rows. Every read and write goes to
-    the members, so after the call each stream's own cache is exactly as if it had run alone; the price is
-    one copy of the keys and values the call reads.
+    the unconditional ones). A row holds its stream's new positions first, padded to the batch's `queries`
+    positions; the padding only ever sees what lies before it (causal convolutions, masked keys), so the
+    positions that count are what the stream computes alone. Keys are padded to the longest row and masked
+    (`visible_keys`). Every read and write goes to the members, so after the call each stream's own cache is
+    exactly as if it had run alone; the price is one copy of the keys and values the call reads.
     """
 
-    def __init__(self, members: list[ChunkCache], groups: int) -> None:
-        first = members[0]
-        state = (first.length, first.dropped, first.new, first.keep, first.window)
-        for member in members[1:]:
-            if (member.length, member.dropped, member.new, member.keep, member.window) != state:
-                raise ValueError("stacked caches must be in the same state")
+    def __init__(self, members: list[ChunkCache], groups: int, queries: int) -> None:
+        if any(member.new > queries for member in members):
+            raise ValueError(f"a member has more than the batch's {queries} new positions")
         self.members = members
         self.groups = groups
+        self.queries = queries
 
-    # The position bookkeeping is the same in every member: read it from the first.
-    @property
-    def length(self) -> int:
-        return self.members[0].length
-
-    @property
-    def held(self) -> int:
-        return self.members[0].held
-
-    @property
-    def new(self) -> int:
-        return self.members[0].new
-
-    @property
-    def window(self) -> ChunkWindow | None:
-        return self.members[0].window
-
-    def begin(self, new: int, keep: int) -> None:
-        for member in self.members:
-            member.begin(new, keep)
-
-    def commit(self) -> None:
-        for member in self.members:
-            member.commit()
-
-    def key_positions(self, device: torch.device) -> Tensor:
-        return self.members[0].key_positions(device)
-
-    def key_segments(self) -> list[tuple[int, int]]:
-        return self.members[0].key_segments()
-
-    def window_mask(self, device: torch.device) -> Tensor:
-        return self.members[0].window_mask(device)
+    def rows(self) -> list[tuple[ChunkCache, slice]]:
+        """Each member and its batch rows (one per group)."""
+        n = len(self.members)
+        return [(member, slice(index, None, n)) for index, member in enumerate(self.members)]
 
     def conv_input(self, conv: nn.Module, x: Tensor, context: int) -> Tensor:
         return self._join([member.conv_input(conv, part, context)
                            for member, part in zip(self.members, self._split(x))])
 
     def extend_kv(self, attention: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        keys, values = zip(*(member.extend_kv(attention, k_part, v_part)
+        keys, values = zip(*(member.extend_kv(attention, k_part[:, :, :member.new], v_part[:, :, :member.new])
                              for member, k_part, v_part in zip(self.members, self._split(k), self._split(v))))
-        return self._join(list(keys)), self._join(list(values))
+        length = self._keys()
+        return (self._join([pad_end(part, 2, length) for part in keys]),
+                self._join([pad_end(part, 2, length) for part in values]))
+
+    def visible_keys(self, chunk_size: int, device: torch.device) -> Tensor:
+        """Bool [rows, 1, queries, keys]: each member's `visible_keys` in its rows; padded keys are hidden, and a
+        padded query sees the first key only (a query that sees nothing would make NaNs)."""
+        parts = []
+        for member in self.members:
+            visible = member.visible_keys(chunk_size, device)
+            part = visible.new_zeros(self.queries, self._keys())
+            part[:visible.size(0), :visible.size(1)] = visible
+            part[visible.size(0):, 0] = True
+            parts.append(part)
+        return torch.stack(parts).repeat(self.groups, 1, 1).unsqueeze(1)
+
+    def join_scores(self, parts: list[Tensor]) -> Tensor:
+        """Per-member scores [groups, H, new, held + new] -> [rows, H, queries, keys], padded with zeros."""
+        length = self._keys()
+        return self._join([pad_end(pad_end(part, 2, self.queries), 3, length) for part in parts])
+
+    def _keys(self) -> int:
+        return max(member.held + member.new for member in self.members)
 
     def _split(self, x: Tensor) -> tuple[Tensor, ...]:
         """[groups * n, ...] -> n views [groups, ...], one per member."""
@@ -259,3 +273,9 @@ class StackedCaches:
     def _join(self, parts: list[Tensor]) -> Tensor:
         """n tensors [groups, ...] -> [groups * n, ...] in batch row order."""
         return torch.stack(parts, dim=1).flatten(0, 1)
+
+
+def pad_end(x: Tensor, dim: int, size: int) -> Tensor:
+    """x with dimension `dim` padded with zeros at its end to `size`."""
+    missing = size - x.size(dim)
+    return x if not missing else F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, missing])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache
+from cosyapp.backends.cosyvoice2.chunk_cache import BatchedCaches, ChunkCache
 from cosyapp.backends.cosyvoice2.config import EstimatorConfig
 from cosyapp.backends.cosyvoice2.flow_encoder import chunk_attention_mask
 
@@ -174,24 +174,22 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(dim, dim)
         self.final_proj = nn.Conv1d(dim, config.out_channels, 1)
 
-    def attention_bias(self, mask: torch.Tensor, streaming: bool, cache: ChunkCache | None = None) -> torch.Tensor:
+    def attention_bias(self, mask: torch.Tensor, streaming: bool,
+                       cache: ChunkCache | BatchedCaches | None = None) -> torch.Tensor:
         """Additive attention bias from the frame mask [B, 1, T] (B may be 1): 0 where visible, -1e10 where not
         ([B, 1, T, T] with chunk masking, else [B, 1, 1, T]). With `cache` the T frames follow the cached
-        ones, which are all valid: [B, 1, T, held + T] over the keys the cache holds (all earlier frames,
-        or with a window the prompt's and the window's, masked per query chunk).
+        ones, all valid (the mask is not read): the cache's `visible_keys` over the keys it holds (all
+        earlier frames, or with a window the prompt's and the window's, masked per query chunk), [T, keys]
+        for one stream's cache, [rows, 1, T, keys] for a batch of streams at their own positions.
 
         `where` rather than upstream's (1 - visible) * -1e10: the same float32 values, and no 0 * inf = NaN
         when a float16 export rounds -1e10 to -inf."""
-        visible = mask.unsqueeze(1) > 0
-        if cache is not None and cache.window is not None:
-            visible = torch.cat([visible.new_ones(*visible.shape[:-1], cache.held), visible], dim=-1)
-            visible = visible & cache.window_mask(mask.device)
-        elif cache is not None:
-            visible = torch.cat([visible.new_ones(*visible.shape[:-1], cache.length), visible], dim=-1)
-            visible = visible & chunk_attention_mask(cache.length + mask.size(-1), self.static_chunk_size,
-                                                     mask.device, start=cache.length)
-        elif streaming:
-            visible = visible & chunk_attention_mask(mask.size(-1), self.static_chunk_size, mask.device)
+        if cache is not None:
+            visible = cache.visible_keys(self.static_chunk_size, mask.device)
+        else:
+            visible = mask.unsqueeze(1) > 0
+            if streaming:
+                visible = visible & chunk_attention_mask(mask.size(-1), self.static_chunk_size, mask.device)
         return torch.where(visible, 0.0, -1.0e10).to(mask.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow, normalized_left_chunks
+from cosyapp.backends.cosyvoice2.chunk_cache import (BatchedCaches, ChunkCache, ChunkWindow, normalized_left_chunks,
+                                                     pad_end)
 from cosyapp.backends.cosyvoice2.config import CosyVoice2Config, FlowConfig
 from cosyapp.backends.cosyvoice2.estimator import CausalConditionalDecoder
 from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache, UpsampleConformerEncoder
@@ -59,20 +61,24 @@ class CausalFlowMatching(nn.Module):
         self.register_buffer("noise", fixed_noise(n_mels), persistent=False)
 
     def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                streaming: bool = False, start: int = 0, caches: list[ChunkCache] | None = None) -> torch.Tensor:
+                streaming: bool = False, start: int | Sequence[int] = 0,
+                caches: Sequence[ChunkCache | BatchedCaches] | None = None) -> torch.Tensor:
         """mu, cond [B, 80, T]; mask [B, 1, T] or [1, 1, T] (the same for every row); spks [B, 80] -> mel
         [B, 80, T] (float32).
 
-        `start` is the absolute index of the first frame (it selects the noise); `caches` (streaming only)
-        holds one estimator cache per Euler step, for frames that follow `start` cached ones.
+        `start` is the absolute index of the first frame (it selects the noise), or one per row for a batch of
+        streams each at its own position; `caches` (streaming only) holds one estimator cache per Euler
+        step, for frames that follow `start` cached ones.
         """
         b, _, frames = mu.shape
-        if start + frames > self.noise.size(2):
-            raise ValueError(f"flow input up to mel frame {start + frames} exceeds the {self.noise.size(2)}-frame "
-                             "noise buffer")
         if caches is not None and len(caches) != self.n_timesteps:
             raise ValueError(f"{len(caches)} estimator caches for {self.n_timesteps} Euler steps")
-        x = self.noise[:, :, start:start + frames].to(mu.dtype).expand(b, -1, -1)
+        if isinstance(start, int):
+            self.check_frames(start + frames)
+            x = self.noise[:, :, start:start + frames].to(mu.dtype).expand(b, -1, -1)
+        else:  # a row's padding (which may run past the buffer) starts from zeros: nothing reads it back
+            x = torch.stack([pad_end(self.noise[0, :, first:first + frames], 1, frames) for first in start])
+            x = x.to(mu.dtype)
         # One estimator batch per step: rows [0, B) conditional, rows [B, 2B) with mu/spks/cond zeroed.
         mask_in = mask if mask.size(0) == 1 else torch.cat([mask, mask])
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
@@ -93,6 +99,11 @@ class CausalFlowMatching(nn.Module):
             if step < self.n_timesteps:
                 dt = t_span[step + 1] - t
         return x.float()
+
+    def check_frames(self, end: int) -> None:
+        """ValueError if mel frames up to `end` need more noise than the buffer holds."""
+        if end > self.noise.size(2):
+            raise ValueError(f"flow input up to mel frame {end} exceeds the {self.noise.size(2)}-frame noise buffer")
 
 
 class CosyVoice2Flow(nn.Module):
@@ -162,8 +173,8 @@ class CosyVoice2Flow(nn.Module):
         tokens = torch.cat([prompt_token, token], dim=1)
         end = tokens.size(1) - (0 if finalize else self.config.pre_lookahead_len)
         encoder_cache, estimator_caches = self.new_caches(prompt_token.size(1), left_chunks)
-        mel = self.forward_cached(tokens[:, :end], None if finalize else tokens[:, end:], spks, prompt_feat,
-                                  encoder_cache, estimator_caches, keep=0)
+        [mel] = self.forward_cached([tokens[:, :end]], [None if finalize else tokens[:, end:]], spks, [prompt_feat],
+                                    [encoder_cache], [estimator_caches], keeps=[0])
         return mel[:, :, prompt_feat.size(1):]
 
     def new_caches(self, prompt_tokens: int, left_chunks: int | None = None, max_cache_frames: int | None = None
@@ -179,36 +190,58 @@ class CosyVoice2Flow(nn.Module):
         return (EncoderCache.windowed(cfg.token_mel_ratio, window),
                 [ChunkCache(max_cache_frames, frame_window) for _ in range(cfg.n_timesteps)])
 
-    def forward_cached(self, tokens: torch.Tensor, context: torch.Tensor | None, spks: torch.Tensor,
-                       prompt_feat: torch.Tensor, encoder_cache: EncoderCache, estimator_caches: list[ChunkCache],
-                       keep: int) -> torch.Tensor:
-        """Chunk-masked mel [1, 80, ratio * T] of tokens [1, T] that follow the tokens held in the caches
-        (`new_caches`); `context` holds the look-ahead tokens after them (None at the end of speech), `spks`
-        the projected speaker vector [1, 80]. Commits the first `keep` tokens to the caches."""
-        ratio, new = self.config.token_mel_ratio, tokens.size(1)
-        start = encoder_cache.tokens.length
-        x = self.input_embedding(tokens.clamp(min=0))
-        if context is not None:
-            context = self.input_embedding(context.clamp(min=0))
-        encoder_cache.begin(new, keep)
-        h = self.encoder(x, context, streaming=True, cache=encoder_cache)
-        encoder_cache.commit()
+    def forward_cached(self, tokens: Sequence[torch.Tensor], contexts: Sequence[torch.Tensor | None],
+                       spks: torch.Tensor, prompt_feats: Sequence[torch.Tensor],
+                       encoder_caches: Sequence[EncoderCache], estimator_caches: Sequence[Sequence[ChunkCache]],
+                       keeps: Sequence[int]) -> list[torch.Tensor]:
+        """Chunk-masked mel [1, 80, ratio * T_i] of each stream's tokens [1, T_i] that follow the tokens held in
+        its caches (`new_caches`); contexts[i] holds the look-ahead tokens after them (None at the end of
+        speech), `spks` the projected speaker vectors [n, 80]. Commits the first keeps[i] tokens of each.
+
+        Several streams go through as one batch whatever their positions and lengths: each row holds its
+        tokens, then its look-ahead tokens, then padding (module docstring of chunk_cache.py)."""
+        ratio, steps = self.config.token_mel_ratio, len(estimator_caches[0])
+        news = [piece.size(1) for piece in tokens]
+        starts = [cache.tokens.length for cache in encoder_caches]
+        for start, new in zip(starts, news):
+            self.decoder.check_frames(ratio * (start + new))
+        for encoder_cache, step_caches, new, keep in zip(encoder_caches, estimator_caches, news, keeps):
+            encoder_cache.begin(new, keep)
+            for cache in step_caches:
+                cache.begin(ratio * new, ratio * keep)
+        lengths = None
+        if len(tokens) == 1:
+            x = self.input_embedding(tokens[0].clamp(min=0))
+            context = None if contexts[0] is None else self.input_embedding(contexts[0].clamp(min=0))
+            encoder_cache, caches, first_frames = encoder_caches[0], estimator_caches[0], ratio * starts[0]
+        else:
+            rows = [piece[0] if after is None else torch.cat([piece[0], after[0]])
+                    for piece, after in zip(tokens, contexts)]
+            width = max(row.size(0) for row in rows)
+            x = self.input_embedding(torch.stack([pad_end(row, 0, width) for row in rows]).clamp(min=0))
+            lengths = torch.tensor([row.size(0) for row in rows], device=x.device)
+            context = None
+            encoder_cache = EncoderCache.batched(list(encoder_caches), width)
+            caches = [BatchedCaches([step_caches[step] for step_caches in estimator_caches], groups=2,
+                                    queries=ratio * width) for step in range(steps)]
+            first_frames = [ratio * start for start in starts]
+        h = self.encoder(x, context, streaming=True, cache=encoder_cache, lengths=lengths)
         mu = self.encoder_proj(h).transpose(1, 2).contiguous()
 
-        first_frame, frames = ratio * start, ratio * new
         cond = torch.zeros_like(mu)
-        prompt_frames = min(prompt_feat.size(1) - first_frame, frames)
-        if prompt_frames > 0:
-            cond[:, :, :prompt_frames] = prompt_feat[:, first_frame:first_frame + prompt_frames].transpose(1, 2)
-        for cache in estimator_caches:
-            cache.begin(frames, ratio * keep)
-        # No padding here: one all-ones frame mask for every row, so the attention bias is built once per call
-        # and broadcast over the batch (one [T, keys] bias instead of one per stream and CFG row).
-        mel = self.decoder(mu, torch.ones_like(mu[:1, :1]), spks, cond, streaming=True, start=first_frame,
-                           caches=estimator_caches)
-        for cache in estimator_caches:
-            cache.commit()
-        return mel
+        for row, (start, prompt_feat) in enumerate(zip(starts, prompt_feats)):
+            first_frame = ratio * start
+            prompt_frames = min(prompt_feat.size(1) - first_frame, ratio * news[row])
+            if prompt_frames > 0:
+                cond[row, :, :prompt_frames] = prompt_feat[0, first_frame:first_frame + prompt_frames].transpose(0, 1)
+        # No padding mask: one all-ones frame mask for every row (padding only ever feeds padding).
+        mel = self.decoder(mu, torch.ones_like(mu[:1, :1]), spks, cond, streaming=True, start=first_frames,
+                           caches=caches)
+        for encoder_cache, step_caches in zip(encoder_caches, estimator_caches):
+            encoder_cache.commit()
+            for cache in step_caches:
+                cache.commit()
+        return [mel[row:row + 1, :, :ratio * new] for row, new in enumerate(news)]
 
     def _check_shapes(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                       embedding: torch.Tensor, finalize: bool) -> None:

@@ -20,17 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkCache, ChunkWindow, StackedCaches
+from cosyapp.backends.cosyvoice2.chunk_cache import BatchedCaches, ChunkCache, ChunkWindow, chunk_attention_mask
 from cosyapp.backends.cosyvoice2.config import EncoderConfig
-
-
-def chunk_attention_mask(length: int, chunk_size: int, device: torch.device, start: int = 0) -> torch.Tensor:
-    """Bool [length - start, length], True where query i (positions start..length-1) may attend key j
-    (positions 0..length-1): j lies in i's chunk or an earlier one."""
-    keys = torch.arange(length, device=device)
-    queries = torch.arange(start, length, device=device)
-    chunk_end = (torch.div(queries, chunk_size, rounding_mode="floor") + 1) * chunk_size
-    return keys.unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
 def relative_position_table(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -114,9 +105,9 @@ class RelPositionAttention(nn.Module):
                 cache: ChunkCache | None = None) -> torch.Tensor:
         """x [B, T, D], pos_table [1, 2T-1, D], mask bool [T, T] (True = visible) or None for full attention.
 
-        With `cache`, x holds the T positions after the cached ones, mask is [T, held + T] over the keys the
-        cache holds (all earlier positions, or the prompt and the window: `cache.key_segments()`) and
-        pos_table is unused.
+        With `cache`, x holds the T positions after the cached ones, mask is the cache's `visible_keys` over the
+        keys it holds (all earlier positions, or the prompt and the window: `cache.key_segments()`) and
+        pos_table is unused. A `BatchedCaches` holds several streams, each at its own position.
         """
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.n_heads, self.head_dim)
@@ -132,19 +123,26 @@ class RelPositionAttention(nn.Module):
             p = self.linear_pos(pos_table).view(1, -1, self.n_heads, self.head_dim).transpose(1, 2)
             bias = relative_shift(query_v @ p.transpose(-2, -1))
         else:
-            # Query r sits at cache.length + r. Per run of consecutive keys from position `first`, the offsets
-            # run from (cache.length - first) + t - 1 down to (cache.length - first) - count + 1.
-            runs = []
-            for first, count in cache.key_segments():
-                distance = cache.length - first
-                p = self.projected_offsets(distance + t - 1, distance - count + 1)
-                runs.append(relative_shift_rows(scores_against_offsets(query_v, p), count))
-            bias = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1)
+            parts = [self.cached_position_scores(query_v[rows, :, :member.new], member)
+                     for member, rows in cache.rows()]
+            bias = parts[0] if isinstance(cache, ChunkCache) else cache.join_scores(parts)
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         query_u = (q + self.pos_bias_u).transpose(1, 2)
         out = F.scaled_dot_product_attention(query_u, k, v, attn_mask=bias, scale=scale)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, -1))
+
+    def cached_position_scores(self, query_v: torch.Tensor, cache: ChunkCache) -> torch.Tensor:
+        """The positional term [B, H, new, held + new] of one stream's new queries against the keys its cache
+        holds. Query r sits at cache.length + r; per run of consecutive keys from position `first`, the
+        offsets run from (cache.length - first) + new - 1 down to (cache.length - first) - count + 1."""
+        t = query_v.size(2)
+        runs = []
+        for first, count in cache.key_segments():
+            distance = cache.length - first
+            p = self.projected_offsets(distance + t - 1, distance - count + 1)
+            runs.append(relative_shift_rows(scores_against_offsets(query_v, p), count))
+        return runs[0] if len(runs) == 1 else torch.cat(runs, dim=-1)
 
     def projected_offsets(self, highest: int, lowest: int) -> torch.Tensor:
         """linear_pos of the position embeddings for offsets highest .. lowest (descending): [1, heads,
@@ -234,8 +232,8 @@ class EncoderCache:
     """One stream's encoder state: the token-rate part (look-ahead conv, conformer layers) and the
     up-sampled frame-rate part (up-sampling conv, up conformer layers)."""
     upsample_factor: int
-    tokens: ChunkCache | StackedCaches = field(default_factory=ChunkCache)
-    frames: ChunkCache | StackedCaches = field(default_factory=ChunkCache)
+    tokens: ChunkCache | BatchedCaches = field(default_factory=ChunkCache)
+    frames: ChunkCache | BatchedCaches = field(default_factory=ChunkCache)
 
     @classmethod
     def windowed(cls, upsample_factor: int, window: ChunkWindow) -> "EncoderCache":
@@ -243,10 +241,12 @@ class EncoderCache:
         return cls(upsample_factor, ChunkCache(window=window), ChunkCache(window=window.scaled(upsample_factor)))
 
     @classmethod
-    def stacked(cls, caches: list["EncoderCache"]) -> "EncoderCache":
-        """Several streams' caches in the same state as the cache of one batch over them (StackedCaches)."""
-        return cls(caches[0].upsample_factor, StackedCaches([cache.tokens for cache in caches], groups=1),
-                   StackedCaches([cache.frames for cache in caches], groups=1))
+    def batched(cls, caches: list["EncoderCache"], tokens: int) -> "EncoderCache":
+        """Several streams' caches, each begun on its own call, as the cache of one batch of `tokens` positions
+        per row (BatchedCaches)."""
+        factor = caches[0].upsample_factor
+        return cls(factor, BatchedCaches([cache.tokens for cache in caches], groups=1, queries=tokens),
+                   BatchedCaches([cache.frames for cache in caches], groups=1, queries=factor * tokens))
 
     def begin(self, new_tokens: int, keep_tokens: int) -> None:
         self.tokens.begin(new_tokens, keep_tokens)
@@ -289,17 +289,22 @@ class UpsampleConformerEncoder(nn.Module):
             layer.self_attn.projected_offsets(self.upsample_factor * tokens - 1, 0)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, streaming: bool = False,
-                cache: EncoderCache | None = None) -> torch.Tensor:
+                cache: EncoderCache | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, input_size] token embeddings; context [B, L, input_size] look-ahead tokens (not encoded
         themselves) or None. Returns [B, upsample_factor*T, output_size].
 
         With `cache` (chunk masks only; the caller brackets the call with cache.begin/commit), x holds the
         tokens after the cached ones and the result covers their frames only.
+        `lengths` [B] (a batch of streams of different lengths, context None): row b holds its tokens and
+        then its look-ahead tokens in its first lengths[b] positions; what follows is zeroed after the
+        embedding, as the look-ahead layer pads the end of a sequence.
         """
         if cache is not None and not streaming:
             raise ValueError("an encoder cache needs streaming=True: full attention cannot reuse earlier chunks")
         token_cache, frame_cache = (cache.tokens, cache.frames) if cache is not None else (None, None)
         h = self.embed(x)
+        if lengths is not None:
+            h = h * (torch.arange(h.size(1), device=h.device) < lengths.unsqueeze(1)).unsqueeze(2).to(h.dtype)
         if context is not None:
             context = self.embed(context)
         h = self.pre_lookahead_layer(h, context, token_cache)
@@ -313,14 +318,10 @@ class UpsampleConformerEncoder(nn.Module):
 
     @staticmethod
     def _run_layers(layers: nn.ModuleList, h: torch.Tensor, chunk_size: int,
-                    cache: ChunkCache | None = None) -> torch.Tensor:
+                    cache: ChunkCache | BatchedCaches | None = None) -> torch.Tensor:
         t = h.size(1)
         if cache is not None:
-            if cache.window is None:
-                start = cache.length
-                mask = chunk_attention_mask(start + t, chunk_size, h.device, start=start)
-            else:
-                mask = cache.window_mask(h.device)
+            mask = cache.visible_keys(chunk_size, h.device)
             for layer in layers:
                 h = layer(h, None, mask, cache)
             return h

@@ -51,10 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyapp.backends.cosyvoice2.chunk_cache import StackedCaches, normalized_left_chunks
+from cosyapp.backends.cosyvoice2.chunk_cache import normalized_left_chunks
 from cosyapp.backends.cosyvoice2.config import FlowConfig
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
-from cosyapp.backends.cosyvoice2.flow_encoder import EncoderCache
 
 DEFAULT_CACHE_BUDGET_BYTES = 2 << 30  # per stream
 
@@ -210,20 +209,18 @@ class FlowCall:
 
     @property
     def batch_key(self) -> tuple | None:
-        """Calls with equal keys are computed in one batch: their streams' caches are in the same state and
-        the calls have the same shape. None: this call runs alone."""
+        """Calls with equal keys are computed in one batch: incremental calls of one flow, each from its own
+        caches at its own position. None: this call runs alone."""
         if self.path != "incremental":
             return None
-        stream = self.stream
-        return (id(stream.flow), stream.prompt_len, stream.left_chunks, stream.committed, stream.emitted,
-                stream.estimator_caches[0].dropped, stream.encoder_cache.tokens.dropped, self.end, self.finalize)
+        return (id(self.stream.flow),)
 
 
 @torch.inference_mode()
 def run_together(calls: Sequence[FlowCall]) -> list[Tensor]:
     """Compute prepared calls of different streams -> each one's mel [1, 80, frames], as `advance` returns it.
-    Incremental calls with the same `batch_key` go through the flow as one batch (one forward for all of
-    them, each stream's caches updated as if it had run alone); the others run one by one."""
+    Incremental calls of one flow go through it as one batch (one forward for all of them, each stream's
+    caches updated as if it had run alone, whatever their positions); the others run one by one."""
     mels: dict[int, Tensor] = {}
     batches: dict[tuple, list[int]] = {}
     for index, call in enumerate(calls):
@@ -238,24 +235,20 @@ def run_together(calls: Sequence[FlowCall]) -> list[Tensor]:
 
 
 def _incremental(calls: list[FlowCall]) -> list[Tensor]:
-    """Mel [1, 80, frames] per call of the tokens after those already emitted, from the caches, for calls with
-    one batch key; commits up to the last chunk boundary (everything when finalizing: nothing follows)."""
+    """Mel [1, 80, frames] per call of the tokens after those its stream already emitted, from the caches;
+    each stream commits up to its last chunk boundary (everything when finalizing: nothing follows)."""
     streams = [call.stream for call in calls]
-    first, end, finalize = streams[0], calls[0].end, calls[0].finalize
-    start = first.committed
-    keep = end - start if finalize else end // first.chunk_size * first.chunk_size - start
-    tokens = torch.cat([stream.tokens[:, start:end] for stream in streams])
-    context = None if finalize else torch.cat([stream.tokens[:, end:end + first.lookahead] for stream in streams])
-    spks = torch.cat([stream.spks for stream in streams])
-    prompt_feat = torch.cat([stream.prompt_feat for stream in streams])
-    if len(streams) == 1:
-        encoder_cache, estimator_caches = first.encoder_cache, first.estimator_caches
-    else:  # estimator rows: every stream's conditional row, then every stream's unconditional one
-        encoder_cache = EncoderCache.stacked([stream.encoder_cache for stream in streams])
-        estimator_caches = [StackedCaches([stream.estimator_caches[step] for stream in streams], groups=2)
-                            for step in range(len(first.estimator_caches))]
-    mel = first.flow.forward_cached(tokens, context, spks, prompt_feat, encoder_cache, estimator_caches, keep)
-    return list(mel[:, :, first.ratio * (first.emitted - start):].split(1))
+    starts = [stream.committed for stream in streams]
+    keeps = [call.end - start if call.finalize else call.end // stream.chunk_size * stream.chunk_size - start
+             for call, stream, start in zip(calls, streams, starts)]
+    tokens = [stream.tokens[:, start:call.end] for call, stream, start in zip(calls, streams, starts)]
+    contexts = [None if call.finalize else stream.tokens[:, call.end:call.end + stream.lookahead]
+                for call, stream in zip(calls, streams)]
+    mels = streams[0].flow.forward_cached(
+        tokens, contexts, torch.cat([stream.spks for stream in streams]), [stream.prompt_feat for stream in streams],
+        [stream.encoder_cache for stream in streams], [stream.estimator_caches for stream in streams], keeps)
+    return [mel[:, :, stream.ratio * (stream.emitted - start):]
+            for mel, stream, start in zip(mels, streams, starts)]
 
 
 class RecomputeFlowStream:

@@ -20,9 +20,10 @@ upstream's numpy window), and every non-final call withholds its own last 3840 s
 Upstream keeps `token_hop_len` on the model object and never resets it, so its second streaming request
 starts with a hop of 100. Here the hop lives in the stream, so every request gets the same schedule.
 
-Concurrent streams: `vocode_together` computes the chunks of streams at the same point of their schedule (equal
-`chunk_key`s) as one flow batch and one HiFT batch, each stream's result being what it gets alone up to float
-rounding. Which streams go together is the engine's choice (cosyvoice2/runner.py, engine/scheduler.py).
+Concurrent streams: `vocode_together` computes the chunks of streams with equal `chunk_key`s (incremental flow
+streams of one model, wherever they are in their schedules) as one flow batch, and their vocoder calls in one
+HiFT batch per mel length, each stream's result being what it gets alone up to float rounding. Which streams
+go together is the engine's choice (cosyvoice2/runner.py, engine/scheduler.py).
 """
 
 from __future__ import annotations
@@ -201,14 +202,13 @@ class Token2WavStream:
         return self.stream and self.tokens_short() <= 0
 
     def chunk_key(self) -> tuple | None:
-        """Streams whose next chunks have equal keys make flow calls of one shape from caches in one state, and
-        vocoder calls of one shape: `vocode_together` computes them as one batch. None: the chunk goes alone."""
+        """Streams whose next chunks have equal keys are computed as one batch (`vocode_together`): the
+        incremental flow batches streams at any positions. None: the chunk goes alone (a flow that recomputes,
+        or a last chunk with full attention)."""
         flow = self.flow_stream
-        if not self.chunk_ready() or not isinstance(flow, FlowStream) or flow.recompute:
+        if not isinstance(flow, FlowStream) or flow.recompute or (flow.exact_final and not self.chunk_ready()):
             return None
-        return (id(self.owner), flow.prompt_len, flow.committed, flow.emitted, flow.estimator_caches[0].dropped,
-                flow.encoder_cache.tokens.dropped, self.offset, self.next_hop(), self.cache is None,
-                self.generator is None)
+        return (id(self.owner), self.generator is None)
 
     def prepare_chunk(self) -> FlowCall:
         """The flow call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
@@ -277,20 +277,29 @@ class Token2WavStream:
 
 
 def vocode_together(streams: Sequence[Token2WavStream], calls: Sequence[FlowCall]) -> list[Tensor]:
-    """The chunks of streams at the same point of their schedule (one stream, or streams of one `chunk_key`),
-    each with its prepared flow call: one flow batch (`run_together`), then one HiFT
-    batch. Each stream's chunk is what it would get alone, up to float rounding."""
+    """The chunks of streams (one stream, or streams of one `chunk_key`), each with its prepared flow call: one
+    flow batch (`run_together`), then one HiFT batch per vocoder input length (HiFT is not causal: padding
+    would change a row's last samples). Each stream's chunk is what it would get alone, up to float rounding."""
     stats = [stream.stats for stream in streams]
     with timed_each(stats, "flow_chunk"):
         mels = run_together(list(calls))
     # Each stream's new mel prefixed by its previous frames, and its excitation tail (None on a first chunk).
-    vocoder_mels, cache_sources = zip(*(stream.vocoder_input(mel) for stream, mel in zip(streams, mels)))
-    # One generator per row; streams of one Token2Wav either all have one or none do.
-    generators = [stream.generator for stream in streams]
-    generator = generators if len(generators) > 1 and generators[0] is not None else generators[0]
-    with timed_each(stats, "vocoder_chunk"):
-        speech, source = streams[0].owner.hift.inference(
-            mel=torch.cat(vocoder_mels), cache_source=None if cache_sources[0] is None else torch.cat(cache_sources),
-            generator=generator)
-    return [stream.emit(mel, speech[row:row + 1], source[row:row + 1], call.finalize)
-            for row, (stream, mel, call) in enumerate(zip(streams, vocoder_mels, calls))]
+    inputs = [stream.vocoder_input(mel) for stream, mel in zip(streams, mels)]
+    batches: dict[tuple[int, bool], list[int]] = {}
+    for index, (mel, cache_source) in enumerate(inputs):
+        batches.setdefault((mel.size(2), cache_source is None), []).append(index)
+    chunks: list[Tensor] = [torch.zeros(0)] * len(streams)
+    for indices in batches.values():
+        vocoder_mels = [inputs[i][0] for i in indices]
+        cache_sources = [inputs[i][1] for i in indices]
+        # One generator per row; streams of one Token2Wav either all have one or none do.
+        generators = [streams[i].generator for i in indices]
+        generator = generators if len(generators) > 1 and generators[0] is not None else generators[0]
+        with timed_each([stats[i] for i in indices], "vocoder_chunk"):
+            speech, source = streams[0].owner.hift.inference(
+                mel=torch.cat(vocoder_mels),
+                cache_source=None if cache_sources[0] is None else torch.cat(cache_sources), generator=generator)
+        for row, i in enumerate(indices):
+            chunks[i] = streams[i].emit(vocoder_mels[row], speech[row:row + 1], source[row:row + 1],
+                                        calls[i].finalize)
+    return chunks
