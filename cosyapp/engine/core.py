@@ -12,10 +12,12 @@ Audio beside the LM: the LM's decode step reads every weight for one token per s
 second core hardly speeds it up), while the flow and vocoder are compute-bound. So `CoreLoop` computes audio
 groups (`compute_audio`, which touches only its streams' audio caches) on its audio threads while its own
 thread goes on with the prefill and decode steps, and applies each result (`finish_audio`) on its own thread
-at the next step. A stream has at most one group in the works; a group holding a first chunk runs alone, the
-LM waiting for it. Intra-op threads follow the work in hand where the runner's kernels are large enough to
-split (sizing.py `core_threads`): each thread sets torch's count to its share of the cores before its work (the
-LM and the busy audio threads share them; whichever is alone gets them all); else every thread runs one.
+at the next step. A stream has at most one group in the works. How many groups run at once, how many streams
+one holds and whether kernels split across cores follow the device and the model (sizing.py `core_threads`).
+Where they split, each thread sets torch's intra-op count to its share of the cores before its work (the LM
+and the busy audio threads share them; whichever is alone gets them all), and a group holding a first chunk
+runs alone, the LM waiting for it; else every thread runs one intra-op thread and a first chunk only goes
+first.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from cosyapp.engine.runner import ModelRunner
 from cosyapp.engine.scheduler import Scheduler, Ticket
-from cosyapp.engine.sizing import cpu_cores
+from cosyapp.engine.sizing import CoreThreads, cpu_cores
 from cosyapp.engine.types import Cancelled, SynthesisRequest
 
 
@@ -82,10 +84,13 @@ AudioDispatch = Callable[[AudioJob, Callable[[], Any]], None]
 class EngineCore:
     """The step logic. Without `dispatch_audio` an audio group is computed inline within the step; with it, the
     group is handed over and the step goes on (`audio_computed` brings the result back): at most `audio_slots`
-    groups in the works at once, a planned group cut into at most `audio_parts` of them."""
+    groups in the works at once, each of at most `streams_per_group` streams (None: the scheduler's whole group).
+    `first_chunk_alone`: a group holding a first chunk runs alone and the LM waits for it (when its calls would
+    use every core); else first chunks only go first."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, clock: Callable[[], float] = time.monotonic,
-                 dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1, audio_parts: int = 1) -> None:
+                 dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1,
+                 streams_per_group: int | None = None, first_chunk_alone: bool = True) -> None:
         self.runner = runner
         self.sample_rate = sample_rate
         self.clock = clock
@@ -93,7 +98,8 @@ class EngineCore:
         self.scheduler = Scheduler(runner.rows, runner.run_ahead)
         self.streams: dict[Ticket, CoreStream] = {}
         self.audio_slots = audio_slots
-        self.audio_parts = audio_parts
+        self.streams_per_group = streams_per_group
+        self.first_chunk_alone = first_chunk_alone
         self.audio_jobs: list[AudioJob] = []  # groups being computed elsewhere
         self.steps = 0
         self.decode_batches: dict[int, int] = {}  # decode batch size -> steps, for tests and benchmarks
@@ -137,9 +143,11 @@ class EngineCore:
         audio_free = len(self.audio_jobs) < self.audio_slots and not exclusive
         plan = self.scheduler.plan(self.clock(), audio_free=audio_free, lm_free=not exclusive)
         if plan.audio:
-            parts = max(1, min(self.audio_parts, len(plan.audio), self.audio_slots - len(self.audio_jobs)))
-            for part in range(parts):
-                self._start_audio(plan.audio[part::parts])
+            size = self.streams_per_group or len(plan.audio)
+            for start in range(0, len(plan.audio), size):
+                self._start_audio(plan.audio[start:start + size])
+                if len(self.audio_jobs) >= self.audio_slots or any(job.first_chunk for job in self.audio_jobs):
+                    break
             if self.dispatch_audio is not None and any(job.first_chunk for job in self.audio_jobs):
                 plan.prefill, plan.decode = [], []  # the LM waits for the first chunk (Scheduler.first_chunk)
         if self.audio_jobs and (plan.prefill or plan.decode):
@@ -163,7 +171,7 @@ class EngineCore:
         work = self._call(self.runner.prepare_audio, tickets, _NOTHING)
         if work is _NOTHING:
             return
-        job = AudioJob(tickets, work, self.clock(), self.scheduler.first_chunk(tickets))
+        job = AudioJob(tickets, work, self.clock(), self.first_chunk_alone and self.scheduler.first_chunk(tickets))
         for ticket in tickets:
             ticket.audio_busy = True
         self.audio_jobs.append(job)
@@ -297,16 +305,19 @@ def run_alone(runner: ModelRunner, request: SynthesisRequest, sample_rate: int) 
 
 
 class CoreLoop:
-    """An `EngineCore` on its own thread, with `audio_workers` threads for its audio groups (module docstring).
+    """An `EngineCore` on its own thread, with `sizing.audio_workers` threads for its audio groups (module
+    docstring).
     `submit` and `call` may be used from any thread."""
 
-    def __init__(self, runner: ModelRunner, sample_rate: int, name: str, threads: int | None = None,
-                 audio_workers: int = 1, parallel_kernels: bool = True) -> None:
+    def __init__(self, runner: ModelRunner, sample_rate: int, name: str, sizing: CoreThreads,
+                 threads: int | None = None) -> None:
         self.threads = threads or cpu_cores()
-        self.parallel_kernels = parallel_kernels
-        # Kernels too small to split across cores: a group's streams are cut into one part per core instead.
+        self.parallel_kernels = sizing.parallel_kernels
+        audio_workers = sizing.audio_workers
+        # A first chunk computed on one intra-op thread leaves the other cores to the LM and the other groups; one
+        # split across the cores takes them all, and the LM waits for it.
         self.core = EngineCore(runner, sample_rate, dispatch_audio=self._dispatch_audio, audio_slots=audio_workers,
-                               audio_parts=1 if parallel_kernels else self.threads)
+                               streams_per_group=sizing.streams_per_group, first_chunk_alone=sizing.parallel_kernels)
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._closing = False

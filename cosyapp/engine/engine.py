@@ -129,8 +129,7 @@ class Engine:
         self._limit = AdmissionLimit(max_concurrent, max_queue, retry_after_s)
         self._slots = asyncio.Semaphore(max_concurrent)
         runner = backend_runner(backend, max_concurrent)
-        self.core = CoreLoop(runner, self.info.sample_rate, backend.name, audio_workers=runner.threads.audio_workers,
-                             parallel_kernels=runner.threads.parallel_kernels)
+        self.core = CoreLoop(runner, self.info.sample_rate, backend.name, runner.threads)
         self._voices: OrderedDict[str, asyncio.Future[Voice]] = OrderedDict()
         self._voice_cache_size = voice_cache_size
         self._running: set[SynthesisStream] = set()

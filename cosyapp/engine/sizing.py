@@ -55,26 +55,29 @@ PARALLEL_KERNEL_WEIGHTS = 32_000_000
 
 @dataclass(frozen=True)
 class CoreThreads:
-    """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, and whether
-    a call's kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op
-    thread and the cores go to streams side by side)."""
+    """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, whether a call's
+    kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op thread and the
+    cores go to streams side by side), and how many streams one audio group holds at most (None: every ready
+    stream of one shape key)."""
     audio_workers: int
     parallel_kernels: bool
+    streams_per_group: int | None
 
 
 def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreThreads:
-    """A GPU computes audio groups in turn anyway: one at a time. On a CPU, a model whose audio stage is large
-    enough (PARALLEL_KERNEL_WEIGHTS) splits its calls across the cores, one group per core at most; a small one
-    computes up to one group per stream at once, each on one intra-op thread (the core cuts a group of several
-    streams into one part per core)."""
+    """A GPU computes audio groups in turn anyway: one at a time, as large as the streams allow (a batched call
+    costs about what one stream's does). On a CPU the flow and vocoder are compute-bound: a batch of several
+    streams costs what they cost one by one (four tiny CosyVoice2 streams' 50-token flow calls: 518-640 ms
+    batched, 536-539 ms one by one, one thread) and would make the most urgent stream wait for the others, so a
+    group is one stream and there are as many groups at once as cores. A model whose audio stage is large enough
+    (PARALLEL_KERNEL_WEIGHTS) splits each call across the cores the LM and the other groups leave free; a small
+    one runs every call on one intra-op thread."""
     if device.type != "cpu":
-        return CoreThreads(1, True)
+        return CoreThreads(1, True, None)
     weights = sum(module.weight.numel() for model in audio_modules if isinstance(model, torch.nn.Module)
                   for module in model.modules()
                   if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)))
-    if weights >= PARALLEL_KERNEL_WEIGHTS:
-        return CoreThreads(max(1, min(cpu_cores(), rows)), True)
-    return CoreThreads(max(1, rows), False)
+    return CoreThreads(max(1, min(cpu_cores(), rows)), weights >= PARALLEL_KERNEL_WEIGHTS, 1)
 
 
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:

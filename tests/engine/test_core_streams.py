@@ -27,6 +27,7 @@ from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
 from cosyapp.backends.fish.backend import FishBackend
 from cosyapp.engine.core import CoreLoop, EngineCore, ListSink
 from cosyapp.engine.engine import backend_runner
+from cosyapp.engine.sizing import CoreThreads
 from cosyapp.engine.types import Cancelled, InputError, Mode, SynthesisRequest
 
 AUDIO_ATOL = 1e-4
@@ -154,21 +155,39 @@ def test_a_stream_whose_backend_raises_fails_alone(harness: Harness) -> None:
 
 
 def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: list[float],
-                 cancel: tuple[int, int] | None = None, parallel_kernels: bool = True
-                 ) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
+                 cancel: tuple[int, int] | None = None, sizing: CoreThreads = CoreThreads(2, True, 1),
+                 meet_s: float = 0.0) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
     """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart (the first
     ones without a delay reach the core in one step: the loop is held while they are submitted); `cancel`
-    (index, chunks): cancel that request once it has had that many chunks. -> the loop, states and sinks."""
+    (index, chunks): cancel that request once it has had that many chunks. `meet_s`: until two audio groups have
+    been computed at once, a group computed alone waits up to that long for a second one to start (so that the
+    test sees two at once whenever the core allows it, however the machine's load times the streams).
+    -> the loop, states and sinks."""
     states: dict[int, Any] = {}
-    open_state = harness.runner.open
+    open_state, compute_audio = harness.runner.open, harness.runner.compute_audio
+    computing, second_started, lock = [0], threading.Event(), threading.Lock()
 
     def recording_open(request: SynthesisRequest, row: int) -> Any:
         state = open_state(request, row)
         states[next(i for i, r in enumerate(requests) if r is request)] = state
         return state
 
-    harness.runner.open = recording_open
-    loop = CoreLoop(harness.runner, harness.rate, "test", threads=2, audio_workers=2, parallel_kernels=parallel_kernels)
+    def meeting_compute_audio(work: Any) -> Any:
+        with lock:
+            computing[0] += 1
+            if computing[0] > 1:
+                second_started.set()
+            alone = computing[0] == 1
+        try:
+            if alone and meet_s and not second_started.is_set():
+                second_started.wait(meet_s)
+            return compute_audio(work)
+        finally:
+            with lock:
+                computing[0] -= 1
+
+    harness.runner.open, harness.runner.compute_audio = recording_open, meeting_compute_audio
+    loop = CoreLoop(harness.runner, harness.rate, "test", sizing, threads=2)
     sinks = [ListSink() for _ in requests]
     held = threading.Event()
     loop.call(lambda: held.wait(10), lambda result, error: None)
@@ -188,17 +207,25 @@ def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: lis
             time.sleep(0.005)
     finally:
         loop.close()
-        del harness.runner.open
+        del harness.runner.open, harness.runner.compute_audio
     return loop, states, sinks
 
 
-@pytest.mark.parametrize("parallel_kernels", [True, False], ids=["kernels-split", "groups-cut"])
-def test_streams_on_the_core_threads_get_what_they_get_alone(harness: Harness, parallel_kernels: bool) -> None:
-    # groups-cut: one intra-op thread per core thread, and a group of streams cut into one part per core
+# How a core uses the machine (sizing.py `core_threads`): a CPU with kernels split across its cores (a first chunk
+# alone), a CPU with one intra-op thread per core thread, and a GPU (one group at a time, every ready stream in it).
+SIZINGS = {"kernels-split": CoreThreads(2, True, 1), "one-thread-kernels": CoreThreads(2, False, 1),
+           "batched": CoreThreads(1, True, None)}
+
+
+@pytest.mark.parametrize("sizing", SIZINGS.values(), ids=SIZINGS.keys())
+def test_streams_on_the_core_threads_get_what_they_get_alone(harness: Harness, sizing: CoreThreads) -> None:
     requests = [harness.request(i) for i in range(ROWS)]
-    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.05, 0.1], parallel_kernels=parallel_kernels)
+    loop, states, sinks = threaded_run(harness, requests, [0.0, 0.0, 0.05, 0.1], sizing=sizing, meet_s=0.5)
     assert loop.core.overlapped_steps > 0  # LM steps ran while an audio group was being computed
-    assert loop.core.most_audio_jobs == 2  # two streams' chunks computed at once, on the two audio threads
+    if sizing.audio_workers > 1:
+        assert loop.core.most_audio_jobs == 2  # two groups computed at once, on the two audio threads
+    else:  # streams at different points of their schedules went through one batched call
+        assert max(loop.core.audio_batches) > 1
     assert loop.core.scheduler.pool.free == ROWS and not loop.core.audio_jobs
     for index in range(ROWS):
         tokens, audio = alone(harness, index)

@@ -47,8 +47,10 @@ def test_core_threads_follow_the_size_of_the_audio_stage() -> None:
     small = torch.nn.Sequential(torch.nn.Linear(64, 64, device="meta"), torch.nn.Conv1d(64, 64, 3, device="meta"))
     width = int(sizing.PARALLEL_KERNEL_WEIGHTS ** 0.5) + 1
     large = torch.nn.Linear(width, width, device="meta")
-    assert sizing.core_threads(torch.device("cpu"), 8, small).parallel_kernels is False
-    assert sizing.core_threads(torch.device("cpu"), 8, small).audio_workers == 8  # one group per stream at once
-    assert sizing.core_threads(torch.device("cpu"), 8, small, large).parallel_kernels is True
-    assert sizing.core_threads(torch.device("cpu"), 8, large).audio_workers == min(sizing.cpu_cores(), 8)
-    assert sizing.core_threads(torch.device("cuda"), 8, small).audio_workers == 1
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert sizing.core_threads(cpu, 8, small) == sizing.CoreThreads(min(sizing.cpu_cores(), 8), False, 1)
+    assert sizing.core_threads(cpu, 8, small, large).parallel_kernels is True
+    assert sizing.core_threads(cpu, 8, large) == sizing.CoreThreads(min(sizing.cpu_cores(), 8), True, 1)
+    assert sizing.core_threads(cpu, 1, large).audio_workers == 1  # never more groups than streams
+    # A GPU: one group at a time, every ready stream in it.
+    assert sizing.core_threads(gpu, 8, small) == sizing.CoreThreads(1, True, None)
