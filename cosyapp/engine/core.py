@@ -84,13 +84,12 @@ AudioDispatch = Callable[[AudioJob, Callable[[], Any]], None]
 class EngineCore:
     """The step logic. Without `dispatch_audio` an audio group is computed inline within the step; with it, the
     group is handed over and the step goes on (`audio_computed` brings the result back): at most `audio_slots`
-    groups in the works at once, each of at most `streams_per_group` streams (None: the scheduler's whole group).
-    `first_chunk_alone`: a group holding a first chunk runs alone and the LM waits for it (when its calls would
+    groups in the works at once, a planned group cut into at most `audio_parts` of them. `first_chunk_alone`: a group holding a first chunk runs alone and the LM waits for it (when its calls would
     use every core); else first chunks only go first."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, clock: Callable[[], float] = time.monotonic,
-                 dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1,
-                 streams_per_group: int | None = None, first_chunk_alone: bool = True) -> None:
+                 dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1, audio_parts: int = 1,
+                 first_chunk_alone: bool = True) -> None:
         self.runner = runner
         self.sample_rate = sample_rate
         self.clock = clock
@@ -98,7 +97,7 @@ class EngineCore:
         self.scheduler = Scheduler(runner.rows, runner.run_ahead)
         self.streams: dict[Ticket, CoreStream] = {}
         self.audio_slots = audio_slots
-        self.streams_per_group = streams_per_group
+        self.audio_parts = audio_parts
         self.first_chunk_alone = first_chunk_alone
         self.audio_jobs: list[AudioJob] = []  # groups being computed elsewhere
         self.steps = 0
@@ -143,11 +142,9 @@ class EngineCore:
         audio_free = len(self.audio_jobs) < self.audio_slots and not exclusive
         plan = self.scheduler.plan(self.clock(), audio_free=audio_free, lm_free=not exclusive)
         if plan.audio:
-            size = self.streams_per_group or len(plan.audio)
-            for start in range(0, len(plan.audio), size):
-                self._start_audio(plan.audio[start:start + size])
-                if len(self.audio_jobs) >= self.audio_slots or any(job.first_chunk for job in self.audio_jobs):
-                    break
+            parts = max(1, min(self.audio_parts, len(plan.audio), self.audio_slots - len(self.audio_jobs)))
+            for part in range(parts):
+                self._start_audio(plan.audio[part::parts])
             if self.dispatch_audio is not None and any(job.first_chunk for job in self.audio_jobs):
                 plan.prefill, plan.decode = [], []  # the LM waits for the first chunk (Scheduler.first_chunk)
         if self.audio_jobs and (plan.prefill or plan.decode):
@@ -317,7 +314,7 @@ class CoreLoop:
         # A first chunk computed on one intra-op thread leaves the other cores to the LM and the other groups; one
         # split across the cores takes them all, and the LM waits for it.
         self.core = EngineCore(runner, sample_rate, dispatch_audio=self._dispatch_audio, audio_slots=audio_workers,
-                               streams_per_group=sizing.streams_per_group, first_chunk_alone=sizing.parallel_kernels)
+                               audio_parts=sizing.group_parts, first_chunk_alone=sizing.parallel_kernels)
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._closing = False

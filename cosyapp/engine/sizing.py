@@ -57,27 +57,27 @@ PARALLEL_KERNEL_WEIGHTS = 32_000_000
 class CoreThreads:
     """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, whether a call's
     kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op thread and the
-    cores go to streams side by side), and how many streams one audio group holds at most (None: every ready
-    stream of one shape key)."""
+    cores go to streams side by side), and into how many parts (one per audio thread) a group of several
+    streams is cut."""
     audio_workers: int
     parallel_kernels: bool
-    streams_per_group: int | None
+    group_parts: int
 
 
 def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreThreads:
-    """A GPU computes audio groups in turn anyway: one at a time, as large as the streams allow (a batched call
-    costs about what one stream's does). On a CPU the flow and vocoder are compute-bound: a batch of several
-    streams costs what they cost one by one (four tiny CosyVoice2 streams' 50-token flow calls: 518-640 ms
-    batched, 536-539 ms one by one, one thread) and would make the most urgent stream wait for the others, so a
-    group is one stream and there are as many groups at once as cores. A model whose audio stage is large enough
-    (PARALLEL_KERNEL_WEIGHTS) splits each call across the cores the LM and the other groups leave free; a small
-    one runs every call on one intra-op thread."""
+    """A GPU computes audio groups in turn anyway: one at a time, whole. On a CPU there are as many audio threads
+    as cores (more would only make the first chunk someone waits for share its core). A model whose audio stage
+    is large enough (PARALLEL_KERNEL_WEIGHTS) splits each call across the cores the LM and the other groups
+    leave free; a small one runs every call on one intra-op thread and cuts a group into one part per core."""
     if device.type != "cpu":
-        return CoreThreads(1, True, None)
+        return CoreThreads(1, True, 1)
+    threads = max(1, min(cpu_cores(), rows))
     weights = sum(module.weight.numel() for model in audio_modules if isinstance(model, torch.nn.Module)
                   for module in model.modules()
                   if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)))
-    return CoreThreads(max(1, min(cpu_cores(), rows)), weights >= PARALLEL_KERNEL_WEIGHTS, 1)
+    if weights >= PARALLEL_KERNEL_WEIGHTS:
+        return CoreThreads(threads, True, 1)
+    return CoreThreads(threads, False, threads)
 
 
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:

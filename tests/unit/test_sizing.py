@@ -48,9 +48,9 @@ def test_core_threads_follow_the_size_of_the_audio_stage() -> None:
     width = int(sizing.PARALLEL_KERNEL_WEIGHTS ** 0.5) + 1
     large = torch.nn.Linear(width, width, device="meta")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert sizing.core_threads(cpu, 8, small) == sizing.CoreThreads(min(sizing.cpu_cores(), 8), False, 1)
+    cores = min(sizing.cpu_cores(), 8)
+    assert sizing.core_threads(cpu, 8, small) == sizing.CoreThreads(cores, False, cores)  # a group cut per core
     assert sizing.core_threads(cpu, 8, small, large).parallel_kernels is True
-    assert sizing.core_threads(cpu, 8, large) == sizing.CoreThreads(min(sizing.cpu_cores(), 8), True, 1)
+    assert sizing.core_threads(cpu, 8, large) == sizing.CoreThreads(cores, True, 1)
     assert sizing.core_threads(cpu, 1, large).audio_workers == 1  # never more groups than streams
-    # A GPU: one group at a time, every ready stream in it.
-    assert sizing.core_threads(gpu, 8, small) == sizing.CoreThreads(1, True, None)
+    assert sizing.core_threads(gpu, 8, small) == sizing.CoreThreads(1, True, 1)  # one whole group at a time

@@ -62,9 +62,11 @@ class CosyVoice2Backend:
         self.hift = HiFTGenerator.from_pretrained(self.model_dir, self.config, self.device)
         # Serving draws fresh noise per request; upstream's draw order only matters for reproducing its seeds.
         self.hift.m_source.upstream_noise_order = False
+        # A GPU batches streams wherever they are in their schedules (a batched call costs about one stream's);
+        # on a CPU, where the flow is compute-bound, padding rows to one length would cost more than it saves.
         self.token2wav = Token2Wav(self.flow, self.hift, self.config, random_source=random_source,
                                    incremental_flow=incremental_flow, exact_final=exact_final,
-                                   flow_left_chunks=flow_left_chunks)
+                                   flow_left_chunks=flow_left_chunks, batch_positions=self.device.type == "cuda")
         self.lm_context = lm_context
         # The engine's core loop decodes every stream's LM row in one forward per step; on a GPU that step replays
         # CUDA graphs (eager on the CPU, or with cuda_graphs=False).

@@ -20,10 +20,12 @@ upstream's numpy window), and every non-final call withholds its own last 3840 s
 Upstream keeps `token_hop_len` on the model object and never resets it, so its second streaming request
 starts with a hop of 100. Here the hop lives in the stream, so every request gets the same schedule.
 
-Concurrent streams: `vocode_together` computes the chunks of streams with equal `chunk_key`s (incremental flow
-streams of one model, wherever they are in their schedules) as one flow batch, and their vocoder calls in one
-HiFT batch per mel length, each stream's result being what it gets alone up to float rounding. Which streams
-go together is the engine's choice (cosyvoice2/runner.py, engine/scheduler.py).
+Concurrent streams: `vocode_together` computes the chunks of streams with equal `chunk_key`s as one flow batch,
+and their vocoder calls in one HiFT batch per mel length, each stream's result being what it gets alone up to
+float rounding. With `batch_positions` the key lets incremental streams batch wherever they are in their
+schedules (rows padded and masked, flow_stream.py); without it only streams at the same point of their
+schedules, whose rows need no padding, share a key. Which streams go together is the engine's choice
+(cosyvoice2/runner.py, engine/scheduler.py).
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ class Token2Wav:
     (upstream's output with its randomness patched out, as in the goldens).
     `incremental_flow` and `exact_final` choose the flow path, `flow_left_chunks` its left context (None:
     all, exact; see flow_stream.py). Incremental streams of a voice start from its prompt's prefilled flow
-    state, computed once.
+    state, computed once. `batch_positions`: streams batch wherever they are in their schedules (`chunk_key`).
     """
 
     def __init__(self, flow: FlowModel, hift: Vocoder, config: CosyVoice2Config, random_source: bool = True,
-                 incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None) -> None:
+                 incremental_flow: bool = True, exact_final: bool = True, flow_left_chunks: int | None = None,
+                 batch_positions: bool = False) -> None:
         self.flow = flow
         self.hift = hift
         self.chunk_size = config.chunk_size
@@ -85,6 +88,7 @@ class Token2Wav:
         self.incremental_flow = incremental_flow
         self.exact_final = exact_final
         self.flow_left_chunks = flow_left_chunks
+        self.batch_positions = batch_positions
         self._windows: dict[torch.device, Tensor] = {}
         # id(prompt_token) -> (weak reference to it, its voice's prefilled flow state), least recent first.
         self._prefilled: OrderedDict[int, tuple[weakref.ref, FlowStream]] = OrderedDict()
@@ -202,13 +206,20 @@ class Token2WavStream:
         return self.stream and self.tokens_short() <= 0
 
     def chunk_key(self) -> tuple | None:
-        """Streams whose next chunks have equal keys are computed as one batch (`vocode_together`): the
-        incremental flow batches streams at any positions. None: the chunk goes alone (a flow that recomputes,
-        or a last chunk with full attention)."""
+        """Streams whose next chunks have equal keys are computed as one batch (`vocode_together`). With the
+        owner's `batch_positions`, incremental streams batch wherever they are; else only streams at the same
+        point of their schedules with caches in the same state. None: the chunk goes alone (a flow that
+        recomputes, or a last chunk with full attention)."""
         flow = self.flow_stream
         if not isinstance(flow, FlowStream) or flow.recompute or (flow.exact_final and not self.chunk_ready()):
             return None
-        return (id(self.owner), self.generator is None)
+        if self.owner.batch_positions:
+            return (id(self.owner), self.generator is None)
+        if not self.chunk_ready():
+            return None
+        return (id(self.owner), flow.prompt_len, flow.committed, flow.emitted, flow.estimator_caches[0].dropped,
+                flow.encoder_cache.tokens.dropped, self.offset, self.next_hop(), self.cache is None,
+                self.generator is None)
 
     def prepare_chunk(self) -> FlowCall:
         """The flow call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
