@@ -2,7 +2,7 @@
 
 Both LMs get the same zero-shot prompt (the default prompt voice, its transcript, the benchmark text):
 - speed: one batched decode step at each row count (median of `steps`, every row at position DECODE_POSITION)
-  and the prefill of the prompt (median of PREFILL_REPEATS);
+  and the prefill of the prompt (median of PREFILL_REPEATS), the two LMs taking turns;
 - teacher-forced agreement: the float32 LM samples `tokens` speech tokens with its seeded sampler (stop ids
   banned, so random weights run as long as asked); each LM then reads prompt + those tokens in one forward, and
   at every position the next-token distributions are compared: equal argmax, KL(float32 || other), the largest
@@ -15,6 +15,7 @@ agreement says little about a trained model, whose distributions are peaked.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -34,7 +35,7 @@ from cosyapp.engine.types import Mode
 
 PROMPT_TRANSCRIPT = "欢迎光临，请问您需要点什么？"  # of the default prompt voice (README: "The default prompt voice")
 WARM_UP_RUNS = 2
-PREFILL_REPEATS = 3
+PREFILL_REPEATS = 5
 
 
 def _model_classes(backend: str) -> tuple[Any, type[CosyVoice2LM], Any]:
@@ -51,30 +52,45 @@ def _model_classes(backend: str) -> tuple[Any, type[CosyVoice2LM], Any]:
     raise ValueError(f"the LM benchmark runs the CosyVoice backends, not {backend!r}")
 
 
-def _median_ms(run: Callable[[], Any], repeats: int) -> float:
-    for _ in range(WARM_UP_RUNS):
-        run()
-    times = []
+def _median_ms(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median ms of each run, the runs taking turns (a burst of other load on the machine hits them alike)."""
+    for run in runs.values():
+        for _ in range(WARM_UP_RUNS):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
 
 
 @torch.inference_mode()
-def lm_times(llm: CosyVoice2LM, lm_input: torch.Tensor, row_counts: Sequence[int], steps: int) -> dict[str, Any]:
-    """Median ms of one decode step per row count (rows 0..n-1, each at DECODE_POSITION) and of the prompt's
-    prefill into row 0."""
-    llm.ensure_cache(max(DECODE_POSITION + 1, lm_input.shape[1]))
-    steps_ms = {}
+def lm_times(llms: dict[str, CosyVoice2LM], lm_input: torch.Tensor, row_counts: Sequence[int],
+             steps: int) -> dict[str, dict[str, Any]]:
+    """Per LM: median ms of one decode step per row count (rows 0..n-1, each at DECODE_POSITION) and of the
+    prompt's prefill into row 0."""
+    embedding = next(iter(llms.values())).speech_embedding  # float in every LM: the same inputs for each
+    for llm in llms.values():
+        llm.ensure_cache(max(DECODE_POSITION + 1, lm_input.shape[1]))
+    times: dict[str, dict[str, Any]] = {name: {"step_ms": {}} for name in llms}
     for rows in row_counts:
-        x = llm.speech_embedding(torch.zeros(rows, dtype=torch.long)).unsqueeze(1)
+        x = embedding(torch.arange(rows)).unsqueeze(1)
         positions = torch.full((rows, 1), DECODE_POSITION)
-        steps_ms[rows] = _median_ms(lambda: llm.speech_logp(llm(x, positions, 0, DECODE_POSITION + 1)[:, -1]),
-                                    steps)
-    prefill_ms = _median_ms(lambda: llm.prefill_logp([lm_input], 0), PREFILL_REPEATS)
-    return {"step_ms": steps_ms, "prefill_ms": prefill_ms}
+        medians = _median_ms({name: functools.partial(_decode_step, llm, x, positions) for name, llm in llms.items()},
+                             steps)
+        for name, ms in medians.items():
+            times[name]["step_ms"][rows] = ms
+    medians = _median_ms({name: functools.partial(llm.prefill_logp, [lm_input], 0) for name, llm in llms.items()},
+                         PREFILL_REPEATS)
+    for name, ms in medians.items():
+        times[name]["prefill_ms"] = ms
+    return times
+
+
+def _decode_step(llm: CosyVoice2LM, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return llm.speech_logp(llm(x, positions, 0, DECODE_POSITION + 1)[:, -1])
 
 
 def sampled_tokens(llm: CosyVoice2LM, lm_input: torch.Tensor, tokens: int, seed: int) -> list[int]:
@@ -95,9 +111,11 @@ def forced_logp(llm: CosyVoice2LM, lm_input: torch.Tensor, tokens: list[int]) ->
 
 
 def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, Any]:
-    """Positions where the argmax of log-probs [T, V] agree, mean KL(reference || other), largest difference."""
+    """Positions where the argmax of log-probs [T, V] agree, mean KL(reference || other), largest difference, and
+    the reference's mean top probability."""
     kl = (reference.exp() * (reference - other)).sum(-1)
     return {"positions": reference.shape[0],
+            "reference_top1_prob": float(reference.exp().amax(-1).mean()),  # how peaked the distributions are
             "argmax_equal": int((reference.argmax(-1) == other.argmax(-1)).sum()),
             "mean_kl": float(kl.mean()),
             "max_abs_logp": float((reference - other).abs().max())}
@@ -140,8 +158,7 @@ def run_lm_bench(model_dir: Path | None, size: str = "tiny", backend: str = "cos
     return {
         "machine": machine_description(), "model": label, "backend": backend, "lm_weights": used,
         "prompt_positions": lm_input.shape[1], "decode_position": DECODE_POSITION, "steps": steps,
-        "float32": lm_times(reference, lm_input, row_counts, steps),
-        used: lm_times(other, lm_input, row_counts, steps),
+        "times": lm_times({"float32": reference, used: other}, lm_input, row_counts, steps),
         "teacher_forced": agreement(forced_logp(reference, lm_input, forced), forced_logp(other, lm_input, forced)),
         "free_running": {"tokens": tokens, "seed": seed, "common_prefix": common_prefix(forced, free)},
     }
@@ -149,7 +166,7 @@ def run_lm_bench(model_dir: Path | None, size: str = "tiny", backend: str = "cos
 
 def format_lm_report(report: dict[str, Any]) -> str:
     used = report["lm_weights"]
-    base, other = report["float32"], report[used]
+    base, other = report["times"]["float32"], report["times"][used]
     lines = [
         f"{report['backend']} LM, {report['model']} ({report['machine']}): float32 against {used}",
         f"  decode step at position {report['decode_position']} (median of {report['steps']}) and prefill of the "
@@ -163,8 +180,9 @@ def format_lm_report(report: dict[str, Any]) -> str:
                  f"{base['prefill_ms'] / other['prefill_ms']:9.2f}x")
     forced, free = report["teacher_forced"], report["free_running"]
     lines += [
-        f"  teacher-forced over float32's {forced['positions']} sampled tokens: argmax equal at "
-        f"{forced['argmax_equal']}/{forced['positions']}, mean KL {forced['mean_kl']:.2e}, "
+        f"  teacher-forced over float32's {forced['positions']} sampled tokens (float32's top probability "
+        f"{forced['reference_top1_prob']:.3f} on average):",
+        f"    argmax equal at {forced['argmax_equal']}/{forced['positions']}, mean KL {forced['mean_kl']:.2e}, "
         f"max |d log-prob| {forced['max_abs_logp']:.3f}",
         f"  free-running, seed {free['seed']}: the first {free['common_prefix']} of {free['tokens']} tokens equal",
     ]

@@ -7,17 +7,17 @@ several times faster (numbers at INT8_LM_WEIGHTS).
 What becomes int8: every nn.Linear of the decoder layers (the q/k/v/o projections and the MLP). Its weight rows
 get one scale each (symmetric, max |w| of the row / 127.5, as torch's `per_channel_dynamic_qconfig`: one large
 row does not coarsen the others); the activations are quantized on every call (dynamic quantization) and the
-products summed in int32 by torch's CPU kernel (`quantized::linear_dynamic`, fbgemm/oneDNN). What stays in the
+products summed in integers by torch's CPU kernel (`quantized::linear_dynamic`, fbgemm/oneDNN). What stays in the
 compute dtype: the embeddings, the norms, the KV cache and the speech-token head, whose log-probs the sampler
 reads.
 
 One departure from `torch.ao.quantization.quantize_dynamic` (whose kernel this is): that quantizes a call's
 activations on one grid, from the min and max of the whole input, so a row's result would depend on the other
-rows of its batch (0.15-0.2 in the log-probs of the full-size model between a row decoded alone and beside
-others) and a stream would not get the tokens it gets alone. Here every row is scaled to a peak of 1 first and
+rows of its batch (up to 0.2 in the full-size model's log-probs, beside a row of larger activations) and a
+stream would not get the tokens it gets alone. Here every row is scaled to a peak of 1 first and
 a guard row holding +1 and -1 is added, so the kernel's grid is [-1, 1] whatever the batch: each row is
 quantized on its own scale, decoding rows together or a prompt in one prefill changes only float rounding, as
-in float. It costs about 15 % of the int8 step (the extra elementwise work of every call). And torch's
+in float. It costs about 15 % of the full-size int8 step (the extra elementwise work of every call). And torch's
 quantization API is deprecated (a DeprecationWarning per call), which calling the kernels directly avoids.
 """
 
@@ -31,16 +31,19 @@ from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, Qwen2
 LM_WEIGHTS = ("auto", "float", "int8")
 
 # Weights in the decoder layers' linears from which int8 pays on a CPU (lm_weights = "auto"). Measured on a 2-core
-# CPU, 2 threads, random Qwen2 stacks, ms per decode step at 1 and 8 rows and per 150-position prefill, float32
-# -> int8:
-#   0.07 M (the tiny test models)  0.6 / 0.8 / 1.3 -> 0.9 / 1.1 / 1.5  (int8 slower: quantizing the activations
-#                                                                      costs more than such small products)
-#   1.0 M   1.4 / 2.4 / 5.1 -> 1.8 / 2.5 / 4.4   (break-even)
-#   2.2 M   2.6 / 4.0 / 8.5 -> 2.0 / 3.1 / 5.5   (1.2-1.5x)
-#   3.9 M   3.4 / 5.3 / 12.4 -> 2.1 / 3.6 / 6.9  (1.5-1.8x)
-#   358 M (CosyVoice2/3-0.5B)  108 / 168 / 726 -> 26 / 38 / 215  (3.4-4.4x)
-# From here int8 is clearly faster in every shape; below it the gain is small or a loss, not worth the rounding.
-INT8_LM_WEIGHTS = 4_000_000
+# CPU (AMD EPYC, 2 threads), random Qwen2 stacks, the two kinds taking turns: ms per decode step at 1 and 8 rows
+# and per 150-position prefill, float32 -> int8:
+#   0.07 M (the tiny test models)  0.60 / 0.84 / 1.33 -> 1.32 / 1.55 / 2.14  (0.5-0.6x)
+#   0.98 M                         1.35 / 2.32 / 4.93 -> 2.62 / 3.51 / 5.79  (0.5-0.9x)
+#   3.9 M                          3.29 / 5.02 / 11.9 -> 3.44 / 5.05 / 8.93  (1.0-1.3x)
+#   7.9 M                          6.21 / 9.06 / 23.0 -> 6.29 / 8.73 / 16.5  (1.0-1.4x)
+#   16.5 M                         8.57 / 12.2 / 38.4 -> 5.75 / 8.30 / 19.5  (1.5-2.0x)
+#   30.4 M                         13.6 / 19.1 / 69.2 -> 7.83 / 11.2 / 31.7  (1.7-2.2x)
+#   358 M (the 0.5B LMs)           103 / 188 / 951 -> 30 / 52 / 254  (3.5-3.7x; prefill: 171 positions)
+#                        another run  102 / 159 / 951 -> 30 / 44 / 352  (2.7-3.6x)
+# Small float32 layers are read from the CPU's caches, and there the extra work of each int8 call (quantizing
+# its activations row by row) is not paid back; from here int8 is 1.5x faster or more in every shape.
+INT8_LM_WEIGHTS = 16_000_000
 # fbgemm sums pairs of uint8 x int8 products in int16, which can saturate: activations get 7 bits, as in torch's
 # own dynamic Linear.
 REDUCE_RANGE = True
