@@ -20,7 +20,7 @@ from typing import Any, Callable
 import click
 
 from cosyapp import __version__
-from cosyapp.config import PROJECT_ROOT, ConfigError, Settings, load_settings
+from cosyapp.config import LM_WEIGHTS, PROJECT_ROOT, ConfigError, Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -616,23 +616,28 @@ def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
 @click.option("--flow-left-chunks", type=click.IntRange(-1),
               help="cosyvoice2/3 backend option flow_left_chunks: left context of streaming flow calls in chunks "
                    "(-1: all, exact; default: the backend's)")
+@click.option("--lm-weights", type=click.Choice(LM_WEIGHTS),
+              help="cosyvoice2/3 backend option lm_weights: the LM's transformer weights (default: the backend's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
               help="also run one request under torch's profiler and write its busiest operators here")
 @user_errors
 def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, dtype: str, prompt_wav: Path | None,
                  tokens: int, runs: int, long_tokens: int, batch_streams: tuple[int, ...],
-                 flow_left_chunks: int | None, json_path: Path | None, profile_path: Path | None) -> None:
+                 flow_left_chunks: int | None, lm_weights: str | None, json_path: Path | None,
+                 profile_path: Path | None) -> None:
     """Time to first chunk, real-time factor and per-stage times of one backend, in this process; with
     --long-tokens also the time of every streamed chunk along one long utterance, with --batch-streams the
     vocoding of several streams at once."""
     from cosyapp.bench import format_engine_report, run_engine_bench
 
-    backend_options: dict[str, int] = {}
-    if flow_left_chunks is not None:
-        if backend not in ("cosyvoice2", "cosyvoice3"):
-            raise click.BadParameter("only the CosyVoice backends have this option", param_hint="--flow-left-chunks")
-        backend_options["flow_left_chunks"] = flow_left_chunks
+    backend_options: dict[str, Any] = {}
+    for option, value, hint in (("flow_left_chunks", flow_left_chunks, "--flow-left-chunks"),
+                                ("lm_weights", lm_weights, "--lm-weights")):
+        if value is not None:
+            if backend not in ("cosyvoice2", "cosyvoice3"):
+                raise click.BadParameter("only the CosyVoice backends have this option", param_hint=hint)
+            backend_options[option] = value
     if batch_streams and backend != "cosyvoice2":
         raise click.BadParameter("only the cosyvoice2 backend batches streams' chunks", param_hint="--batch-streams")
     report = run_engine_bench(model_dir, size=size, backend_name=backend, device=device, dtype=dtype,
@@ -701,6 +706,35 @@ def bench_decode(model_dir: Path | None, size: str, device: str, dtype: str, row
 
     report = run_decode_bench(model_dir, size=size, device=device, dtype=dtype, row_counts=row_counts, steps=steps)
     click.echo(format_decode_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@bench.command("lm")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model directory (default: make a random model of --size)")
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="full", show_default=True,
+              help="size of the random model")
+@click.option("--backend", default="cosyvoice2", show_default=True, type=click.Choice(["cosyvoice2", "cosyvoice3"]))
+@click.option("--lm-weights", type=click.Choice(LM_WEIGHTS), default="int8", show_default=True,
+              help="the LM weights compared with float32 (auto: what the service would pick on this CPU)")
+@click.option("--rows", "row_counts", callback=_counts, default="1,8", show_default=True,
+              help="rows of the timed batched decode steps")
+@click.option("--tokens", type=click.IntRange(2), default=150, show_default=True,
+              help="speech tokens sampled for the agreement measures")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="timed decode steps per count")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of both samplers")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write JSON here")
+@user_errors
+def bench_lm(model_dir: Path | None, size: str, backend: str, lm_weights: str, row_counts: tuple[int, ...],
+             tokens: int, steps: int, seed: int, json_path: Path | None) -> None:
+    """A CosyVoice LM on the CPU, float32 against --lm-weights: decode steps and prefill, and how far the tokens
+    agree (teacher-forced argmax and KL, free-running common prefix)."""
+    from cosyapp.bench_lm import format_lm_report, run_lm_bench
+
+    report = run_lm_bench(model_dir, size=size, backend=backend, lm_weights=lm_weights, row_counts=row_counts,
+                          tokens=tokens, steps=steps, seed=seed)
+    click.echo(format_lm_report(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
 

@@ -35,6 +35,10 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # spell
 
 AUTO = "auto"  # the value of a setting the service sizes itself at start-up
 
+# Choices of the CosyVoice sections' `lm_weights`: backends/cosyvoice2/lm_weights.py's (a test keeps them in step;
+# that module imports torch, which loading the config does not).
+LM_WEIGHTS = ("auto", "float", "int8")
+
 DEFAULT_INSTRUCTION = "你是一位热情友好的餐馆店员,说话温柔亲切,语气礼貌专业。<|endofprompt|>"
 
 
@@ -87,6 +91,9 @@ class CosyVoice2Settings:
     random_source: bool = True
     tensorrt: bool = True
     cuda_graphs: bool = True
+    # The LM transformer's weights: float (the compute dtype), int8 (CPU only), auto (int8 on a CPU for an LM large
+    # enough that it pays: backends/cosyvoice2/lm_weights.py).
+    lm_weights: str = field(default="auto", metadata=_rule(choices=LM_WEIGHTS))
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class CosyVoice3Settings:
     text_frontend: str = field(default="offline", metadata=_rule(choices=("offline", "wetext")))
     exact_streaming: bool = False
     flow_left_chunks: int = field(default=8, metadata=_rule(min=-1, max=10000))
+    lm_weights: str = field(default="auto", metadata=_rule(choices=LM_WEIGHTS))  # as [cosyvoice2] lm_weights
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class BackendInfo:
     codec_codebooks: int = 0
     # Names of the request options `parse_options` takes.
     options: tuple[str, ...] = ()
+    # What the LM's transformer weights are (CosyVoice: "int8" or the compute dtype, e.g. "float32"); "": not said.
+    lm_weights: str = ""
 
 
 @dataclass

@@ -81,6 +81,8 @@ def test_config_file_from_the_environment(tmp_path: Path):
     ("[model]\ndevice = 'tpu'\n", "[model] device: must match"),
     ("[model]\ndtype = 'int8'\n", "[model] dtype: must be one of auto, float32, float16, bfloat16"),
     ("[model]\nwarmup = 'yes'\n", "[model] warmup: expected true or false"),
+    ("[cosyvoice2]\nlm_weights = 'bf16'\n", "[cosyvoice2] lm_weights: must be one of auto, float, int8; got 'bf16'"),
+    ("[cosyvoice3]\nlm_weights = 8\n", "[cosyvoice3] lm_weights: expected a string, got 8"),
     ("[model]\nmodel_dir = ''\n", "[model] model_dir: expected a path"),
     ("[defaults]\ninstruction = 3\n", "[defaults] instruction: expected a string"),
     ("[limits]\nmin_prompt_s = 20.0\nmax_prompt_s = 10.0\n", "min_prompt_s (20.0) must be below max_prompt_s"),
@@ -118,3 +120,12 @@ def test_backend_options_come_from_the_backend_section(tmp_path: Path, monkeypat
     assert options["text_frontend"] == "wetext"
     assert options["exact_final"] is True and options["incremental_flow"] is False
     assert options["tensorrt"] is True  # default kept
+
+
+@pytest.mark.parametrize("choice", ["auto", "float", "int8"])
+def test_lm_weights_choices(tmp_path: Path, choice: str):
+    assert Settings().cosyvoice2.lm_weights == Settings().cosyvoice3.lm_weights == "auto"
+    settings = load_settings(_write(tmp_path, f"[cosyvoice2]\nlm_weights = '{choice}'\n"), env={})
+    assert settings.backend_options("cosyvoice2")["lm_weights"] == choice
+    env = {"COSYAPP_COSYVOICE3_LM_WEIGHTS": choice}
+    assert load_settings(_write(tmp_path, ""), env=env).backend_options("cosyvoice3")["lm_weights"] == choice

@@ -113,6 +113,7 @@ def test_bounded_chunks_only_compute_what_they_add(backend: CosyVoice3Backend, v
 def test_declares_instructions_and_no_options(backend: CosyVoice3Backend) -> None:
     info = backend.info()
     assert info.model_type == "CosyVoice3" and info.instruct and "instruct2" in info.modes
+    assert info.lm_weights == "float32"  # auto: the tiny LM is too small for int8 to pay
     assert backend.parse_options({}) is None and backend.parse_options(None) is None
     with pytest.raises(InputError, match="temperature"):
         backend.parse_options({"temperature": 0.5})

@@ -20,6 +20,7 @@ from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.frontend import CosyVoice2Frontend, VoiceFeatures
 from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
+from cosyapp.backends.cosyvoice2.lm_weights import use_lm_weights
 from cosyapp.backends.cosyvoice2.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner
 from cosyapp.backends.cosyvoice2.token2wav import Token2Wav, Token2WavStream
@@ -46,13 +47,15 @@ class CosyVoice2Backend:
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
                  random_source: bool = True, incremental_flow: bool = True,
                  exact_final: bool = False, flow_left_chunks: int = 8, tensorrt: bool = True,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, lm_weights: str = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice2Config.from_model_dir(self.model_dir)
         self.frontend = CosyVoice2Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
         self.llm = CosyVoice2LM.from_pretrained(self.model_dir, self.config, self.device,
                                                 resolve_dtype(dtype, self.device))
+        # int8 decoder weights on the CPU when the LM is large enough for them to pay (lm_weights.py).
+        self.lm_weights = use_lm_weights(self.llm, lm_weights)
         self.llm.setup_cache(max_streams, lm_context)
         self.flow = CosyVoice2Flow.from_pretrained(self.model_dir, self.config, self.device)
         self.flow.encoder.reserve_positions(RESERVED_FLOW_TOKENS)
@@ -79,7 +82,7 @@ class CosyVoice2Backend:
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode), instruct=True)
+                           modes=tuple(m.value for m in Mode), instruct=True, lm_weights=self.lm_weights)
 
     def parse_options(self, values: Mapping[str, Any] | None) -> None:
         """CosyVoice2 samples as it was trained to: it takes no request options."""

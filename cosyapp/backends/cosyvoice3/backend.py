@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, verify_layout
+from cosyapp.backends.cosyvoice2.lm_weights import use_lm_weights
 from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner
 from cosyapp.backends.cosyvoice3.config import CONFIG_FILE, CosyVoice3Config
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
@@ -47,13 +48,14 @@ class CosyVoice3Backend:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
-                 exact_streaming: bool = False, flow_left_chunks: int = 8) -> None:
+                 exact_streaming: bool = False, flow_left_chunks: int = 8, lm_weights: str = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.config = CosyVoice3Config.from_model_dir(self.model_dir)
         self.frontend = CosyVoice3Frontend(self.model_dir, self.config, self.device, text_frontend=text_frontend)
         self.llm = CosyVoice3LM.from_pretrained(self.model_dir, self.config, self.device,
                                                 resolve_dtype(dtype, self.device))
+        self.lm_weights = use_lm_weights(self.llm, lm_weights)  # as CosyVoice2's (lm_weights.py)
         # Allocated once: generation is capped to fit, so the cache is never reallocated under a running stream.
         self.llm.setup_cache(max_streams, lm_context)
         self.lm_context = lm_context
@@ -70,7 +72,7 @@ class CosyVoice3Backend:
 
     def info(self) -> BackendInfo:
         return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode), instruct=True)
+                           modes=tuple(m.value for m in Mode), instruct=True, lm_weights=self.lm_weights)
 
     def parse_options(self, values: Mapping[str, Any] | None) -> None:
         """CosyVoice3 samples as it was trained to: it takes no request options."""

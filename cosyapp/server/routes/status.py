@@ -38,6 +38,7 @@ async def model_info(request: Request) -> JSONResponse:
         "formats": ["pcm", "wav"],
         "modes": list(info.modes),
         "speakers": state.speakers.ids(),
+        **({"lm_weights": info.lm_weights} if info.lm_weights else {}),
     })
 
 
