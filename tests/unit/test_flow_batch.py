@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from cosyapp.backends.cosyvoice2.config import CosyVoice2Config
 from cosyapp.backends.cosyvoice2.flow import CosyVoice2Flow
 from cosyapp.backends.cosyvoice2.flow_stream import FlowStream, run_together
+from cosyapp.backends.cosyvoice2.hift import HiFTGenerator
+from cosyapp.backends.cosyvoice2.token2wav import Token2Wav, Token2WavStream, vocode_together
 from flow_inputs import hop_schedule, max_diff, random_prompt, random_tokens
 
 # Batched and single forwards may sum in another order; the mels agree far below audible differences.
 MEL_ATOL = 1e-5
+AUDIO_ATOL = 1e-4  # the mels' rounding carried through the vocoder
 PROMPT_TOKENS = 40
 N_TOKENS = 260
 HOP = 50
@@ -115,3 +121,28 @@ def test_streams_at_their_own_positions_batch_as_one(flow: CosyVoice2Flow, left_
         for a, b in zip(stream_alone, stream_together, strict=True):
             assert a.shape[2] > 0
             assert max_diff(a, b) < MEL_ATOL
+
+
+@pytest.mark.parametrize("batch_positions", [False, True])
+def test_last_chunks_batch_by_length(flow: CosyVoice2Flow, tiny_cosyvoice2_dir: Path, batch_positions: bool) -> None:
+    """Streams whose LM is done share a key when their last chunks have one length (or always, batching positions
+    as on a GPU); their last chunks computed together are what each gets alone."""
+    config = CosyVoice2Config.from_model_dir(tiny_cosyvoice2_dir)
+    hift = HiFTGenerator.from_pretrained(tiny_cosyvoice2_dir, config, "cpu")
+    token2wav = Token2Wav(flow, hift, config, random_source=False, exact_final=False, batch_positions=batch_positions)
+    prompt = random_prompt(flow, PROMPT_TOKENS, seed=5)
+
+    def stream(count: int, seed: int) -> Token2WavStream:
+        session = token2wav.new_stream(*prompt)
+        session.add(random_tokens(flow, count, seed=seed))  # fewer than a first chunk: the last chunk is next
+        return session
+
+    first, second, longer = stream(20, 6), stream(20, 7), stream(21, 8)
+    assert not first.chunk_ready() and first.chunk_key() is not None
+    assert first.chunk_key() == second.chunk_key()
+    assert (first.chunk_key() == longer.chunk_key()) is batch_positions
+    together = vocode_together([first, second], [first.prepare_final(), second.prepare_final()])
+    for chunk, seed in zip(together, (6, 7)):
+        alone = stream(20, seed).finish()
+        assert chunk.numel() > 0 and max_diff(chunk, alone) < AUDIO_ATOL
+    assert max_diff(together[0], together[1]) > 1e-3  # the two streams' audio differs: rows were not mixed up

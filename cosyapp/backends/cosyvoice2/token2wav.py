@@ -208,18 +208,18 @@ class Token2WavStream:
     def chunk_key(self) -> tuple | None:
         """Streams whose next chunks have equal keys are computed as one batch (`vocode_together`). With the
         owner's `batch_positions`, incremental streams batch wherever they are; else only streams at the same
-        point of their schedules with caches in the same state. None: the chunk goes alone (a flow that
-        recomputes, or a last chunk with full attention)."""
+        point of their schedules with caches in the same state and calls of one length. Read when the stream's
+        audio is ready: its next chunk, or its last one. None: the chunk goes alone (a flow that recomputes, or a
+        last chunk with full attention)."""
         flow = self.flow_stream
         if not isinstance(flow, FlowStream) or flow.recompute or (flow.exact_final and not self.chunk_ready()):
             return None
         if self.owner.batch_positions:
             return (id(self.owner), self.generator is None)
-        if not self.chunk_ready():
-            return None
+        # The next call: a streaming chunk of next_hop tokens, or (the LM is done) the last one, every token left.
+        call = ("chunk", self.next_hop()) if self.chunk_ready() else ("last", self.num_tokens - self.offset)
         return (id(self.owner), flow.prompt_len, flow.committed, flow.emitted, flow.estimator_caches[0].dropped,
-                flow.encoder_cache.tokens.dropped, self.offset, self.next_hop(), self.cache is None,
-                self.generator is None)
+                flow.encoder_cache.tokens.dropped, self.offset, call, self.cache is None, self.generator is None)
 
     def prepare_chunk(self) -> FlowCall:
         """The flow call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
