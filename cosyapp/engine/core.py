@@ -84,8 +84,9 @@ AudioDispatch = Callable[[AudioJob, Callable[[], Any]], None]
 class EngineCore:
     """The step logic. Without `dispatch_audio` an audio group is computed inline within the step; with it, the
     group is handed over and the step goes on (`audio_computed` brings the result back): at most `audio_slots`
-    groups in the works at once, a planned group cut into at most `audio_parts` of them. `first_chunk_alone`: a group holding a first chunk runs alone and the LM waits for it (when its calls would
-    use every core); else first chunks only go first."""
+    groups in the works at once, a planned group cut into at most `audio_parts` of them. `first_chunk_alone`: a
+    group holding a first chunk runs alone and the LM waits for it (for calls that use every core); else first
+    chunks only go first."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, clock: Callable[[], float] = time.monotonic,
                  dispatch_audio: AudioDispatch | None = None, audio_slots: int = 1, audio_parts: int = 1,
@@ -303,8 +304,7 @@ def run_alone(runner: ModelRunner, request: SynthesisRequest, sample_rate: int) 
 
 class CoreLoop:
     """An `EngineCore` on its own thread, with `sizing.audio_workers` threads for its audio groups (module
-    docstring).
-    `submit` and `call` may be used from any thread."""
+    docstring). `submit` and `call` may be used from any thread."""
 
     def __init__(self, runner: ModelRunner, sample_rate: int, name: str, sizing: CoreThreads,
                  threads: int | None = None) -> None:
