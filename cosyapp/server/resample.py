@@ -94,7 +94,7 @@ class ResampledStream:
                 chunk = await anext(self._chunks)
             except StopAsyncIteration:
                 self._ended = True
-                out = self._resampler.flush()
+                out = await asyncio.to_thread(self._resampler.flush)
             else:
                 out = await asyncio.to_thread(self._resampler.push, chunk)
             if out.shape[0]:

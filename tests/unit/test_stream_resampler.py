@@ -4,6 +4,7 @@ offline resampling of the whole signal, so chunk joins leave no trace."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -80,3 +81,28 @@ def test_resampled_stream_yields_no_empty_chunk_and_cancels_the_synthesis() -> N
     stream = ResampledStream(source, 44100, 16000)
     stream.cancel()
     assert source.cancelled
+
+
+def test_resampled_stream_resamples_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every resampling call, the last one (flush) included, runs on a worker thread, not the event loop's."""
+    threads: list[tuple[str, int]] = []
+    for name in ("push", "flush"):
+        def recording(self, *args, _name=name, _call=getattr(StreamResampler, name)):
+            threads.append((_name, threading.get_ident()))
+            return _call(self, *args)
+        monkeypatch.setattr(StreamResampler, name, recording)
+
+    class Source:
+        async def _iterate(self):
+            yield np.ones(3000, dtype=np.float32)
+
+        def __aiter__(self):
+            return self._iterate()
+
+    async def collect() -> tuple[list[np.ndarray], int]:
+        return [chunk async for chunk in ResampledStream(Source(), 24000, 16000)], threading.get_ident()
+
+    chunks, loop_thread = asyncio.run(collect())
+    assert sum(chunk.shape[0] for chunk in chunks) == 2000
+    assert [name for name, _ in threads] == ["push", "flush"]
+    assert all(thread != loop_thread for _, thread in threads)
