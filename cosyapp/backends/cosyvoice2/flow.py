@@ -199,7 +199,7 @@ class CosyVoice2Flow(nn.Module):
         speech), `spks` the projected speaker vectors [n, 80]. Commits the first keeps[i] tokens of each.
 
         Several streams go through as one batch whatever their positions and lengths: each row holds its
-        tokens, then its look-ahead tokens, then padding (module docstring of chunk_cache.py)."""
+        tokens, then its look-ahead tokens, then padding (chunk_cache.py `BatchedCaches`)."""
         ratio, steps = self.config.token_mel_ratio, len(estimator_caches[0])
         news = [piece.size(1) for piece in tokens]
         starts = [cache.tokens.length for cache in encoder_caches]
