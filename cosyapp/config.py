@@ -35,8 +35,8 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # spell
 
 AUTO = "auto"  # the value of a setting the service sizes itself at start-up
 
-# Choices of the CosyVoice sections' `lm_weights`: backends/cosyvoice2/lm_weights.py's (a test keeps them in step;
-# that module imports torch, which loading the config does not).
+# Choices of the CosyVoice sections' `lm_weights` (backends/cosyvoice2/lm_weights.py resolves them). Kept here, where
+# loading the config needs no torch.
 LM_WEIGHTS = ("auto", "float", "int8")
 
 DEFAULT_INSTRUCTION = "你是一位热情友好的餐馆店员,说话温柔亲切,语气礼貌专业。<|endofprompt|>"

@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from cosyapp import config
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend
 from cosyapp.backends.cosyvoice2.decoding import Decoding, generate, stop_rule
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM
-from cosyapp.backends.cosyvoice2.lm_weights import (INT8_LM_WEIGHTS, LM_WEIGHTS, Int8Linear, decoder_linear_weights,
+from cosyapp.backends.cosyvoice2.lm_weights import (INT8_LM_WEIGHTS, Int8Linear, decoder_linear_weights,
                                                      resolve_lm_weights, use_lm_weights)
 from cosyapp.backends.cosyvoice2.runner import CosyVoiceRunner, CosyVoiceStream
 from cosyapp.backends.cosyvoice2.sampling import RasSampler
@@ -140,10 +139,6 @@ def test_int8_on_a_gpu_is_an_error_naming_the_option(device: str | torch.device)
 def test_unknown_lm_weights_are_an_error() -> None:
     with pytest.raises(ValueError, match="lm_weights must be one of auto, float, int8; got 'bf16'"):
         resolve_lm_weights("bf16", "cpu", 10)
-
-
-def test_the_config_offers_the_same_choices() -> None:
-    assert config.LM_WEIGHTS == LM_WEIGHTS
 
 
 def test_the_backend_reports_its_lm_weights(tiny_cosyvoice2_dir: Path) -> None:

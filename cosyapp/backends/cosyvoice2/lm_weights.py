@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from cosyapp.backends.cosyvoice2.llm import CosyVoice2LM, Qwen2
-
-LM_WEIGHTS = ("auto", "float", "int8")
+from cosyapp.config import LM_WEIGHTS
 
 # Weights in the decoder layers' linears from which int8 pays on a CPU (lm_weights = "auto"). Measured on a 2-core
 # CPU (AMD EPYC, 2 threads), random Qwen2 stacks, the two kinds taking turns: ms per decode step at 1 and 8 rows
