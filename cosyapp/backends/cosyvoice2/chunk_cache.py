@@ -249,10 +249,10 @@ class BatchedCaches:
     def visible_keys(self, chunk_size: int, device: torch.device) -> Tensor:
         """Bool [rows, 1, queries, keys]: each member's `visible_keys` in its rows; padded keys are hidden, and a
         padded query sees the first key only (a query that sees nothing would make NaNs)."""
-        parts = []
+        parts, keys = [], self._keys()
         for member in self.members:
             visible = member.visible_keys(chunk_size, device)
-            part = visible.new_zeros(self.queries, self._keys())
+            part = visible.new_zeros(self.queries, keys)
             part[:visible.size(0), :visible.size(1)] = visible
             part[visible.size(0):, 0] = True
             parts.append(part)
