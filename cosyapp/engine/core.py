@@ -84,7 +84,7 @@ AudioDispatch = Callable[[AudioJob, Callable[[], Any]], None]
 class EngineCore:
     """The step logic. Without `dispatch_audio` an audio group is computed inline within the step; with it, the
     group is handed over and the step goes on (`audio_computed` brings the result back): at most `audio_slots`
-    groups in the works at once, a planned group cut into at most `audio_parts` of them. `first_chunk_alone`: a
+    groups in the works at once, a planned group cut into `audio_parts` parts (`_audio_parts`). `first_chunk_alone`: a
     group holding a first chunk runs alone and the LM waits for it (for calls that use every core); else first
     chunks only go first."""
 
@@ -143,9 +143,8 @@ class EngineCore:
         audio_free = len(self.audio_jobs) < self.audio_slots and not exclusive
         plan = self.scheduler.plan(self.clock(), audio_free=audio_free, lm_free=not exclusive)
         if plan.audio:
-            parts = max(1, min(self.audio_parts, len(plan.audio), self.audio_slots - len(self.audio_jobs)))
-            for part in range(parts):
-                self._start_audio(plan.audio[part::parts])
+            for part in self._audio_parts(plan.audio):
+                self._start_audio(part)
             if self.dispatch_audio is not None and any(job.first_chunk for job in self.audio_jobs):
                 plan.prefill, plan.decode = [], []  # the LM waits for the first chunk (Scheduler.first_chunk)
         if self.audio_jobs and (plan.prefill or plan.decode):
@@ -163,6 +162,15 @@ class EngineCore:
             for ticket in list(self.scheduler.running):
                 self._end(self.streams[ticket], RuntimeError("the stream stalled: nothing left to compute"))
         return not plan.empty()
+
+    def _audio_parts(self, group: list[Ticket]) -> list[list[Ticket]]:
+        """The parts of a planned group (most urgent first) that start now: the group is cut into `audio_parts`
+        parts of equal size, and as many start as slots are free. The rest stay ready for the next free slot
+        rather than joining a part that starts now: a part runs on one thread, so one part holding the whole
+        group would leave the other cores idle while its streams wait for each other."""
+        size = -(-len(group) // max(1, min(self.audio_parts, len(group))))
+        free = self.audio_slots - len(self.audio_jobs)
+        return [group[start:start + size] for start in range(0, min(len(group), free * size), size)]
 
     def _start_audio(self, tickets: list[Ticket]) -> None:
         self.audio_batches[len(tickets)] = self.audio_batches.get(len(tickets), 0) + 1
