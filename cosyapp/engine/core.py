@@ -164,12 +164,16 @@ class EngineCore:
         return not plan.empty()
 
     def _audio_parts(self, group: list[Ticket]) -> list[list[Ticket]]:
-        """The parts of a planned group (most urgent first) that start now: the group is cut into `audio_parts`
-        parts of equal size, and as many start as slots are free. The rest stay ready for the next free slot
-        rather than joining a part that starts now: a part runs on one thread, so one part holding the whole
-        group would leave the other cores idle while its streams wait for each other."""
-        size = -(-len(group) // max(1, min(self.audio_parts, len(group))))
+        """The parts of a planned group (most urgent first) that start now, each on a free audio thread. A group
+        holding a first chunk is cut into `audio_parts` equal parts and as many start as threads are free; the
+        rest wait for the next free thread rather than make someone's first chunk wait on one thread while
+        another core goes idle. Any other group starts whole on the free threads: streams with audio buffered
+        gain more from one batch than from an earlier start."""
+        parts = max(1, min(self.audio_parts, len(group)))
         free = self.audio_slots - len(self.audio_jobs)
+        if not self.scheduler.first_chunk(group):
+            parts = min(parts, free)
+        size = -(-len(group) // parts)
         return [group[start:start + size] for start in range(0, min(len(group), free * size), size)]
 
     def _start_audio(self, tickets: list[Ticket]) -> None:

@@ -116,3 +116,12 @@ def test_every_stream_gets_all_its_chunks_when_the_jobs_finish_out_of_order() ->
                 finish(core, dispatched, index)
             done = len(dispatched)
     assert all(sink.ended and sink.error is None and len(sink.chunks) == 3 for sink in sinks)
+
+
+def test_a_group_of_streams_with_audio_buffered_starts_whole_on_the_free_thread() -> None:
+    core, dispatched = held_core(["solo"] + ["shared"] * 7)
+    for ticket in core.scheduler.running:
+        ticket.first_audio_at, ticket.audio_s = 0.0, 100.0  # every listener has plenty of audio
+    core.step()
+    core.step()
+    assert [len(job.tickets) for job, _ in dispatched] == [1, 7]  # one batch beats an earlier start
