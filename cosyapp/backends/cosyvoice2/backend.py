@@ -42,6 +42,9 @@ RESERVED_FLOW_TOKENS = 2250
 
 class CosyVoice2Backend:
     name = "cosyvoice2"
+    model_type = MODEL_TYPE
+    # Closes an instruct2 instruction: the model was trained with it, and users often leave it off.
+    instruction_end: str | None = END_OF_PROMPT
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
                  lm_context: int = DEFAULT_LM_CONTEXT, text_frontend: str = "offline",
@@ -81,13 +84,14 @@ class CosyVoice2Backend:
         self.stream_runner = self.runner  # what the engine's core drives: the model runner speaks its protocol
 
     def info(self) -> BackendInfo:
-        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode), instruct=True, lm_weights=self.lm_weights)
+        return BackendInfo(model_type=self.model_type, model_dir=str(self.model_dir),
+                           sample_rate=self.config.sample_rate, modes=tuple(m.value for m in Mode), instruct=True,
+                           lm_weights=self.lm_weights)
 
     def parse_options(self, values: Mapping[str, Any] | None) -> None:
-        """CosyVoice2 samples as it was trained to: it takes no request options."""
+        """The model samples as it was trained to: it takes no request options."""
         if values:
-            raise InputError(f"unknown CosyVoice2 options {sorted(values)}: the model takes none")
+            raise InputError(f"unknown {self.model_type} options {sorted(values)}: the model takes none")
         return None
 
     # ---- voices -----------------------------------------------------------------------------------
@@ -126,9 +130,8 @@ class CosyVoice2Backend:
             instruction = (request.instruction or "").strip()
             if not instruction:
                 raise InputError("instruct2 mode needs an instruction")
-            # The model was trained with the marker closing the instruction; users often leave it off.
-            if not instruction.endswith(END_OF_PROMPT):
-                instruction += END_OF_PROMPT
+            if self.instruction_end is not None and not instruction.endswith(self.instruction_end):
+                instruction += self.instruction_end
             return self.frontend.instruction_ids(instruction)
         return None
 

@@ -10,8 +10,7 @@ step, each stream's chunks are vocoded one stream at a time. Streaming chunks co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
-
+from typing import Any
 
 from cosyapp.backends.cosyvoice2.backend import CosyVoice2Backend, verify_layout
 from cosyapp.backends.cosyvoice2.lm_weights import use_lm_weights
@@ -25,7 +24,7 @@ from cosyapp.backends.cosyvoice3.llm import CosyVoice3LM
 from cosyapp.backends.cosyvoice3.make_tiny import make_tiny as _make_tiny
 from cosyapp.backends.cosyvoice3.token2wav import Token2Wav, Token2WavStream
 from cosyapp.backends.weights import resolve_device, resolve_dtype
-from cosyapp.engine.types import BackendInfo, InputError, Mode, SynthesisRequest
+from cosyapp.engine.types import SynthesisRequest
 
 MODEL_TYPE = "CosyVoice3"
 REQUIRED_FILES = (CONFIG_FILE, "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx",
@@ -37,13 +36,18 @@ DEFAULT_LM_CONTEXT = 4096
 
 class CosyVoice3Backend:
     name = "cosyvoice3"
+    model_type = MODEL_TYPE
+    instruction_end: str | None = None  # the instruction is taken as the user wrote it
 
     # Voices are CosyVoice2's: the same prompt features, stored the same way.
     prepare_voice = CosyVoice2Backend.prepare_voice
     voice_state = CosyVoice2Backend.voice_state
     voice_from_state = CosyVoice2Backend.voice_from_state
     _features = CosyVoice2Backend._features
-    # One request alone through the model runner, as CosyVoice2.
+    # As CosyVoice2: the same modes and prompts, no request options, one request alone through the model runner.
+    info = CosyVoice2Backend.info
+    parse_options = CosyVoice2Backend.parse_options
+    _prompt_ids = CosyVoice2Backend._prompt_ids
     synthesize = CosyVoice2Backend.synthesize
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", max_streams: int = 8,
@@ -69,29 +73,6 @@ class CosyVoice3Backend:
         run_ahead = 0 if self.device.type == "cpu" else self.token2wav.max_hop + self.token2wav.pre_lookahead
         self.runner = CosyVoiceRunner(self, max_streams, run_ahead=run_ahead)
         self.stream_runner = self.runner  # what the engine's core drives (see CosyVoice2Backend)
-
-    def info(self) -> BackendInfo:
-        return BackendInfo(model_type=MODEL_TYPE, model_dir=str(self.model_dir), sample_rate=self.config.sample_rate,
-                           modes=tuple(m.value for m in Mode), instruct=True, lm_weights=self.lm_weights)
-
-    def parse_options(self, values: Mapping[str, Any] | None) -> None:
-        """CosyVoice3 samples as it was trained to: it takes no request options."""
-        if values:
-            raise InputError(f"unknown CosyVoice3 options {sorted(values)}: the model takes none")
-        return None
-
-    def _prompt_ids(self, request: SynthesisRequest) -> list[int] | None:
-        if request.mode is Mode.ZERO_SHOT:
-            prompt_text = request.prompt_text or request.voice.text
-            if not prompt_text or not prompt_text.strip():
-                raise InputError("zero_shot mode needs prompt_text (the transcript of the prompt recording)")
-            return self.frontend.prompt_text_ids(prompt_text)
-        if request.mode is Mode.INSTRUCT2:
-            instruction = (request.instruction or "").strip()
-            if not instruction:
-                raise InputError("instruct2 mode needs an instruction")
-            return self.frontend.instruction_ids(instruction)
-        return None
 
     def new_session(self, model_input: Any, request: SynthesisRequest) -> Token2WavStream:
         """The token2wav state of one sentence (cosyvoice2/runner.py)."""
