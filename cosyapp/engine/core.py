@@ -172,7 +172,7 @@ class EngineCore:
         parts = max(1, min(self.audio_parts, len(group)))
         free = self.audio_slots - len(self.audio_jobs)
         if not self.scheduler.first_chunk(group):
-            parts = min(parts, free)
+            parts = max(1, min(parts, free))
         size = -(-len(group) // parts)
         return [group[start:start + size] for start in range(0, min(len(group), free * size), size)]
 
