@@ -63,6 +63,34 @@ def prompt_token_pad(prompt_len: int, chunk_size: int) -> int:
     return -prompt_len % chunk_size
 
 
+class HopSchedule:
+    """Where one sentence's stream is in upstream's chunk schedule (module docstring): the first hop is chunk_size
+    + pad tokens, every later one doubles up to max_hop, and a chunk also needs `lookahead` tokens after it.
+    CosyVoice2 and CosyVoice3 share it."""
+
+    def __init__(self, chunk_size: int, max_hop: int, lookahead: int, prompt_tokens: int) -> None:
+        self.max_hop = max_hop
+        self.lookahead = lookahead
+        self.first_hop_pad = prompt_token_pad(prompt_tokens, chunk_size)
+        self.hop = chunk_size
+        self.offset = 0  # tokens whose chunks have been taken
+
+    def next_hop(self) -> int:
+        return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
+
+    def tokens_short(self, tokens: int) -> int:
+        """Tokens still missing, with `tokens` made so far, before the next chunk can be computed (<= 0: it can)."""
+        return self.offset + self.next_hop() + self.lookahead - tokens
+
+    def take(self) -> tuple[int, int]:
+        """The next chunk -> (its first token, the end of the tokens its call reads: look-ahead included); the
+        schedule moves on."""
+        start, hop = self.offset, self.next_hop()
+        self.offset += hop
+        self.hop = min(self.max_hop, self.hop * HOP_GROWTH)
+        return start, start + hop + self.lookahead
+
+
 class Token2Wav:
     """Flow + HiFT behind upstream's chunk schedule. Shared by all requests, so it holds no request state
     (only a per-device copy of the fade window); each `Token2WavStream` holds its own.
@@ -163,7 +191,7 @@ class Token2Wav:
 
 
 class Token2WavStream:
-    """The per-request state of `Token2Wav`: tokens so far, offset, hop, HiFT cache, noise generator."""
+    """The per-request state of `Token2Wav`: tokens so far, hop schedule, HiFT cache, noise generator."""
 
     def __init__(self, owner: Token2Wav, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                  stream: bool, generator: torch.Generator | None) -> None:
@@ -178,19 +206,14 @@ class Token2WavStream:
         self.device = prompt_token.device
         self.token_pieces: list[Tensor] = []
         self.num_tokens = 0
-        self.offset = 0  # tokens whose audio has been emitted (up to the withheld tail)
-        self.hop = owner.chunk_size
-        self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
+        self.schedule = HopSchedule(owner.chunk_size, owner.max_hop, owner.pre_lookahead, prompt_token.shape[1])
         self.cache: tuple[Tensor, Tensor, Tensor] | None = None  # (mel [1,80,8], source [1,1,S], speech [1,S])
         self.finished = False  # finish() was called
         self.stats: StageTimes | None = None  # benchmarks: per-chunk flow and vocoder times
 
     def tokens_short(self) -> int:
         """Tokens still missing before the next chunk can be computed (<= 0: it can)."""
-        return self.offset + self.next_hop() + self.owner.pre_lookahead - self.num_tokens
-
-    def next_hop(self) -> int:
-        return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
+        return self.schedule.tokens_short(self.num_tokens)
 
     def add(self, tokens: Sequence[int] | Tensor) -> None:
         """Add speech tokens; nothing is computed (`chunk_ready`, `prepare_chunk`)."""
@@ -217,17 +240,14 @@ class Token2WavStream:
         if self.owner.batch_positions:
             return (id(self.owner), self.generator is None)
         # The next call: a streaming chunk of next_hop tokens, or (the LM is done) the last one, every token left.
-        call = ("chunk", self.next_hop()) if self.chunk_ready() else ("last", self.num_tokens - self.offset)
+        offset = self.schedule.offset
+        call = ("chunk", self.schedule.next_hop()) if self.chunk_ready() else ("last", self.num_tokens - offset)
         return (id(self.owner), flow.prompt_len, flow.committed, flow.emitted, flow.estimator_caches[0].dropped,
-                flow.encoder_cache.tokens.dropped, self.offset, call, self.cache is None, self.generator is None)
+                flow.encoder_cache.tokens.dropped, offset, call, self.cache is None, self.generator is None)
 
     def prepare_chunk(self) -> FlowCall:
         """The flow call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
-        hop = self.next_hop()
-        call = self._prepare(self.offset + hop + self.owner.pre_lookahead, finalize=False)
-        self.offset += hop
-        self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
-        return call
+        return self._prepare(self.schedule.take()[1], finalize=False)
 
     def prepare_final(self) -> FlowCall | None:
         """The flow call of the last chunk (every remaining token, full attention); None without tokens."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from cosyapp.backends.cosyvoice2.chunk_cache import ChunkWindow, normalized_left_chunks
-from cosyapp.backends.cosyvoice2.token2wav import HOP_GROWTH, MAX_HOP_CHUNKS, prompt_token_pad
+from cosyapp.backends.cosyvoice2.token2wav import MAX_HOP_CHUNKS, HopSchedule
 from cosyapp.backends.cosyvoice3.config import CosyVoice3Config
 from cosyapp.backends.cosyvoice3.estimator import DiTCache
 from cosyapp.backends.cosyvoice3.flow import CosyVoice3Flow
@@ -116,7 +116,7 @@ class ChunkCall(NamedTuple):
 
 
 class Token2WavStream:
-    """One request's state: tokens so far, offset, hop, the accumulated mel and the samples emitted."""
+    """One request's state: tokens so far, hop schedule, the accumulated mel and the samples emitted."""
 
     def __init__(self, owner: Token2Wav, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
                  stream: bool) -> None:
@@ -126,9 +126,7 @@ class Token2WavStream:
         self.bounded = stream and not owner.exact
         self.device = prompt_token.device
         self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.offset = 0  # tokens whose mel has been vocoded
-        self.hop = owner.chunk_size
-        self.first_hop_pad = prompt_token_pad(prompt_token.shape[1], owner.chunk_size)
+        self.schedule = HopSchedule(owner.chunk_size, owner.max_hop, owner.pre_lookahead, prompt_token.shape[1])
         self.mel: Tensor | None = None  # [1, 80, frames] of every call so far
         self.speech_offset = 0  # samples emitted
         if self.bounded:
@@ -144,10 +142,7 @@ class Token2WavStream:
         self.calls: list[dict] = []
 
     def tokens_short(self) -> int:
-        return self.offset + self.next_hop() + self.owner.pre_lookahead - self.tokens.numel()
-
-    def next_hop(self) -> int:
-        return self.hop + self.first_hop_pad if self.offset == 0 else self.hop
+        return self.schedule.tokens_short(self.tokens.numel())
 
     def add(self, tokens: Sequence[int] | Tensor) -> None:
         """Add speech tokens; nothing is computed (`chunk_ready`, `next_chunk`)."""
@@ -170,11 +165,8 @@ class Token2WavStream:
 
     def prepare_chunk(self) -> ChunkCall:
         """The call of the next streaming chunk (`chunk_ready` must hold); the schedule moves on."""
-        hop = self.next_hop()
-        call = ChunkCall(self.offset + hop + self.owner.pre_lookahead, False, self.offset)
-        self.offset += hop
-        self.hop = min(self.owner.max_hop, self.hop * HOP_GROWTH)
-        return call
+        start, end = self.schedule.take()
+        return ChunkCall(end, False, start)
 
     def push(self, tokens: Sequence[int] | Tensor) -> list[Tensor]:
         """Add speech tokens; returns the chunks (1-D float32 tensors) that became ready, maybe none."""
@@ -195,7 +187,7 @@ class Token2WavStream:
         if self.finished:
             raise RuntimeError("finish() called twice")
         self.finished = True
-        return ChunkCall(self.tokens.numel(), True, self.offset) if self.tokens.numel() else None
+        return ChunkCall(self.tokens.numel(), True, self.schedule.offset) if self.tokens.numel() else None
 
     @torch.inference_mode()
     def vocode(self, call: ChunkCall) -> Tensor:
