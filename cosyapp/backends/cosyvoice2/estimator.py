@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import BatchedCaches, ChunkCache
+from cosyapp.backends.cosyvoice2.chunk_cache import BatchedCaches, ChunkCache, chunk_attention_mask
 from cosyapp.backends.cosyvoice2.config import EstimatorConfig
-from cosyapp.backends.cosyvoice2.flow_encoder import chunk_attention_mask
 
 
 def timestep_features(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:

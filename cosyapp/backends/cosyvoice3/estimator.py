@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyapp.backends.cosyvoice2.chunk_cache import ChunkWindow
+from cosyapp.backends.cosyvoice2.chunk_cache import ChunkWindow, chunk_attention_mask
 from cosyapp.backends.cosyvoice2.estimator import timestep_features
-from cosyapp.backends.cosyvoice2.flow_encoder import chunk_attention_mask
 from cosyapp.backends.cosyvoice3.config import DiTConfig
 
 NORM_EPS = 1e-6
