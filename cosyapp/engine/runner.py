@@ -78,7 +78,7 @@ class GeneratorRunner:
     batching across streams; the backend keeps its own cache rows)."""
 
     run_ahead = 0
-    threads = CoreThreads(audio_workers=1, parallel_kernels=True, group_parts=1)
+    threads = CoreThreads(audio_workers=1, parallel_kernels=True)
 
     def __init__(self, backend: Any, rows: int) -> None:
         self.backend = backend

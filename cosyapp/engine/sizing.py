@@ -55,13 +55,17 @@ PARALLEL_KERNEL_WEIGHTS = 32_000_000
 
 @dataclass(frozen=True)
 class CoreThreads:
-    """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, whether a call's
-    kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op thread and the
-    cores go to streams side by side), and into how many parts (one per audio thread) a group of several
-    streams is cut."""
+    """How a backend's core uses the CPU's cores: `audio_workers` audio groups computed at once, and whether a
+    call's kernels are split across cores (`parallel_kernels`; else every core thread runs one intra-op thread
+    and the cores go to streams side by side)."""
     audio_workers: int
     parallel_kernels: bool
-    group_parts: int
+
+    @property
+    def group_parts(self) -> int:
+        """Parts a group of several streams is cut into: one per audio thread where each runs one intra-op
+        thread; the whole group in one call where a call's kernels already use every core."""
+        return 1 if self.parallel_kernels else self.audio_workers
 
 
 def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreThreads:
@@ -70,14 +74,14 @@ def core_threads(device: torch.device, rows: int, *audio_modules: Any) -> CoreTh
     is large enough (PARALLEL_KERNEL_WEIGHTS) splits each call across the cores the LM and the other groups
     leave free; a small one runs every call on one intra-op thread and cuts a group into one part per core."""
     if device.type != "cpu":
-        return CoreThreads(1, True, 1)
+        return CoreThreads(1, True)
     threads = max(1, min(cpu_cores(), rows))
     weights = sum(module.weight.numel() for model in audio_modules if isinstance(model, torch.nn.Module)
                   for module in model.modules()
                   if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)))
     if weights >= PARALLEL_KERNEL_WEIGHTS:
-        return CoreThreads(threads, True, 1)
-    return CoreThreads(threads, False, threads)
+        return CoreThreads(threads, True)
+    return CoreThreads(threads, False)
 
 
 def auto_max_concurrent(device: torch.device, model_dirs: list[Path]) -> tuple[int, str]:

@@ -155,7 +155,7 @@ def test_a_stream_whose_backend_raises_fails_alone(harness: Harness) -> None:
 
 
 def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: list[float],
-                 cancel: tuple[int, int] | None = None, sizing: CoreThreads = CoreThreads(2, True, 1),
+                 cancel: tuple[int, int] | None = None, sizing: CoreThreads = CoreThreads(2, True),
                  meet_s: float = 0.0) -> tuple[CoreLoop, dict[int, Any], list[ListSink]]:
     """The requests through a `CoreLoop` (its loop and audio threads), submitted `delays` seconds apart (the first
     ones without a delay reach the core in one step: the loop is held while they are submitted); `cancel`
@@ -214,8 +214,8 @@ def threaded_run(harness: Harness, requests: list[SynthesisRequest], delays: lis
 # How a core uses the machine (sizing.py `core_threads`): a CPU with kernels split across its cores (a first chunk
 # alone), a CPU with one intra-op thread per core thread (a group cut into one part per core), and a GPU (one group
 # at a time; CosyVoice2 streams batched wherever they are in their schedules).
-SIZINGS = {"kernels-split": CoreThreads(2, True, 1), "groups-cut": CoreThreads(2, False, 2),
-           "gpu-like": CoreThreads(1, True, 1)}
+SIZINGS = {"kernels-split": CoreThreads(2, True), "groups-cut": CoreThreads(2, False),
+           "gpu-like": CoreThreads(1, True)}
 
 
 @pytest.mark.parametrize("sizing", SIZINGS.values(), ids=SIZINGS.keys())

@@ -31,7 +31,7 @@ class ReadyRunner:
     """Streams named by their request text: "solo" ones have a key of their own, the others share one."""
 
     run_ahead = 0
-    threads = CoreThreads(audio_workers=2, parallel_kernels=False, group_parts=2)
+    threads = CoreThreads(audio_workers=2, parallel_kernels=False)
 
     def __init__(self, rows: int) -> None:
         self.rows = rows

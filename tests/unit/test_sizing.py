@@ -49,8 +49,11 @@ def test_core_threads_follow_the_size_of_the_audio_stage() -> None:
     large = torch.nn.Linear(width, width, device="meta")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cores = min(sizing.cpu_cores(), 8)
-    assert sizing.core_threads(cpu, 8, small) == sizing.CoreThreads(cores, False, cores)  # a group cut per core
+    assert sizing.core_threads(cpu, 8, small) == sizing.CoreThreads(cores, False)
+    assert sizing.core_threads(cpu, 8, small).group_parts == cores  # a group cut per core
     assert sizing.core_threads(cpu, 8, small, large).parallel_kernels is True
-    assert sizing.core_threads(cpu, 8, large) == sizing.CoreThreads(cores, True, 1)
+    assert sizing.core_threads(cpu, 8, large) == sizing.CoreThreads(cores, True)
+    assert sizing.core_threads(cpu, 8, large).group_parts == 1
     assert sizing.core_threads(cpu, 1, large).audio_workers == 1  # never more groups than streams
-    assert sizing.core_threads(gpu, 8, small) == sizing.CoreThreads(1, True, 1)  # one whole group at a time
+    assert sizing.core_threads(gpu, 8, small) == sizing.CoreThreads(1, True)
+    assert sizing.core_threads(gpu, 8, small).group_parts == 1  # one whole group at a time
