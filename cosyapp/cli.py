@@ -583,6 +583,13 @@ def bench() -> None:
     agent's streamed answers (agent)."""
 
 
+def _report(text: str, report: Any, json_path: Path | None) -> None:
+    """A benchmark's result: its table on stdout and, with --json, its numbers in that file."""
+    click.echo(text)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
     """A comma-separated list of counts (concurrency levels, stream counts); none given: ()."""
     try:
@@ -644,9 +651,7 @@ def bench_engine(model_dir: Path | None, size: str, backend: str, device: str, d
                               prompt_wav=prompt_wav, tokens=tokens, runs=runs, long_tokens=long_tokens,
                               batch_streams=batch_streams, backend_options=backend_options,
                               profile_path=profile_path)
-    click.echo(format_engine_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_engine_report(report), report, json_path)
 
 
 @bench.command("agent")
@@ -681,9 +686,7 @@ def bench_agent(url: str | None, api_key: str | None, model_dir: Path | None, ba
             url, chat = stack.enter_context(started_service(model_dir, backend, device, chat_url, chat_model,
                                                             words_per_s))
         report = run_agent_bench(plan, url, chat, api_key)
-    click.echo(format_agent_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_agent_report(report), report, json_path)
 
 
 @bench.command("decode")
@@ -705,9 +708,7 @@ def bench_decode(model_dir: Path | None, size: str, device: str, dtype: str, row
     from cosyapp.bench_decode import format_decode_report, run_decode_bench
 
     report = run_decode_bench(model_dir, size=size, device=device, dtype=dtype, row_counts=row_counts, steps=steps)
-    click.echo(format_decode_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_decode_report(report), report, json_path)
 
 
 @bench.command("lm")
@@ -734,9 +735,7 @@ def bench_lm(model_dir: Path | None, size: str, backend: str, lm_weights: str, r
 
     report = run_lm_bench(model_dir, size=size, backend=backend, lm_weights=lm_weights, row_counts=row_counts,
                           tokens=tokens, steps=steps, seed=seed)
-    click.echo(format_lm_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_lm_report(report), report, json_path)
 
 
 @bench.command("chat")
@@ -809,9 +808,7 @@ def bench_service(url: str | None, config_file: Path | None, model_dir: Path | N
         report = run_service_bench(plan, url=url, service=service, api_key=api_key)
     except BenchError as e:
         raise _fail(str(e)) from None
-    click.echo(format_service_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_service_report(report), report, json_path)
 
 
 @bench.command("robustness")
@@ -889,9 +886,7 @@ def bench_cluster(config_file: Path | None, model_dir: Path | None, backend: str
     plan = LoadPlan(fixed_length=fixed_length, levels=levels, requests_per_client=requests, poisson_rate=0,
                     natural=natural)
     reports = run_cluster_bench(settings, plan, replicas, cores, gpus_per_replica, slots or max(levels))
-    click.echo(format_cluster_report(reports))
-    if json_path is not None:
-        json_path.write_text(json.dumps(reports, indent=2))
+    _report(format_cluster_report(reports), reports, json_path)
 
 
 @bench.command("device-check")
@@ -911,9 +906,7 @@ def bench_device_check(cosyvoice2_dir: Path | None, fish_dir: Path | None, devic
     if cosyvoice2_dir is None and fish_dir is None:
         raise click.UsageError("give --cosyvoice2-dir, --fish-dir or both")
     report = run_device_check(cosyvoice2_dir, fish_dir, device)
-    click.echo(format_device_check(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
+    _report(format_device_check(report), report, json_path)
     if not report["passed"]:
         raise SystemExit(1)
 
@@ -926,9 +919,7 @@ def bench_summary(folder: Path, json_path: Path | None) -> None:
     from cosyapp.bench_summary import format_summary, summarize_dir
 
     summary = summarize_dir(folder)
-    click.echo(format_summary(summary))
-    if json_path is not None:
-        json_path.write_text(json.dumps(summary, indent=2))
+    _report(format_summary(summary), summary, json_path)
 
 
 main.add_command(bench)
